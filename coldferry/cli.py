@@ -1,0 +1,42 @@
+"""The ``coldferry`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from coldferry import copy_cmd
+
+DESCRIPTION = """\
+coldferry cold-migrates KVM virtual machines between hosts with real disk transfer.
+
+Commands:
+  copy      copy one disk image to another host over SSH (stream or rsync)
+  checksum  print the image digest of a local file (the value copy compares)
+  receive   the receiving end of a stream copy; started over SSH by 'copy'
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coldferry", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v: info, -vv: debug) to standard error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    copy_cmd.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The transfer package's errors.
+
+Every error carries a message template filled from its own attributes, so a
+raise reads ``raise NoSpace(path=..., needed=..., free=...)`` and the text
+says what went wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TransferError(Exception):
+    """Base of every transfer failure."""
+
+    msg = "transfer failed: {reason}"
+    #: Whether a retry after reconnecting may succeed (a dropped connection).
+    retryable = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+        super().__init__(self.msg.format(**kwargs))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as sent over the control channel."""
+        return {"op": "error", "kind": type(self).__name__, "message": str(self)}
+
+
+class InvalidArgument(TransferError):
+    msg = "invalid {what}: {value!r} ({reason})"
+
+
+class SourceError(TransferError):
+    msg = "cannot read source {path}: {reason}"
+
+
+class HostKeyError(TransferError):
+    msg = ("host key of {host} is not trusted: {reason}. Add the host's key to "
+           "{known_hosts} (for example with ssh-keyscan, after checking its "
+           "fingerprint); coldferry never adds keys by itself")
+
+
+class AuthenticationFailed(TransferError):
+    msg = "cannot log in to {host} as {user}: {reason}. Check --identity and the host's authorized_keys"
+
+
+class ConnectionLost(TransferError):
+    msg = "connection to {host} lost: {reason}"
+    retryable = True
+
+
+class RemoteCommandFailed(TransferError):
+    msg = ("the receiver on {host} did not start ({command!r}): {reason}. Is coldferry "
+           "installed there and the command right (--remote-command)?")
+
+
+class ProtocolError(TransferError):
+    msg = "protocol error: {reason}"
+
+
+class PathRefused(TransferError):
+    msg = "refused path {name!r} under {root}: {reason}"
+
+
+class TargetExists(TransferError):
+    msg = ("{path} already exists on the receiving host; pass --overwrite to replace "
+           "it (a copy interrupted earlier is resumed automatically)")
+
+
+class StaleResume(TransferError):
+    msg = ("{path} holds an interrupted copy of a different source ({reason}); pass "
+           "--overwrite to start over")
+
+
+class NoSpace(TransferError):
+    msg = ("not enough free space for {path}: the copy needs {needed_h}, {free_h} is "
+           "free on the receiving filesystem; free space or choose another target")
+
+
+class ChunkCorrupted(TransferError):
+    msg = ("data at offset {offset} (length {length}) arrived corrupted ({reason}); "
+           "the copy was stopped, the source is untouched")
+
+
+class DigestMismatch(TransferError):
+    msg = ("image digest differs after copying {path}: sender {sender}, receiver "
+           "{receiver}; the incomplete target was removed, the source is untouched")
+
+
+class RemoteError(TransferError):
+    """An error the receiver reported; ``kind`` is its class name there."""
+
+    msg = "receiver on {host}: {message}"
+
+
+class RsyncFailed(TransferError):
+    msg = "rsync failed with exit code {code}: {meaning}{detail}"
