@@ -95,3 +95,23 @@ class RemoteError(TransferError):
 
 class RsyncFailed(TransferError):
     msg = "rsync failed with exit code {code}: {meaning}{detail}"
+
+
+def from_remote(kind: str, message: str, host: str) -> TransferError:
+    """Rebuild an error the receiver reported, keeping its class where we know it."""
+    cls = next((c for c in _all_errors() if c.__name__ == kind), None)
+    if cls is None:
+        return RemoteError(host=host, message=message)
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.remote_host = host
+    return exc
+
+
+def _all_errors() -> list[type[TransferError]]:
+    out, todo = [], [TransferError]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out

@@ -1,0 +1,349 @@
+"""The receiving end of a stream copy.
+
+Started over SSH as ``coldferry receive``; reads a ``hello`` on standard
+input, checks the target (confined path, existing file, resume journal,
+free space) before any data moves, answers ``ready`` with a one-time token
+and a port, accepts exactly the announced number of stream connections, and
+writes each frame at its offset. On ``finish`` it compares its own image
+digest with the sender's and moves the file into place.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import os
+import secrets
+import socket
+import ssl
+import sys
+import threading
+from typing import IO, Any
+
+from . import tls, wire
+from .compress import Decompressor
+from .digest import ImageDigest, block_count, block_hash
+from .errors import (ChunkCorrupted, DigestMismatch, InvalidArgument, NoSpace, ProtocolError,
+                     TransferError)
+from .extents import ZERO_GRAIN, data_extents
+from .journal import Journal
+from .target import Target, punch_hole
+from .units import format_size
+
+log = logging.getLogger(__name__)
+
+ACCEPT_TIMEOUT = 30.0
+MAX_BAD_CONNECTIONS = 8
+MAX_CHUNK = 64 * 1024 * 1024
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise EOFError("stream closed")
+        got += n
+
+
+class Receiver:
+    """One copy being received. ``hello`` is the sender's first message."""
+
+    def __init__(self, hello: dict[str, Any], bind: str) -> None:
+        try:
+            self.size = int(hello["size"])
+            self.chunk = int(hello["chunk_size"])
+            self.streams = int(hello["streams"])
+            self.data_bytes = int(hello["data_bytes"])
+            self.channel = hello["channel"]
+            self.identity = {"source": str(hello["source"]), "size": self.size, "chunk": self.chunk}
+            root, name = str(hello["root"]), str(hello["name"])
+            self.overwrite = bool(hello.get("overwrite", False))
+            self.restart = bool(hello.get("restart", False))
+            self.fsync = bool(hello.get("fsync", False))
+            self.mode = int(hello.get("mode", 0o600)) & 0o777
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(reason=f"bad hello message: {e!r}") from None
+        if hello.get("version") != wire.VERSION:
+            raise ProtocolError(reason=f"sender speaks protocol {hello.get('version')}, this receiver {wire.VERSION}; "
+                                       "install the same coldferry version on both hosts")
+        if self.size < 0 or not 0 < self.chunk <= MAX_CHUNK or self.chunk % ZERO_GRAIN:
+            raise InvalidArgument(what="size or chunk size", value=(self.size, self.chunk),
+                                  reason=f"chunk must be a multiple of {ZERO_GRAIN} up to {MAX_CHUNK}")
+        if not 1 <= self.streams <= 64 or self.channel not in ("tls", "ssh"):
+            raise InvalidArgument(what="streams or channel", value=(self.streams, self.channel),
+                                  reason="1-64 streams over tls or ssh")
+        self.bind = bind if self.channel == "tls" else "127.0.0.1"
+        self.target = Target.resolve(root, name)
+        self.fd = -1
+        self.journal: Journal | None = None
+        self.token = secrets.token_bytes(wire.TOKEN_SIZE)
+        self.errors: list[BaseException] = []
+        self.frames = 0
+        self.written = 0
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.on_error = lambda exc: None
+
+    # -- before any data -------------------------------------------------
+
+    def prepare(self) -> dict[str, Any]:
+        """Check everything that can fail before data moves; return the ``ready`` message."""
+        t = self.target
+        t.check_writable(self.overwrite)
+        resuming = t.has_part() and not self.restart
+        self.journal = Journal.open(t.journal, self.identity, t.path, restart=not resuming, dir_fd=t.dir_fd)
+        self.fd = t.open_part(self.size, fresh=not resuming)
+        have = self._verify_journal() if resuming else {}
+        present = sum(length for _, length in data_extents(self.fd, self.size)) if resuming else 0
+        needed = max(0, self.data_bytes - present)
+        free = t.free_bytes()
+        if needed > free:
+            self.close()
+            raise NoSpace(path=t.path, needed_h=format_size(needed), free_h=format_size(free))
+        self.listener = socket.create_server((self.bind, 0), backlog=self.streams + MAX_BAD_CONNECTIONS)
+        self.listener.settimeout(ACCEPT_TIMEOUT)
+        fields: dict[str, Any] = {"port": self.listener.getsockname()[1], "token": self.token.hex(),
+                                  "have": _bitmap(have, block_count(self.size, self.chunk)),
+                                  "pid": os.getpid()}
+        if self.channel == "tls":
+            self.tls_ctx, fields["fingerprint"] = tls.server_context()
+        log.info("receiving %s (%s, %d blocks already here)", t.path, format_size(self.size), len(have))
+        return fields
+
+    def _verify_journal(self) -> dict[int, bytes]:
+        """Re-hash every journalled block; forget those that do not match; zero the rest."""
+        assert self.journal is not None
+        buf = bytearray(self.chunk)
+        view = memoryview(buf)
+        bad = []
+        for index, digest in self.journal.entries.items():
+            length = min(self.chunk, self.size - index * self.chunk)
+            if length <= 0 or os.preadv(self.fd, [view[:length]], index * self.chunk) != length \
+                    or block_hash(view[:length]) != digest:
+                bad.append(index)
+        if bad:
+            log.warning("%d journalled blocks did not verify and will be sent again", len(bad))
+            self.journal.forget(bad)
+        # Blocks not journalled may hold a torn write: make them read as zeros again.
+        have = self.journal.entries
+        for start, length in data_extents(self.fd, self.size):
+            first, last = start // self.chunk, (start + length - 1) // self.chunk
+            for index in range(first, last + 1):
+                if index not in have:
+                    off = index * self.chunk
+                    punch_hole(self.fd, off, min(self.chunk, self.size - off))
+        return dict(have)
+
+    # -- data ------------------------------------------------------------
+
+    def accept_streams(self) -> None:
+        """Accept the announced streams (bad tokens are dropped) and start their threads."""
+        bad = 0
+        try:
+            while len(self._socks) < self.streams:
+                try:
+                    conn, addr = self.listener.accept()
+                except socket.timeout:
+                    raise ProtocolError(reason=f"only {len(self._socks)} of {self.streams} streams "
+                                               f"connected within {ACCEPT_TIMEOUT:.0f} s") from None
+                sock = self._admit(conn)
+                if sock is None:
+                    bad += 1
+                    log.warning("refused a data connection from %s: bad token", addr)
+                    if bad >= MAX_BAD_CONNECTIONS:
+                        raise ProtocolError(reason="too many data connections with a bad token")
+                    continue
+                self._socks.append(sock)
+        finally:
+            self.listener.close()
+        for i, sock in enumerate(self._socks):
+            t = threading.Thread(target=self._stream, args=(sock,), name=f"recv-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _admit(self, conn: socket.socket) -> socket.socket | None:
+        conn.settimeout(10)
+        try:
+            sock = self.tls_ctx.wrap_socket(conn, server_side=True) if self.channel == "tls" else conn
+            hello = bytearray(wire.STREAM_HELLO.size)
+            recv_exact(sock, memoryview(hello))
+            token, _index = wire.STREAM_HELLO.unpack(hello)
+        except (OSError, EOFError, ssl.SSLError):
+            conn.close()
+            return None
+        if not hmac.compare_digest(token, self.token):
+            sock.close()
+            return None
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        return sock
+
+    def _stream(self, sock: socket.socket) -> None:
+        try:
+            self._receive(sock)
+        except EOFError:
+            self._fail(ProtocolError(reason="a data stream closed before its end frame"))
+        except TransferError as e:
+            self._fail(e)
+        except OSError as e:
+            self._fail(TransferError(reason=f"writing {self.target.path}: {e.strerror or e}"))
+        except BaseException as e:  # noqa: BLE001 - reported to the sender, then logged
+            log.exception("receive stream failed")
+            self._fail(TransferError(reason=f"receiver bug: {e!r}"))
+
+    def _receive(self, sock: socket.socket) -> None:
+        chunk = self.chunk
+        head = bytearray(wire.HEADER.size)
+        segtab = bytearray(wire.SEGMENT.size * (chunk // ZERO_GRAIN))
+        block = bytearray(chunk)
+        wirebuf = bytearray(chunk + chunk // 128 + 65536)
+        zero = bytes(chunk)
+        bview, wview = memoryview(block), memoryview(wirebuf)
+        decomp = Decompressor()
+        while True:
+            recv_exact(sock, memoryview(head))
+            f = wire.unpack_header(head)
+            if f.kind == wire.KIND_END:
+                return
+            self._check_frame(f, len(wirebuf))
+            recv_exact(sock, memoryview(segtab)[:f.nseg * wire.SEGMENT.size])
+            segs = wire.unpack_segments(segtab, f.nseg, f.block_len)
+            whole = f.nseg == 1 and segs[0] == (0, f.block_len) and not f.flags
+            payload = bview[:f.wire_len] if whole else wview[:f.wire_len]
+            recv_exact(sock, payload)
+            if wire.payload_checksum(payload) != f.checksum:
+                raise ChunkCorrupted(offset=f.offset, length=f.block_len, reason="payload checksum mismatch")
+            data = decomp.decompress(payload, f.flags, sum(n for _, n in segs), f.offset)
+            if len(data) != sum(n for _, n in segs):
+                raise ProtocolError(reason=f"frame at {f.offset}: payload does not match its segments")
+            if whole:
+                content = bview[:f.block_len]
+            else:
+                block[:f.block_len] = zero[:f.block_len]
+                pos = 0
+                for off, n in segs:
+                    block[off:off + n] = data[pos:pos + n]
+                    pos += n
+                content = bview[:f.block_len]
+            digest = block_hash(content)
+            if digest != f.block_hash:
+                raise ChunkCorrupted(offset=f.offset, length=f.block_len, reason="block hash mismatch")
+            for off, n in segs:
+                os.pwrite(self.fd, content[off:off + n], f.offset + off)
+            self.journal.record(f.offset // chunk, digest)  # type: ignore[union-attr]
+            with self._lock:
+                self.frames += 1
+                self.written += len(data)
+
+    def _check_frame(self, f: wire.Frame, maxwire: int) -> None:
+        if f.offset % self.chunk or f.offset >= self.size:
+            raise ProtocolError(reason=f"frame offset {f.offset} is not a block of this image")
+        if f.block_len != min(self.chunk, self.size - f.offset):
+            raise ProtocolError(reason=f"frame at {f.offset}: block length {f.block_len}")
+        if f.wire_len > maxwire or f.nseg == 0 or f.nseg > self.chunk // ZERO_GRAIN:
+            raise ProtocolError(reason=f"frame at {f.offset}: {f.nseg} segments, {f.wire_len} bytes")
+
+    def _fail(self, exc: TransferError) -> None:
+        with self._lock:
+            first = not self.errors
+            self.errors.append(exc)
+        if first:
+            log.error("%s", exc)
+            self.on_error(exc)
+            for s in self._socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    # -- the end -----------------------------------------------------------
+
+    def finish(self, sender_digest: str) -> dict[str, Any]:
+        for t in self._threads:
+            t.join()
+        if self.errors:
+            raise self.errors[0]
+        assert self.journal is not None
+        digest = ImageDigest(self.size, self.chunk)
+        for index, h in self.journal.entries.items():
+            digest.set(index, h)
+        mine = digest.hexdigest()
+        if not hmac.compare_digest(mine, str(sender_digest)):
+            self.close()
+            self.target.discard()
+            raise DigestMismatch(path=self.target.path, sender=sender_digest, receiver=mine)
+        os.fchmod(self.fd, self.mode)
+        if self.fsync:
+            os.fdatasync(self.fd)
+        self.target.commit()
+        self.journal.remove(dir_fd=self.target.dir_fd)
+        log.info("received %s: %s written, digest %s", self.target.path, format_size(self.written), mine)
+        return {"digest": mine, "written": self.written, "frames": self.frames}
+
+    def close(self) -> None:
+        for s in self._socks:
+            s.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.journal:
+            self.journal.close()
+        self.target.close()
+
+
+class _Control:
+    """Thread-safe writer of control messages."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def send(self, op: str, **fields: Any) -> None:
+        with self._lock:
+            wire.send_message(self._out, op, **fields)
+
+
+def _bitmap(indexes: dict[int, bytes], count: int) -> str:
+    bits = bytearray((count + 7) // 8)
+    for i in indexes:
+        bits[i // 8] |= 1 << (i % 8)
+    return base64.b64encode(bytes(bits)).decode()
+
+
+def serve(inp: IO[bytes], out: IO[bytes], bind: str) -> int:
+    """Run one receive session over a control channel; return an exit status."""
+    control = _Control(out)
+    receiver: Receiver | None = None
+    try:
+        hello = wire.read_message(inp, "hello")
+        receiver = Receiver(hello, bind)
+        ready = receiver.prepare()
+        receiver.on_error = lambda exc: control.send(**exc.to_dict())
+        control.send("ready", **ready)
+        receiver.accept_streams()
+        msg = wire.read_message(inp, "finish")
+        if msg["op"] == "error":
+            return 1
+        control.send("done", **receiver.finish(msg.get("digest", "")))
+        return 0
+    except TransferError as e:
+        if not (receiver and e in receiver.errors):
+            control.send(**e.to_dict())
+        return 1
+    except EOFError:
+        log.warning("the sender went away; the partial copy is kept for resuming")
+        return 1
+    finally:
+        if receiver:
+            receiver.close()
+
+
+def serve_stdio() -> int:
+    """Entry point of ``coldferry receive``: control over stdin/stdout."""
+    # Listen on the address the SSH connection came in on, so the sender can reach us there.
+    ssh = os.environ.get("SSH_CONNECTION", "").split()
+    bind = ssh[2] if len(ssh) == 4 else "127.0.0.1"
+    return serve(sys.stdin.buffer, sys.stdout.buffer, bind)
