@@ -90,19 +90,25 @@ class Receiver:
     # -- before any data -------------------------------------------------
 
     def prepare(self) -> dict[str, Any]:
-        """Check everything that can fail before data moves; return the ``ready`` message."""
+        """Check everything that can fail before data moves; return the ``ready`` message.
+
+        Nothing is created on the target until the path, the existing file,
+        the journal and the free space have all been checked.
+        """
         t = self.target
         t.check_writable(self.overwrite)
         resuming = t.has_part() and not self.restart
-        self.journal = Journal.open(t.journal, self.identity, t.path, restart=not resuming, dir_fd=t.dir_fd)
-        self.fd = t.open_part(self.size, fresh=not resuming)
-        have = self._verify_journal() if resuming else {}
-        present = sum(length for _, length in data_extents(self.fd, self.size)) if resuming else 0
-        needed = max(0, self.data_bytes - present)
+        needed = max(0, self.data_bytes - (t.part_allocated() if resuming else 0))
         free = t.free_bytes()
         if needed > free:
-            self.close()
             raise NoSpace(path=t.path, needed_h=format_size(needed), free_h=format_size(free))
+        try:
+            self.journal = Journal.open(t.journal, self.identity, t.path, restart=not resuming,
+                                        dir_fd=t.dir_fd)
+            self.fd = t.open_part(self.size, fresh=not resuming)
+            have = self._verify_journal() if resuming else {}
+        except OSError as e:
+            raise TransferError(reason=f"cannot write {t.path}: {e.strerror or e}") from None
         self.listener = socket.create_server((self.bind, 0), backlog=self.streams + MAX_BAD_CONNECTIONS)
         self.listener.settimeout(ACCEPT_TIMEOUT)
         fields: dict[str, Any] = {"port": self.listener.getsockname()[1], "token": self.token.hex(),
@@ -272,7 +278,6 @@ class Receiver:
             digest.set(index, h)
         mine = digest.hexdigest()
         if not hmac.compare_digest(mine, str(sender_digest)):
-            self.close()
             self.target.discard()
             raise DigestMismatch(path=self.target.path, sender=sender_digest, receiver=mine)
         os.fchmod(self.fd, self.mode)

@@ -79,6 +79,10 @@ class Target:
     def has_part(self) -> bool:
         return self._lstat(self.part) is not None
 
+    def part_allocated(self) -> int:
+        st = self._lstat(self.part)
+        return st.st_blocks * 512 if st else 0
+
     def open_part(self, size: int, fresh: bool) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         if fresh:

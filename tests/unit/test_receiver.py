@@ -1,0 +1,246 @@
+"""The receiver driven frame by frame over real loopback sockets (no SSH).
+
+A test plays the sender: it speaks the control protocol over pipes and
+writes hand-made frames, so it can send what a correct sender never would:
+corrupted chunks, bad tokens, frames out of order.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from transfer import wire
+from transfer.digest import ImageDigest, block_hash
+from transfer.receiver import serve
+
+CHUNK = 1 << 20
+
+
+class Peer:
+    """A receiver running serve() in a thread, and the test's end of its control pipes."""
+
+    def __init__(self, hello: dict) -> None:
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        self.to_recv = os.fdopen(w1, "wb")
+        self.from_recv = os.fdopen(r2, "rb")
+        self._inp, self._out = os.fdopen(r1, "rb"), os.fdopen(w2, "wb")
+        self.status: list[int] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        wire.send_message(self.to_recv, "hello", **hello)
+
+    def _run(self) -> None:
+        try:
+            self.status.append(serve(self._inp, self._out, "127.0.0.1"))
+        finally:
+            self._out.close()
+
+    def read(self) -> dict:
+        return wire.read_message(self.from_recv)
+
+    def connect(self, ready: dict, token: bytes | None = None, index: int = 0) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", ready["port"]))
+        s.sendall(wire.STREAM_HELLO.pack(token or bytes.fromhex(ready["token"]), index))
+        return s
+
+    def close(self) -> None:
+        self.to_recv.close()
+        self.thread.join(10)
+
+
+def hello(root, name="disk.img", size=4 * CHUNK, **extra) -> dict:
+    msg = dict(version=wire.VERSION, root=str(root), name=name, size=size, chunk_size=CHUNK,
+               source="test-source", streams=1, channel="ssh", data_bytes=size, mode=0o640)
+    msg.update(extra)
+    return msg
+
+
+def send_block(sock: socket.socket, offset: int, data: bytes, corrupt: bool = False) -> None:
+    payload = bytearray(data)
+    head = wire.pack_frame(0, offset, len(data), block_hash(data), [(0, len(data))], bytes(payload))
+    if corrupt:
+        payload[len(payload) // 2] ^= 0xFF
+    sock.sendall(head + bytes(payload))
+
+
+def test_blocks_in_any_order_make_the_image_and_digest(tmp_path):
+    blocks = {i: os.urandom(CHUNK) for i in (3, 0, 2)}  # block 1 is a hole
+    peer = Peer(hello(tmp_path))
+    try:
+        ready = peer.read()
+        assert ready["op"] == "ready"
+        sock = peer.connect(ready)
+        for i, data in blocks.items():
+            send_block(sock, i * CHUNK, data)
+        sock.sendall(wire.pack_end(len(blocks)))
+        expected = ImageDigest(4 * CHUNK, CHUNK)
+        for i, data in blocks.items():
+            expected.set(i, block_hash(data))
+        wire.send_message(peer.to_recv, "finish", digest=expected.hexdigest())
+        done = peer.read()
+        assert done["op"] == "done" and done["digest"] == expected.hexdigest()
+        sock.close()
+    finally:
+        peer.close()
+    target = tmp_path / "disk.img"
+    content = target.read_bytes()
+    assert content == blocks[0] + bytes(CHUNK) + blocks[2] + blocks[3]
+    assert target.stat().st_blocks * 512 < 4 * CHUNK  # the hole stayed a hole
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert not list(tmp_path.glob(".disk.img.*"))  # part file and journal are gone
+    assert peer.status == [0]
+
+
+def test_corrupted_chunk_is_detected_and_reported(tmp_path):
+    peer = Peer(hello(tmp_path))
+    try:
+        ready = peer.read()
+        sock = peer.connect(ready)
+        send_block(sock, 0, os.urandom(CHUNK), corrupt=True)
+        err = peer.read()
+        assert err["op"] == "error" and err["kind"] == "ChunkCorrupted"
+        assert "offset 0" in err["message"]
+        sock.close()
+    finally:
+        peer.close()
+    assert peer.status == [1]
+    assert not (tmp_path / "disk.img").exists()
+
+
+def test_wrong_block_hash_is_detected(tmp_path):
+    peer = Peer(hello(tmp_path))
+    try:
+        sock = peer.connect(peer.read())
+        data = os.urandom(CHUNK)
+        head = wire.pack_frame(0, 0, CHUNK, block_hash(b"something else"), [(0, CHUNK)], data)
+        sock.sendall(head + data)
+        err = peer.read()
+        assert err["kind"] == "ChunkCorrupted" and "block hash" in err["message"]
+    finally:
+        peer.close()
+
+
+def test_digest_mismatch_removes_the_partial_copy(tmp_path):
+    peer = Peer(hello(tmp_path))
+    try:
+        sock = peer.connect(peer.read())
+        send_block(sock, 0, os.urandom(CHUNK))
+        sock.sendall(wire.pack_end(1))
+        wire.send_message(peer.to_recv, "finish", digest="cf1:" + "0" * 32)
+        err = peer.read()
+        assert err["kind"] == "DigestMismatch"
+    finally:
+        peer.close()
+    assert not (tmp_path / "disk.img").exists()
+    assert not list(tmp_path.glob(".disk.img.*"))
+
+
+def test_connection_with_a_bad_token_is_refused(tmp_path):
+    peer = Peer(hello(tmp_path))
+    try:
+        ready = peer.read()
+        intruder = peer.connect(ready, token=b"x" * wire.TOKEN_SIZE)
+        assert intruder.recv(1) == b""  # closed on us
+        good = peer.connect(ready)
+        data = os.urandom(CHUNK)
+        send_block(good, 0, data)
+        good.sendall(wire.pack_end(1))
+        expected = ImageDigest(4 * CHUNK, CHUNK)
+        expected.set(0, block_hash(data))
+        wire.send_message(peer.to_recv, "finish", digest=expected.hexdigest())
+        assert peer.read()["op"] == "done"
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("name", ["../escape.img", "/etc/escape.img", "a/../../escape.img", "a//b"])
+def test_names_outside_the_served_directory_are_refused(tmp_path, name):
+    root = tmp_path / "root"
+    root.mkdir()
+    peer = Peer(hello(root, name=name))
+    try:
+        err = peer.read()
+        assert err["kind"] == "PathRefused"
+    finally:
+        peer.close()
+    assert list(tmp_path.iterdir()) == [root] and not list(root.iterdir())
+
+
+def test_symlink_out_of_the_served_directory_is_refused(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    peer = Peer(hello(root, name="link/disk.img"))
+    try:
+        assert peer.read()["kind"] == "PathRefused"
+    finally:
+        peer.close()
+    assert not list(outside.iterdir())
+
+
+def test_existing_target_is_refused_unless_overwrite(tmp_path):
+    (tmp_path / "disk.img").write_bytes(b"keep me")
+    peer = Peer(hello(tmp_path))
+    try:
+        err = peer.read()
+        assert err["kind"] == "TargetExists" and "--overwrite" in err["message"]
+    finally:
+        peer.close()
+    assert (tmp_path / "disk.img").read_bytes() == b"keep me"
+
+
+def test_no_space_is_refused_before_any_data(tmp_path):
+    peer = Peer(hello(tmp_path, size=1 << 60, data_bytes=1 << 60))
+    try:
+        err = peer.read()
+        assert err["kind"] == "NoSpace" and "free" in err["message"]
+    finally:
+        peer.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_protocol_version_mismatch_is_explained(tmp_path):
+    peer = Peer(hello(tmp_path, version=99))
+    try:
+        err = peer.read()
+        assert err["kind"] == "ProtocolError" and "same coldferry version" in err["message"]
+    finally:
+        peer.close()
+
+
+def test_resume_reports_journalled_blocks_and_zeroes_torn_ones(tmp_path):
+    first = os.urandom(CHUNK)
+    peer = Peer(hello(tmp_path))
+    try:
+        sock = peer.connect(peer.read())
+        send_block(sock, 0, first)
+        # A torn write: half of block 2 landed but was never journalled.
+        sock.close()
+        assert peer.read()["kind"] == "ProtocolError"  # stream closed before its end frame
+    finally:
+        peer.close()
+    part = tmp_path / ".disk.img.coldferry-part"
+    with open(part, "r+b") as f:
+        f.seek(2 * CHUNK)
+        f.write(b"\xff" * (CHUNK // 2))
+    peer = Peer(hello(tmp_path))
+    try:
+        ready = peer.read()
+        import base64
+        bits = base64.b64decode(ready["have"])
+        assert bits[0] & 1 and not bits[0] & 4  # block 0 kept, block 2 not
+        sock = peer.connect(ready)
+        sock.sendall(wire.pack_end(0))
+        expected = ImageDigest(4 * CHUNK, CHUNK)
+        expected.set(0, block_hash(first))
+        wire.send_message(peer.to_recv, "finish", digest=expected.hexdigest())
+        assert peer.read()["op"] == "done"
+    finally:
+        peer.close()
+    assert (tmp_path / "disk.img").read_bytes() == first + bytes(3 * CHUNK)
