@@ -61,6 +61,11 @@ class Endpoint:
             raise InvalidArgument(what="known_hosts file", value=self.known_hosts,
                                   reason="no such file; host keys must be known in advance")
 
+    def command(self, sub: str) -> tuple[str, ...]:
+        """The remote coldferry command for subcommand ``sub`` (``receive``'s sibling)."""
+        base = self.remote_command[:-1] if self.remote_command[-1:] == ("receive",) else self.remote_command
+        return (*base, sub)
+
     @property
     def root(self) -> str:
         """The directory the receiver is asked to serve: the destination's parent."""

@@ -46,10 +46,12 @@ class Journal:
         try:
             _lock(fd, lock_wait, target)
             header = json.dumps(identity, sort_keys=True).encode() + b"\n"
-            entries = {} if restart else _load(fd, header, target)
-            if restart or os.fstat(fd).st_size == 0:
+            entries, valid = ({}, 0) if restart else _load(fd, header, target)
+            if restart or valid == 0:
                 os.ftruncate(fd, 0)
                 os.write(fd, header)
+            else:  # cut a torn last record off, or new records would be out of step
+                os.ftruncate(fd, valid)
             return cls(path, fd, entries)
         except BaseException:
             os.close(fd)
@@ -108,18 +110,20 @@ def _read_header(fd: int) -> bytes:
     return head
 
 
-def _load(fd: int, header: bytes, target: str) -> dict[int, bytes]:
+def _load(fd: int, header: bytes, target: str) -> tuple[dict[int, bytes], int]:
+    """The entries of an existing journal and the length of its intact part."""
     size = os.fstat(fd).st_size
     if size == 0:
-        return {}
+        return {}, 0
     found = _read_header(fd)
     if found != header:
         try:
-            old = json.loads(found)
-            reason = ", ".join(f"{k} was {old.get(k)!r}" for k in sorted(old) if old.get(k) != json.loads(header).get(k))
+            old, new = json.loads(found), json.loads(header)
+            reason = ", ".join(f"{k} was {old.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                               if old.get(k) != new.get(k))
         except ValueError:
             reason = "unreadable journal"
         raise StaleResume(path=target, reason=reason or "different settings")
     body = os.pread(fd, size - len(found), len(found))
     whole = len(body) - len(body) % RECORD.size  # a torn last record is ignored
-    return {i: h for i, h in RECORD.iter_unpack(body[:whole])}
+    return {i: h for i, h in RECORD.iter_unpack(body[:whole])}, len(found) + whole

@@ -39,7 +39,7 @@ class Target:
     @classmethod
     def resolve(cls, root: str, name: str) -> "Target":
         """Validate ``name`` under ``root`` and open (creating) its parent directories."""
-        parts = _split(root, name)
+        parts = split_name(root, name)
         try:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
@@ -55,8 +55,11 @@ class Target:
             try:
                 nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as e:
+                why = e.strerror
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    link = stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode)
+                    why = "is a symbolic link" if link else "is not a directory"
                 os.close(fd)
-                why = "is a symbolic link" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
                 raise PathRefused(name=name, root=root, reason=f"component {part!r} {why}") from None
             os.close(fd)
             fd = nfd
@@ -132,7 +135,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         offset += os.pwrite(fd, zeros[:end - offset], offset)
 
 
-def _split(root: str, name: str) -> list[str]:
+def split_name(root: str, name: str) -> list[str]:
     if not os.path.isabs(root):
         raise PathRefused(name=name, root=root, reason="the served directory must be an absolute path")
     if not name or "\0" in name or os.path.isabs(name):
