@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Sequence
 
-from coldferry import copy_cmd
+from coldferry import copy_cmd, driver_cmd
 
 DESCRIPTION = """\
 coldferry cold-migrates KVM virtual machines between hosts with real disk transfer.
@@ -15,6 +15,7 @@ coldferry cold-migrates KVM virtual machines between hosts with real disk transf
 Commands:
   copy      copy one disk image to another host over SSH (stream or rsync)
   checksum  print the image digest of a local file (the value copy compares)
+  driver    run one hypervisor driver call on this host (JSON in and out)
   receive   the receiving end of a stream copy; started over SSH by 'copy'
 """
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log more (-v: info, -vv: debug) to standard error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     copy_cmd.register(sub)
+    driver_cmd.register(sub)
     return parser
 
 

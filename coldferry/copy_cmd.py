@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dest", metavar="[USER@]HOST:DEST", help="destination file on the remote host")
     p.add_argument("--method", choices=("stream", "rsync"), default="stream",
                    help="copier to use (default: %(default)s)")
-    p.add_argument("--streams", type=int, default=transfer.DEFAULT_STREAMS, metavar="N",
+    p.add_argument("--streams", type=int, default=2, metavar="N",
                    help="parallel data streams, stream method only (default: %(default)s)")
     p.add_argument("--channel", choices=("tls", "ssh"), default="tls",
                    help="where stream data flows: a direct TLS connection opened for this copy, "
@@ -76,6 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Receive one stream copy. Started by 'coldferry copy' over SSH; "
                                    "reads its instructions as JSON lines on standard input.")
     r.set_defaults(func=run_receive)
+
+    f = sub.add_parser("remote-fs", help="file operations for a driver on another host (over SSH)",
+                       description="Carry out file operations confined to one directory, read as "
+                                   "JSON lines on standard input. Started over SSH by the driver.")
+    f.set_defaults(func=run_remote_fs)
 
 
 def run_copy(args: argparse.Namespace) -> int:
@@ -115,6 +120,11 @@ def run_checksum(args: argparse.Namespace) -> int:
             print(f"coldferry checksum: {path}: {e.strerror or e}", file=sys.stderr)
             status = 1
     return status
+
+
+def run_remote_fs(args: argparse.Namespace) -> int:
+    from transfer.remotefs import serve_stdio
+    return serve_stdio()
 
 
 def run_receive(args: argparse.Namespace) -> int:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
-
 from transfer.progress import Progress, ProgressCallback
 
 
@@ -17,6 +14,8 @@ def progress_bar(enabled: bool, label: str) -> Iterator[ProgressCallback | None]
     if not enabled:
         yield None
         return
+    from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
     with Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
              TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(label, total=None)

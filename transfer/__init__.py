@@ -1,4 +1,11 @@
-"""coldferry's disk transfer: the streaming copier and rsync-over-SSH."""
+"""coldferry's disk transfer: the streaming copier and rsync-over-SSH.
+
+The sending side (``stream_copy``, ``rsync_copy``) is loaded on first use:
+the receiving side runs once per copy on the remote host and should not pay
+for importing an SSH client it never uses.
+"""
+
+from typing import Any
 
 from .digest import file_digest
 from .endpoint import Endpoint
@@ -6,11 +13,18 @@ from .errors import (ChunkCorrupted, DigestMismatch, HostKeyError, InvalidArgume
                      PathRefused, TargetExists, TransferError)
 from .progress import Progress, ProgressCallback
 from .result import CopyResult
-from .rsync import rsync_copy
-from .sender import DEFAULT_STREAMS, stream_copy
 
 __all__ = [
     "ChunkCorrupted", "CopyResult", "DEFAULT_STREAMS", "DigestMismatch", "Endpoint", "HostKeyError",
     "InvalidArgument", "NoSpace", "PathRefused", "Progress", "ProgressCallback", "TargetExists",
     "TransferError", "file_digest", "rsync_copy", "stream_copy",
 ]
+
+_LAZY = {"stream_copy": "sender", "DEFAULT_STREAMS": "sender", "rsync_copy": "rsync"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

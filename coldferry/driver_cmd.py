@@ -1,0 +1,116 @@
+"""``coldferry driver``: one driver call on this host, JSON in and out.
+
+The compute agent calls the driver in-process; this command runs the same
+calls by hand on a host (and lets tests run them inside lab hosts). The
+arguments come as one JSON object on standard input; the result is printed
+as JSON. A failure prints ``{"error": kind, "message": ...}`` and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import TYPE_CHECKING, Any, Callable
+
+from driver.errors import DriverError
+from driver.model import Flavor, Instance, Migration, Vif
+from transfer.errors import TransferError
+
+if TYPE_CHECKING:  # the driver (libvirt, pyroute2, paramiko) loads only when a call runs
+    from driver.libvirt import LibvirtDriver
+
+HELP = """\
+Run one driver call on this host. Arguments are read as a JSON object on
+standard input; the result is printed as JSON.
+
+calls and their arguments:
+  list-instances                   {}
+  get-instance                     {"uuid"}
+  host-resources                   {}
+  power-on                         {"uuid"}
+  power-off                        {"uuid", "timeout"?, "retry_interval"?}
+  migrate-disk-and-power-off       {"uuid", "dest", "flavor"?, "network_info"?, "timeout"?, "retry_interval"?}
+  finish-migration                 {"uuid", "name", "flavor", "disk_info", "migration"?, "resize_instance"?, "power_on"?}
+  confirm-migration                {"uuid"}
+  finish-revert-migration          {"uuid", "power_on"?}
+  destroy                          {"uuid", "destroy_disks"?}
+
+example:
+  echo '{"uuid": "…", "dest": "host2"}' | coldferry driver --config /etc/coldferry/agent.toml migrate-disk-and-power-off
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("driver", help="run one hypervisor driver call on this host (JSON in and out)",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML file with a [driver] table")
+    p.add_argument("call", choices=sorted(CALLS), metavar="CALL", help="one of: " + ", ".join(sorted(CALLS)))
+    p.set_defaults(func=run)
+
+
+def _instance(drv: LibvirtDriver, args: dict[str, Any]) -> Instance:
+    if "flavor" in args and "name" in args:
+        return Instance(args["uuid"], args["name"], Flavor.from_dict(args["flavor"]), drv.config.host_name)
+    return drv.get_instance(args["uuid"])
+
+
+def _vifs(args: dict[str, Any]) -> list[Vif]:
+    return [Vif(**v) for v in args.get("network_info", [])]
+
+
+def _migration(drv: LibvirtDriver, args: dict[str, Any]) -> Migration:
+    m = args.get("migration") or {}
+    return Migration(id=m.get("id", "manual"), instance_uuid=args["uuid"], source_host=m.get("source_host", ""),
+                     dest_host=m.get("dest_host", drv.config.host_name))
+
+
+def _migrate(drv: LibvirtDriver, a: dict[str, Any]) -> Any:
+    inst = drv.get_instance(a["uuid"])
+    flavor = Flavor.from_dict(a["flavor"]) if "flavor" in a else inst.flavor
+    disk_info = drv.migrate_disk_and_power_off(inst, a["dest"], flavor, _vifs(a), None,
+                                               int(a.get("timeout", 0)), int(a.get("retry_interval", 0)))
+    stats = drv.last_transfer.get(inst.uuid, {})
+    return {"disk_info": disk_info, "shared": stats.get("shared", False),
+            "copies": [dataclasses.asdict(c) for c in stats.get("copies", [])]}
+
+
+CALLS: dict[str, Callable[[LibvirtDriver, dict[str, Any]], Any]] = {
+    "list-instances": lambda d, a: [i.to_dict() for i in d.list_instances()],
+    "get-instance": lambda d, a: d.get_instance(a["uuid"]).to_dict(),
+    "host-resources": lambda d, a: dataclasses.asdict(d.host_resources()),
+    "power-on": lambda d, a: d.power_on(d.get_instance(a["uuid"])),
+    "power-off": lambda d, a: d.power_off(d.get_instance(a["uuid"]), int(a.get("timeout", 0)),
+                                          int(a.get("retry_interval", 0))),
+    "migrate-disk-and-power-off": _migrate,
+    "finish-migration": lambda d, a: d.finish_migration(_migration(d, a), _instance(d, a), a["disk_info"], _vifs(a),
+                                                        {}, bool(a.get("resize_instance", False)), None,
+                                                        bool(a.get("power_on", True))),
+    "confirm-migration": lambda d, a: d.confirm_migration(_migration(d, a), d.get_instance(a["uuid"]), _vifs(a)),
+    "finish-revert-migration": lambda d, a: d.finish_revert_migration(
+        Instance(a["uuid"], a.get("name", ""), Flavor("", 0, 0, 0), d.config.host_name), _vifs(a), _migration(d, a),
+        None, bool(a.get("power_on", True))),
+    "destroy": lambda d, a: d.destroy(_instance(d, a) if "name" in a else
+                                      Instance(a["uuid"], "", Flavor("", 0, 0, 0)), _vifs(a),
+                                      bool(a.get("destroy_disks", True))),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        raw = sys.stdin.read()
+        call_args = json.loads(raw) if raw.strip() else {}
+        if not isinstance(call_args, dict):
+            raise ValueError("arguments must be a JSON object")
+        from driver.libvirt import DriverConfig, LibvirtDriver
+        drv = LibvirtDriver(DriverConfig.load(args.config))
+        result = CALLS[args.call](drv, call_args)
+    except (DriverError, TransferError) as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+        return 1
+    except (ValueError, KeyError) as e:
+        print(json.dumps({"error": "BadArguments", "message": f"bad arguments for {args.call}: {e!r}"}))
+        return 2
+    print(json.dumps({"result": result}, default=str))
+    return 0

@@ -1,0 +1,80 @@
+"""The hypervisor contract every coldferry driver implements.
+
+The four migration calls follow Nova's ComputeDriver: the source host runs
+``migrate_disk_and_power_off`` and, at the end, ``confirm_migration`` or
+``finish_revert_migration``; the destination runs ``finish_migration`` and,
+on revert, ``destroy``.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from .model import DiskInfo, Flavor, HostResources, Instance, Migration, PowerState, Vif
+
+
+class ComputeDriver(abc.ABC):
+    """One hypervisor host."""
+
+    #: The name hosts advertise to the scheduler (``QEMU``, ``xen``).
+    hypervisor_type = ""
+
+    # -- inventory and power ------------------------------------------------
+
+    @abc.abstractmethod
+    def list_instances(self) -> list[Instance]:
+        """Every instance defined on this host, with its power state."""
+
+    @abc.abstractmethod
+    def get_instance(self, uuid: str) -> Instance:
+        """One instance; raises InstanceNotFound."""
+
+    @abc.abstractmethod
+    def host_resources(self) -> HostResources:
+        """Capacity and use of this host."""
+
+    @abc.abstractmethod
+    def power_on(self, instance: Instance) -> None:
+        """Start a stopped instance and wait (bounded) until it runs."""
+
+    @abc.abstractmethod
+    def power_off(self, instance: Instance, timeout: int = 0, retry_interval: int = 0) -> None:
+        """Stop an instance: clean shutdown for up to ``timeout`` seconds, then forced."""
+
+    # -- migration ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor,
+                                   network_info: list[Vif], block_device_info: dict | None = None,
+                                   timeout: int = 0, retry_interval: int = 0) -> str:
+        """Power the instance off and copy its disks to host ``dest``.
+
+        :param dest: the destination host's address for SSH.
+        :param flavor: the flavor the instance will have on the destination.
+        :returns: disk_info, a JSON list of DiskInfo.
+        :raises DriverError: before power-off for a bad flavor or a full
+            target; after it, MigrationFailed with the source restored.
+        """
+
+    @abc.abstractmethod
+    def finish_migration(self, migration: Migration, instance: Instance, disk_info: str,
+                         network_info: list[Vif], image_meta: dict, resize_instance: bool,
+                         block_device_info: dict | None = None, power_on: bool = True) -> None:
+        """On the destination: grow disks, define the instance here and start it."""
+
+    @abc.abstractmethod
+    def confirm_migration(self, migration: Migration, instance: Instance, network_info: list[Vif]) -> None:
+        """On the source: drop the kept copy and the old definition."""
+
+    @abc.abstractmethod
+    def finish_revert_migration(self, instance: Instance, network_info: list[Vif], migration: Migration,
+                                block_device_info: dict | None = None, power_on: bool = True) -> None:
+        """On the source: bring the instance back from its kept copy."""
+
+    @abc.abstractmethod
+    def destroy(self, instance: Instance, network_info: list[Vif], destroy_disks: bool = True) -> None:
+        """Stop and undefine an instance here, removing its disks if asked."""
+
+
+RUNNING_STATES = {PowerState.RUNNING}
+STOPPED_STATES = {PowerState.SHUTDOWN, PowerState.CRASHED, PowerState.NOSTATE}

@@ -1,0 +1,75 @@
+"""Settings of the libvirt driver, read from the ``[driver]`` table of a TOML file."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import DriverError
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    """How this host's driver reaches libvirt, stores instances and copies disks.
+
+    ``instances_path`` is the same on every host (as in Nova); an instance
+    lives in ``<instances_path>/<uuid>/`` and backing files in the image
+    cache ``<instances_path>/_base/``. ``backing`` says what happens to a
+    qcow2 overlay's backing file the target lacks: ``send`` copies it into
+    the target's image cache once, ``flatten`` merges the chain into one
+    standalone image before the copy.
+    """
+
+    libvirt_uri: str = "qemu:///system"
+    instances_path: str = "/var/lib/coldferry/instances"
+    host_name: str = field(default_factory=lambda: os.uname().nodename)
+    transfer_method: str = "stream"          # stream | rsync
+    transfer_streams: int = 2
+    transfer_channel: str = "tls"             # tls | ssh
+    transfer_compress: str = "off"
+    transfer_retries: int = 3
+    transfer_fsync: bool = True
+    backing: str = "send"                     # send | flatten
+    ssh_user: str = "root"
+    ssh_port: int = 22
+    ssh_identity: str | None = None
+    ssh_known_hosts: str = "/root/.ssh/known_hosts"
+    remote_command: tuple[str, ...] = ("coldferry", "receive")
+    create_bridges: bool = False
+    start_timeout: float = 60.0
+    shutdown_timeout: int = 60
+    shutdown_retry_interval: int = 10
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.transfer_method in ("stream", "rsync"), "transfer_method", "use stream or rsync"),
+            (self.transfer_channel in ("tls", "ssh"), "transfer_channel", "use tls or ssh"),
+            (self.backing in ("send", "flatten"), "backing", "use send or flatten"),
+            (os.path.isabs(self.instances_path), "instances_path", "must be an absolute path"),
+        ]
+        for ok, name, hint in checks:
+            if not ok:
+                raise DriverError(reason=f"bad driver setting {name} = {getattr(self, name)!r}: {hint}")
+
+    @classmethod
+    def load(cls, path: str) -> "DriverConfig":
+        """Read ``[driver]`` from a TOML file; unknown keys are an error, not ignored."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise DriverError(reason=f"cannot read driver configuration {path}: {e}") from None
+        return cls.from_dict(data.get("driver", {}), source=path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "configuration") -> "DriverConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DriverError(reason=f"unknown driver settings in {source}: {', '.join(unknown)} "
+                                     f"(known: {', '.join(sorted(known))})")
+        if "remote_command" in data:
+            data = {**data, "remote_command": tuple(data["remote_command"])}
+        return cls(**data)

@@ -1,0 +1,125 @@
+"""The objects the driver contract speaks of."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class PowerState(enum.IntEnum):
+    """Power states, numbered as Nova numbers them."""
+
+    NOSTATE = 0
+    RUNNING = 1
+    PAUSED = 3
+    SHUTDOWN = 4
+    CRASHED = 6
+    SUSPENDED = 7
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """Sizes an instance runs with; disks in GiB, memory in MiB."""
+
+    name: str
+    vcpus: int
+    memory_mb: int
+    root_gb: int
+    ephemeral_gb: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Flavor":
+        return cls(**{k: d[k] for k in ("name", "vcpus", "memory_mb", "root_gb") }, ephemeral_gb=d.get("ephemeral_gb", 0))
+
+
+@dataclass
+class Instance:
+    """A virtual machine as the driver knows it (``uuid`` is the libvirt domain UUID)."""
+
+    uuid: str
+    name: str
+    flavor: Flavor
+    host: str = ""
+    power_state: PowerState = PowerState.NOSTATE
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Instance":
+        return cls(d["uuid"], d["name"], Flavor.from_dict(d["flavor"]), d.get("host", ""),
+                   PowerState(d.get("power_state", 0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "power_state": int(self.power_state)}
+
+
+@dataclass
+class Migration:
+    """One migration of one instance from ``source_host`` to ``dest_host``."""
+
+    id: str
+    instance_uuid: str
+    source_host: str
+    dest_host: str
+    dest_address: str = ""
+    status: str = "pre-migrating"
+    migration_type: str = "migration"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Migration":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True)
+class Vif:
+    """A network interface; only bridge-type interfaces need anything on the target."""
+
+    address: str
+    type: str = "bridge"
+    bridge: str = ""
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One disk as migrate_disk_and_power_off reports it (Nova's disk_info keys).
+
+    ``virt_disk_size`` and ``disk_size`` are bytes: the virtual size and the
+    space the file takes; ``over_committed_disk_size`` is their difference.
+    ``target`` is the guest device (vda) and ``format`` the image format.
+    """
+
+    type: str
+    path: str
+    virt_disk_size: int
+    backing_file: str
+    disk_size: int
+    over_committed_disk_size: int
+    target: str = ""
+    format: str = "raw"
+
+    @staticmethod
+    def dumps(disks: list["DiskInfo"]) -> str:
+        return json.dumps([asdict(d) for d in disks])
+
+    @staticmethod
+    def loads(text: str) -> list["DiskInfo"]:
+        return [DiskInfo(**d) for d in json.loads(text)]
+
+
+@dataclass
+class HostResources:
+    """What a host has, for the scheduler."""
+
+    hostname: str
+    arch: str
+    hypervisor_type: str
+    hypervisor_version: int
+    vcpus: int
+    vcpus_used: int
+    memory_mb: int
+    memory_mb_used: int
+    disk_gb: int
+    disk_gb_used: int
+    instances: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
