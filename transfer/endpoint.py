@@ -47,6 +47,9 @@ class Endpoint:
         return ep
 
     def validate(self) -> None:
+        for what, value in (("SSH host", self.host), ("SSH user", self.user)):
+            if not value or value.startswith("-"):
+                raise InvalidArgument(what=what, value=value, reason="must be non-empty and not start with '-'")
         if not 0 < self.port < 65536:
             raise InvalidArgument(what="SSH port", value=self.port, reason="must be 1-65535")
         if not self.path.startswith("/"):
