@@ -63,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace an existing destination file instead of refusing")
     p.add_argument("--no-resume", action="store_true",
                    help="start over instead of resuming an interrupted copy of the same source")
+    p.add_argument("--fsync", action="store_true",
+                   help="flush the copy to disk on the receiving host before reporting success")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(func=run_copy)
 
@@ -88,6 +90,14 @@ def run_copy(args: argparse.Namespace) -> int:
         if args.streams < 1 or args.streams > 16:
             raise transfer.InvalidArgument(what="--streams", value=args.streams, reason="use 1 to 16")
         bwlimit = parse_size(args.bwlimit, "--bwlimit") if args.bwlimit else None
+        if args.method == "rsync":
+            stream_only = [flag for flag, used in (("--no-resume", args.no_resume), ("--fsync", args.fsync),
+                                                   ("--compress", args.compress != "off"),
+                                                   ("--channel", args.channel != "tls"),
+                                                   ("--streams", args.streams != 2)) if used]
+            if stream_only:
+                raise transfer.InvalidArgument(what="option for --method rsync", value=" ".join(stream_only),
+                                               reason="these apply to the stream method only")
         dest = Endpoint.parse(args.dest, port=args.ssh_port, identity=args.identity,
                               known_hosts=args.known_hosts,
                               remote_command=tuple(shlex.split(args.remote_command)))
@@ -100,7 +110,8 @@ def run_copy(args: argparse.Namespace) -> int:
                 result = transfer.stream_copy(args.src, dest, streams=args.streams,
                                               channel=args.channel, compress=args.compress,
                                               bwlimit=bwlimit, overwrite=args.overwrite,
-                                              resume=not args.no_resume, progress=on_progress)
+                                              resume=not args.no_resume, fsync=args.fsync,
+                                              progress=on_progress)
     except TransferError as e:
         print(f"coldferry copy: error: {e}", file=sys.stderr)
         return 1
