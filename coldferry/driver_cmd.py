@@ -66,11 +66,22 @@ def _migration(drv: LibvirtDriver, args: dict[str, Any]) -> Migration:
                      dest_host=m.get("dest_host", drv.config.host_name))
 
 
+def _shutdown(drv: LibvirtDriver, a: dict[str, Any]) -> tuple[int, int]:
+    """Clean-shutdown timeout and retry interval: from the call, else from the configuration."""
+    return (int(a.get("timeout", drv.config.shutdown_timeout)),
+            int(a.get("retry_interval", drv.config.shutdown_retry_interval)))
+
+
+def _bare(drv: LibvirtDriver, a: dict[str, Any]) -> Instance:
+    """An instance known only by uuid (it may no longer be defined here)."""
+    return Instance(a["uuid"], a.get("name", ""), Flavor("", 0, 0, 0), drv.config.host_name)
+
+
 def _migrate(drv: LibvirtDriver, a: dict[str, Any]) -> Any:
     inst = drv.get_instance(a["uuid"])
     flavor = Flavor.from_dict(a["flavor"]) if "flavor" in a else inst.flavor
-    disk_info = drv.migrate_disk_and_power_off(inst, a["dest"], flavor, _vifs(a), None,
-                                               int(a.get("timeout", 0)), int(a.get("retry_interval", 0)))
+    timeout, retry = _shutdown(drv, a)
+    disk_info = drv.migrate_disk_and_power_off(inst, a["dest"], flavor, _vifs(a), None, timeout, retry)
     stats = drv.last_transfer.get(inst.uuid, {})
     return {"disk_info": disk_info, "shared": stats.get("shared", False),
             "copies": [dataclasses.asdict(c) for c in stats.get("copies", [])]}
@@ -81,19 +92,15 @@ CALLS: dict[str, Callable[[LibvirtDriver, dict[str, Any]], Any]] = {
     "get-instance": lambda d, a: d.get_instance(a["uuid"]).to_dict(),
     "host-resources": lambda d, a: dataclasses.asdict(d.host_resources()),
     "power-on": lambda d, a: d.power_on(d.get_instance(a["uuid"])),
-    "power-off": lambda d, a: d.power_off(d.get_instance(a["uuid"]), int(a.get("timeout", 0)),
-                                          int(a.get("retry_interval", 0))),
+    "power-off": lambda d, a: d.power_off(d.get_instance(a["uuid"]), *_shutdown(d, a)),
     "migrate-disk-and-power-off": _migrate,
     "finish-migration": lambda d, a: d.finish_migration(_migration(d, a), _instance(d, a), a["disk_info"], _vifs(a),
                                                         {}, bool(a.get("resize_instance", False)), None,
                                                         bool(a.get("power_on", True))),
-    "confirm-migration": lambda d, a: d.confirm_migration(_migration(d, a), d.get_instance(a["uuid"]), _vifs(a)),
-    "finish-revert-migration": lambda d, a: d.finish_revert_migration(
-        Instance(a["uuid"], a.get("name", ""), Flavor("", 0, 0, 0), d.config.host_name), _vifs(a), _migration(d, a),
-        None, bool(a.get("power_on", True))),
-    "destroy": lambda d, a: d.destroy(_instance(d, a) if "name" in a else
-                                      Instance(a["uuid"], "", Flavor("", 0, 0, 0)), _vifs(a),
-                                      bool(a.get("destroy_disks", True))),
+    "confirm-migration": lambda d, a: d.confirm_migration(_migration(d, a), _bare(d, a), _vifs(a)),
+    "finish-revert-migration": lambda d, a: d.finish_revert_migration(_bare(d, a), _vifs(a), _migration(d, a), None,
+                                                                      bool(a.get("power_on", True))),
+    "destroy": lambda d, a: d.destroy(_bare(d, a), _vifs(a), bool(a.get("destroy_disks", True))),
 }
 
 

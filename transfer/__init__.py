@@ -13,11 +13,12 @@ from .errors import (ChunkCorrupted, DigestMismatch, HostKeyError, InvalidArgume
                      PathRefused, TargetExists, TransferError)
 from .progress import Progress, ProgressCallback
 from .result import CopyResult
+from .target import partial_names
 
 __all__ = [
     "ChunkCorrupted", "CopyResult", "DEFAULT_STREAMS", "DigestMismatch", "Endpoint", "HostKeyError",
     "InvalidArgument", "NoSpace", "PathRefused", "Progress", "ProgressCallback", "TargetExists",
-    "TransferError", "file_digest", "rsync_copy", "stream_copy",
+    "TransferError", "file_digest", "partial_names", "rsync_copy", "stream_copy",
 ]
 
 _LAZY = {"stream_copy": "sender", "DEFAULT_STREAMS": "sender", "rsync_copy": "rsync"}

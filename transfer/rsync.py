@@ -27,6 +27,7 @@ from .errors import (AuthenticationFailed, DigestMismatch, HostKeyError, Invalid
                      TransferError)
 from .progress import Progress, ProgressCallback
 from .result import CopyResult
+from .target import RSYNC_PARTIAL_DIR
 from .units import KiB
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 Run = Callable[..., "subprocess.Popen[bytes]"]
 
 #: Relative, so rsync creates it next to the target and removes it once used.
-PARTIAL_DIR = ".rsync-partial"
+PARTIAL_DIR = RSYNC_PARTIAL_DIR
 #: What rsync's -e splitting, ssh's option parser or its %/${} expansion would interpret.
 _RESERVED = re.compile(r"""['"\\%$\x00-\x1f]""")
 _PLAIN = re.compile(r"[\w@+=:,./-]+")

@@ -19,6 +19,14 @@ from .errors import PathRefused, TargetExists
 
 PART_SUFFIX = ".coldferry-part"
 JOURNAL_SUFFIX = ".coldferry-journal"
+RSYNC_PARTIAL_DIR = ".rsync-partial"
+
+
+def partial_names(name: str) -> list[str]:
+    """What an interrupted copy to ``name`` (relative) may leave beside it, by either method."""
+    head, base = os.path.split(name)
+    return [os.path.join(head, f".{base}{PART_SUFFIX}"), os.path.join(head, f".{base}{JOURNAL_SUFFIX}"),
+            os.path.join(head, RSYNC_PARTIAL_DIR, base)]
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -43,6 +43,10 @@ class DriverConfig:
     shutdown_retry_interval: int = 10
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _type_ok(value, f.type):
+                raise DriverError(reason=f"bad driver setting {f.name} = {value!r}: expected {f.type}")
         checks = [
             (self.transfer_method in ("stream", "rsync"), "transfer_method", "use stream or rsync"),
             (self.transfer_channel in ("tls", "ssh"), "transfer_channel", "use tls or ssh"),
@@ -73,3 +77,19 @@ class DriverConfig:
         if "remote_command" in data:
             data = {**data, "remote_command": tuple(data["remote_command"])}
         return cls(**data)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+    "str | None": (str, type(None)), "tuple[str, ...]": (tuple,),
+}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a field's annotation (a bool is not a number here)."""
+    allowed = _TYPES.get(str(annotation), (object,))
+    if isinstance(value, bool) and bool not in allowed:
+        return False
+    if isinstance(value, tuple) and tuple in allowed:
+        return all(isinstance(v, str) for v in value)
+    return isinstance(value, allowed)

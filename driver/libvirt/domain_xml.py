@@ -93,6 +93,9 @@ def rewrite(xml: str, old_dir: str, new_dir: str, memory_mb_: int | None = None,
         if node is None:
             node = ET.SubElement(root, "vcpu")
         node.text = str(vcpus_)
+        current = node.get("current")
+        if current is not None and int(current) > vcpus_:
+            del node.attrib["current"]
     if flavor is not None:
         set_flavor_metadata(root, flavor)
     return ET.tostring(root, encoding="unicode")

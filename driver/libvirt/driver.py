@@ -142,7 +142,15 @@ class LibvirtDriver(ComputeDriver):
 
     def power_off(self, instance: Instance, timeout: int = 0, retry_interval: int = 0) -> None:
         dom = self._domain(instance.uuid)
-        if timeout and power.clean_shutdown(lambda: not dom.isActive(), dom.shutdown, timeout,
+
+        def signal() -> None:
+            try:
+                dom.shutdown()
+            except libvirt.libvirtError as e:
+                if dom.isActive():  # not just a guest that stopped a moment ago
+                    raise PowerOffFailed(uuid=instance.uuid, reason=e.get_error_message()) from None
+
+        if timeout and power.clean_shutdown(lambda: not dom.isActive(), signal, timeout,
                                             retry_interval, self.sleep):
             return
         if dom.isActive():
@@ -166,13 +174,14 @@ class LibvirtDriver(ComputeDriver):
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor, network_info: list[Vif],
                                    block_device_info: dict | None = None, timeout: int = 0,
                                    retry_interval: int = 0) -> str:
+        inst_dir = self.instance_dir(instance.uuid)
+        self._clear_leftover(inst_dir, inst_dir + RESIZE_SUFFIX)
         dom = self._domain(instance.uuid)
         state = self._state(dom)
         if state in (PowerState.PAUSED, PowerState.SUSPENDED):
             raise InvalidInstanceState(uuid=instance.uuid, state=state.name.lower(),
                                        reason="resume it or shut it off before migrating")
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-        inst_dir = self.instance_dir(instance.uuid)
         disk_info = self._disk_info(xml, inst_dir)
         self._check_flavor(instance, flavor, disk_info)
         was_running = state == PowerState.RUNNING
@@ -181,7 +190,6 @@ class LibvirtDriver(ComputeDriver):
             cache_needed = [] if shared else self._backing_to_send(rfs, disk_info)
             if not shared:
                 self._check_space(rfs, dest, instance, disk_info, cache_needed)
-                rfs.mkdir(instance.uuid)
             log.info("migrating %s to %s (%s storage)", instance.uuid, dest, "shared" if shared else "local")
             self.power_off(instance, timeout, retry_interval)
             stats: dict[str, Any] = {"shared": shared, "powered_off_at": time.time(), "copies": []}
@@ -190,11 +198,14 @@ class LibvirtDriver(ComputeDriver):
             try:
                 _write(os.path.join(inst_dir, XML_FILE), xml)
                 if not shared:
+                    rfs.mkdir(instance.uuid)
                     self._copy_instance(instance.uuid, inst_dir, dest, disk_info, cache_needed, sent, stats)
             except BaseException as e:
                 restored = self._rollback(instance, dest, inst_dir, shared, was_running, sent)
                 raise MigrationFailed(uuid=instance.uuid, dest=dest, reason=str(e) or type(e).__name__,
                                       restored=restored) from e
+        if self.config.backing == "flatten" and not shared:  # the target gets standalone images
+            disk_info = [replace(d, backing_file="", type="qcow2") if d.backing_file else d for d in disk_info]
         return DiskInfo.dumps(disk_info)
 
     def _disk_info(self, xml: str, inst_dir: str) -> list[DiskInfo]:
@@ -252,7 +263,10 @@ class LibvirtDriver(ComputeDriver):
 
     def _check_space(self, rfs: RemoteFS, dest: str, instance: Instance, disks: list[DiskInfo],
                      cache_needed: list[str]) -> None:
-        needed = sum(d.disk_size for d in disks) + sum(os.stat(p).st_blocks * 512 for p in cache_needed)
+        flatten = self.config.backing == "flatten"
+        needed = sum(sum(layer.actual_size for layer in images.chain(d.path, self.runner))
+                     if flatten and d.backing_file else d.disk_size for d in disks)
+        needed += sum(os.stat(p).st_blocks * 512 for p in cache_needed)
         free = rfs.free()
         if needed > free:
             raise InsufficientSpace(host=dest, path=self.config.instances_path, uuid=instance.uuid,
@@ -261,12 +275,11 @@ class LibvirtDriver(ComputeDriver):
     def _copy_instance(self, uuid: str, inst_dir: str, dest: str, disks: list[DiskInfo], cache_needed: list[str],
                        sent: list[str], stats: dict[str, Any]) -> None:
         resize_dir = inst_dir + RESIZE_SUFFIX
-        self._clear_leftover(inst_dir, resize_dir)
         os.rename(inst_dir, resize_dir)
         for path in cache_needed:
             name = f"{CACHE_DIR}/{os.path.basename(path)}"
+            sent.append(name)  # before the copy: a failed copy leaves partial files to remove
             stats["copies"].append(self._copy(path, dest, os.path.join(self.config.instances_path, name)))
-            sent.append(name)
         for disk in disks:
             src = os.path.join(resize_dir, os.path.basename(disk.path))
             if disk.backing_file and self.config.backing == "flatten":
@@ -317,7 +330,8 @@ class LibvirtDriver(ComputeDriver):
                 with self.remote_fs(self._endpoint(dest, "/"), self.config.instances_path) as rfs:
                     rfs.remove(instance.uuid)
                     for name in sent:
-                        rfs.remove(name)
+                        for leftover in (name, *transfer.partial_names(name)):
+                            rfs.remove(leftover)
             except (transfer.TransferError, OSError) as e:
                 log.error("could not remove the partial copy on %s: %s", dest, e)
                 notes.append(f"; remove {self.instance_dir(instance.uuid)} on {dest} by hand")
@@ -373,19 +387,20 @@ class LibvirtDriver(ComputeDriver):
     # -- confirm and revert ------------------------------------------------------
 
     def confirm_migration(self, migration: Migration, instance: Instance, network_info: list[Vif]) -> None:
+        try:
+            dom = self._domain(instance.uuid)
+        except InstanceNotFound:
+            dom = None
+        if dom is not None and dom.isActive():
+            raise InvalidInstanceState(uuid=instance.uuid, state="running here",
+                                       reason="the source copy is running; refusing to remove it")
         resize_dir = self.instance_dir(instance.uuid) + RESIZE_SUFFIX
         if os.path.exists(resize_dir):
             for attempt in Retrying(stop=stop_after_attempt(5), wait=wait_fixed(1), sleep=self.sleep, reraise=True):
                 with attempt:
                     shutil.rmtree(resize_dir)
-        try:
-            dom = self._domain(instance.uuid)
-        except InstanceNotFound:
-            return
-        if dom.isActive():
-            raise InvalidInstanceState(uuid=instance.uuid, state="running here",
-                                       reason="the source copy is running; refusing to undefine it")
-        dom.undefine()
+        if dom is not None:
+            self._libvirt(instance.uuid, "undefine the source copy", dom.undefine)
 
     def finish_revert_migration(self, instance: Instance, network_info: list[Vif], migration: Migration,
                                 block_device_info: dict | None = None, power_on: bool = True) -> None:
@@ -398,10 +413,18 @@ class LibvirtDriver(ComputeDriver):
         try:
             dom = self._domain(instance.uuid)
         except InstanceNotFound:
-            with open(os.path.join(inst_dir, XML_FILE)) as f:
-                dom = self.conn.defineXML(f.read())
+            try:
+                with open(os.path.join(inst_dir, XML_FILE)) as f:
+                    xml = f.read()
+            except OSError as e:
+                raise DriverError(reason=f"instance {instance.uuid} is not defined here and its saved "
+                                         f"definition cannot be read: {e}") from None
+            dom = self._libvirt(instance.uuid, "define it again", self.conn.defineXML, xml)
         if power_on and not dom.isActive():
-            dom.create()
+            try:
+                dom.create()
+            except libvirt.libvirtError as e:
+                raise StartFailed(uuid=instance.uuid, host=self.config.host_name, reason=e.get_error_message()) from None
             self._wait_running(dom, instance.uuid)
 
     def destroy(self, instance: Instance, network_info: list[Vif], destroy_disks: bool = True) -> None:
@@ -411,10 +434,16 @@ class LibvirtDriver(ComputeDriver):
             dom = None
         if dom is not None:
             if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+                self._libvirt(instance.uuid, "stop it", dom.destroy)
+            self._libvirt(instance.uuid, "undefine it", dom.undefine)
         if destroy_disks:
             shutil.rmtree(self.instance_dir(instance.uuid), ignore_errors=True)
+
+    def _libvirt(self, uuid: str, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except libvirt.libvirtError as e:
+            raise DriverError(reason=f"could not {what} (instance {uuid}): {e.get_error_message()}") from None
 
 
 def _write(path: str, text: str) -> None:
