@@ -86,7 +86,7 @@ class DiskInfo:
 
     ``virt_disk_size`` and ``disk_size`` are bytes: the virtual size and the
     space the file takes; ``over_committed_disk_size`` is their difference.
-    ``target`` is the guest device (vda) and ``format`` the image format.
+    ``type`` is the image format (raw, qcow2), ``target`` the guest device (vda).
     """
 
     type: str
@@ -96,7 +96,6 @@ class DiskInfo:
     disk_size: int
     over_committed_disk_size: int
     target: str = ""
-    format: str = "raw"
 
     @staticmethod
     def dumps(disks: list["DiskInfo"]) -> str:

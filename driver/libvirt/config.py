@@ -31,6 +31,7 @@ class DriverConfig:
     transfer_compress: str = "off"
     transfer_retries: int = 3
     transfer_fsync: bool = True
+    transfer_bwlimit: int = 0                 # bytes/s over all streams; 0 = no limit
     backing: str = "send"                     # send | flatten
     ssh_user: str = "root"
     ssh_port: int = 22
@@ -52,6 +53,7 @@ class DriverConfig:
             (self.transfer_channel in ("tls", "ssh"), "transfer_channel", "use tls or ssh"),
             (self.backing in ("send", "flatten"), "backing", "use send or flatten"),
             (os.path.isabs(self.instances_path), "instances_path", "must be an absolute path"),
+            (self.transfer_bwlimit >= 0, "transfer_bwlimit", "bytes per second, 0 for no limit"),
         ]
         for ok, name, hint in checks:
             if not ok:

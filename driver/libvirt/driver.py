@@ -310,10 +310,11 @@ class LibvirtDriver(ComputeDriver):
         hook = self.on_progress
         progress = (lambda p: hook(name, p)) if hook else None
         c = self.config
+        bwlimit = c.transfer_bwlimit or None
         if c.transfer_method == "rsync":
-            return transfer.rsync_copy(src, ep, progress=progress, overwrite=True)
+            return transfer.rsync_copy(src, ep, bwlimit=bwlimit, progress=progress, overwrite=True)
         return transfer.stream_copy(src, ep, streams=c.transfer_streams, channel=c.transfer_channel,
-                                    compress=c.transfer_compress, retries=c.transfer_retries,
+                                    compress=c.transfer_compress, retries=c.transfer_retries, bwlimit=bwlimit,
                                     fsync=c.transfer_fsync, overwrite=True, progress=progress, sleep=self.sleep)
 
     def _endpoint(self, host: str, path: str) -> transfer.Endpoint:

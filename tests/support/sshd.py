@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +40,33 @@ class Sshd:
     proc: subprocess.Popen | None = None
 
     @classmethod
-    def start(cls, workdir: Path, host: str = "127.0.0.1", timeout: float = 10.0) -> "Sshd":
+    def start(cls, workdir: Path, host: str = "127.0.0.1", timeout: float = 10.0, *,
+              port: int | None = None, prefix: Sequence[str] = (), identity: Path | None = None,
+              aliases: Sequence[str] = (), new_session: bool = False) -> "Sshd":
+        """Start an sshd and wait (at most ``timeout`` s) until it accepts connections.
+
+        workdir: its keys, config, pid file, log and known_hosts go here.
+        host: the address it listens on (and under which known_hosts names its key).
+        port: the port; default a free loopback port (chosen in the caller's namespace).
+        prefix: a command wrapper, e.g. ``nsenter --net=... --`` to run it in a lab host;
+            readiness is still probed from the caller's namespace.
+        identity: an existing client private key to authorize (its ``.pub`` next to it);
+            default a key generated in ``workdir``.
+        aliases: more names for its host key line in known_hosts.
+        new_session: start it in a session of its own (a daemon that outlives a Ctrl-C).
+        Raises RuntimeError when it exits early or does not listen in time.
+        """
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         host_key = workdir / "ssh_host_ed25519_key"
-        identity = workdir / "id_ed25519"
+        identity = Path(identity) if identity is not None else workdir / "id_ed25519"
         for key in (host_key, identity):
             if not key.exists():
                 subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "coldferry-test",
                                 "-f", str(key)], check=True)
         shutil.copyfile(f"{identity}.pub", workdir / "authorized_keys")
-        port = free_port(host)
+        if port is None:
+            port = free_port(host)
         config = workdir / "sshd_config"
         config.write_text("\n".join([
             f"Port {port}",
@@ -69,11 +86,12 @@ class Sshd:
         ]) + "\n")
         pubkey = Path(f"{host_key}.pub").read_text().split()
         known_hosts = workdir / "known_hosts"
-        known_hosts.write_text(f"[{host}]:{port} {pubkey[0]} {pubkey[1]}\n")
+        names = ",".join(n if port == 22 else f"[{n}]:{port}" for n in (host, *aliases))
+        known_hosts.write_text(f"{names} {pubkey[0]} {pubkey[1]}\n")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         log = open(workdir / "sshd.log", "ab")
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=new_session)
         log.close()
         user = os.environ.get("USER") or "root"
         sshd = cls(workdir, host, port, user, identity, known_hosts, host_key, proc)

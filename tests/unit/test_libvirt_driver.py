@@ -495,7 +495,7 @@ def test_migrate_stream(make_env):
         "hostB", str(env.inst_dir / "disk"), "ferry", 2222, "/keys/id", "/keys/known_hosts",
         ("/opt/cf/bin/coldferry", "receive"))
     assert kw == {"streams": 4, "channel": "ssh", "compress": "fast", "retries": 7, "fsync": False,
-                  "overwrite": True, "progress": None, "sleep": env.clock.sleep}
+                  "bwlimit": None, "overwrite": True, "progress": None, "sleep": env.clock.sleep}
     [(rfs_ep, rfs_root)] = env.target.sessions
     assert (rfs_ep.host, rfs_ep.path, rfs_ep.user, rfs_root) == ("hostB", "/", "ferry", str(env.src))
     assert env.target.closed == 1
@@ -505,7 +505,7 @@ def test_migrate_stream(make_env):
             for d in disks] == [True, True]
     assert disks[0] == {"type": "qcow2", "path": str(env.inst_dir / "disk"), "virt_disk_size": GiB,
                         "backing_file": "", "disk_size": len(ROOT_DATA),
-                        "over_committed_disk_size": GiB - len(ROOT_DATA), "target": "vda", "format": "raw"}
+                        "over_committed_disk_size": GiB - len(ROOT_DATA), "target": "vda"}
     assert (disks[1]["type"], disks[1]["virt_disk_size"], disks[1]["target"]) == ("raw", 2 * GiB, "vdb")
     stats = env.driver.last_transfer[UUID]
     assert stats["shared"] is False and len(stats["copies"]) == 3
@@ -517,7 +517,7 @@ def test_migrate_rsync(make_env):
     inst, _ = env.add_instance()
     env.migrate(inst)
     assert [m for m, *_ in env.copier.calls] == ["rsync", "rsync"]
-    assert env.copier.calls[0][3] == {"progress": None, "overwrite": True}
+    assert env.copier.calls[0][3] == {"bwlimit": None, "progress": None, "overwrite": True}
     assert env.target_files() == {f"{UUID}/disk", f"{UUID}/domain.xml"}
 
 
