@@ -199,6 +199,8 @@ class LibvirtDriver(ComputeDriver):
                 _write(os.path.join(inst_dir, XML_FILE), xml)
                 if not shared:
                     rfs.mkdir(instance.uuid)
+                    if cache_needed:
+                        rfs.mkdir(CACHE_DIR)
                     self._copy_instance(instance.uuid, inst_dir, dest, disk_info, cache_needed, sent, stats)
             except BaseException as e:
                 restored = self._rollback(instance, dest, inst_dir, shared, was_running, sent)

@@ -13,6 +13,7 @@ import pytest
 
 import transfer
 from tests.conftest import coldferry_command
+from tests.support.procs import descendants
 from transfer.digest import file_digest
 from transfer.units import MiB
 
@@ -179,27 +180,7 @@ def test_receiver_not_installed_gives_a_clear_error(sshd, tmp_path):
 
 def receiver_pids(sshd) -> list[int]:
     """Pids of 'coldferry receive' processes below our own sshd."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [sshd.proc.pid]
-    while todo:
-        pid = todo.pop()
-        for child in children.get(pid, []):
-            try:
-                cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"receive" in cmd:
-                found.append(child)
-            todo.append(child)
-    return found
+    return [pid for pid, argv in descendants(sshd.proc.pid) if "receive" in argv]
 
 
 @pytest.mark.parametrize("channel", ["tls", "ssh"])

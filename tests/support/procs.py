@@ -143,3 +143,24 @@ def terminate(procs: Iterable[ProcRef], term_timeout: float = 10.0, kill_timeout
     if pending:
         log.error("pids %s survived SIGKILL", [p.pid for p in pending])
     return pending
+
+
+def descendants(pid: int) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[tuple[int, list[str]]] = []
+    todo = [pid]
+    while todo and len(found) < 10000:
+        for child in children.get(todo.pop(), []):
+            try:
+                raw = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            found.append((child, [a.decode(errors="replace") for a in raw.split(b"\0") if a]))
+            todo.append(child)
+    return found
