@@ -256,3 +256,35 @@ def test_copy_killed_midway_leaves_the_source_as_it_was(nodes, image, domain_typ
     assert file_digest(str(a.dir(uuid) / "disk")) == before
     assert not b.dir(uuid).exists()
     assert b.state(uuid) == "undefined"
+
+
+def test_missing_bridge_on_the_target_is_an_error_or_created(nodes, image, domain_type):
+    a, b = nodes("stream")
+    bridge = "cfbrtest0"
+    a.host.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        uuid = str(uuidlib.uuid4())
+        name = f"cf-{uuid[:8]}"
+        a.dir(uuid).mkdir(parents=True)
+        guest.make_disk(a.dir(uuid) / "disk", 16 * MiB)
+        xml = guest.domain_xml(name, f"{INSTANCES}/{uuid}/disk", f"{INSTANCES}/{uuid}/console.log", image, uuid=uuid,
+                               domain_type=domain_type, bridge=bridge)
+        conn = a.host.connect()
+        conn.defineXML(xml)
+        conn.close()
+        nodes.instances.append(uuid)
+        result = a.ok("migrate-disk-and-power-off", uuid=uuid, dest=b.host.ip)
+
+        refused = b.call("finish-migration", uuid=uuid, name=name, flavor=SMALL, disk_info=result["disk_info"],
+                         power_on=False)
+        assert refused["error"] == "BridgeMissing" and "create_bridges" in refused["message"], refused
+        assert b.state(uuid) == "undefined"
+
+        _, b_create = nodes("stream", create_bridges=True)
+        b_create.ok("finish-migration", uuid=uuid, name=name, flavor=SMALL, disk_info=result["disk_info"],
+                    power_on=False)
+        assert b.host.run(["ip", "link", "show", bridge], capture_output=True).returncode == 0
+        assert b.state(uuid) == "shut off"
+    finally:
+        a.host.run(["ip", "link", "del", bridge], check=False)
+        b.host.run(["ip", "link", "del", bridge], check=False, capture_output=True)
