@@ -1,10 +1,16 @@
-"""The coldferry demo: copy a sparse disk image and a file of random data to
-two SSH endpoints on this machine, with the stream method to endpoint A and
-the rsync method to endpoint B, and verify every copy.
+"""The coldferry demo: cold-migrate a running test guest between two hosts.
 
-Each endpoint is a private OpenSSH sshd on a loopback port with keys of its
-own (tests/support/sshd.py); the machine's sshd and ~/.ssh are not touched.
-Everything lives in one temporary directory, removed at the end.
+It brings up a lab of two hosts on this machine (network and mount
+namespaces, each with its own libvirtd and sshd; see scripts/lab), starts
+the test guest on host1 (it writes a record to its disk), and then runs the
+migration as a compute agent would, each step on its own host:
+
+  host1  migrate-disk-and-power-off   clean shutdown, disks copied to host2
+  host2  finish-migration             domain defined and started on host2
+  host1  confirm-migration            the kept copy and definition dropped
+
+The guest boots on host2, verifies the record it wrote on host1 and writes
+another. Everything is torn down at the end, also on failure.
 Run it through scripts/demo, which sets the machine up first.
 """
 
@@ -12,145 +18,108 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import shutil
-import subprocess
 import sys
 import tempfile
+import time
+import uuid as uuidlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.sshd import Sshd  # noqa: E402  (needs the repo root on sys.path)
+from tests.support import guest  # noqa: E402  (needs the repo root on sys.path)
+from tests.support.drivernode import INSTANCES, DriverNode  # noqa: E402
+from tests.support.lab import Lab  # noqa: E402
+from transfer.units import format_size  # noqa: E402
 
-COLDFERRY = REPO / ".venv" / "bin" / "coldferry"
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-IMAGE_SIZE = GiB
-# The image's written pieces as (offset, length, random?); everything else is a hole.
-# 64 MiB of random data in four places, one not block-aligned, and a 16 MiB run
-# of written zeros that takes disk space but is never sent.
-IMAGE_PIECES = [
-    (0, 16 * MiB, True),
-    (300 * MiB + 68 * KiB, 16 * MiB, True),
-    (512 * MiB, 16 * MiB, False),
-    (700 * MiB, 16 * MiB, True),
-    (IMAGE_SIZE - 16 * MiB, 16 * MiB, True),
-]
-RANDOM_FILE_SIZE = 64 * MiB
+MiB = 1 << 20
+FLAVOR = {"name": "demo", "vcpus": 1, "memory_mb": 128, "root_gb": 1}
 
 
-def make_sources(directory: Path) -> list[Path]:
-    """Write the sparse image and the random file; return their paths."""
-    directory.mkdir()
-    image = directory / "disk.raw"
-    with open(image, "wb") as f:
-        f.truncate(IMAGE_SIZE)
-        for offset, length, random in IMAGE_PIECES:
-            f.seek(offset)
-            f.write(os.urandom(length) if random else bytes(length))
-    data = directory / "random.bin"
-    data.write_bytes(os.urandom(RANDOM_FILE_SIZE))
-    return [image, data]
+def step(text: str) -> float:
+    print(f"\n== {text}", flush=True)
+    return time.monotonic()
 
 
-def du(path: Path) -> str:
-    """'<apparent> apparent, <allocated> allocated', both as du reports them."""
-    apparent = subprocess.run(["du", "-h", "--apparent-size", str(path)], check=True,
-                              capture_output=True, text=True).stdout.split()[0]
-    allocated = subprocess.run(["du", "-h", str(path)], check=True,
-                               capture_output=True, text=True).stdout.split()[0]
-    return f"{apparent} apparent, {allocated} allocated"
+def say(text: str) -> None:
+    print(f"   {text}", flush=True)
 
 
-def copy(method: str, src: Path, endpoint: Sshd, dest: Path) -> bool:
-    """Copy ``src`` to ``dest`` on ``endpoint`` with the coldferry CLI; print its summary."""
-    argv = [str(COLDFERRY), "copy", "--method", method,
-            "--ssh-port", str(endpoint.port), "--identity", str(endpoint.identity),
-            "--known-hosts", str(endpoint.known_hosts),
-            "--remote-command", f"{shlex.quote(str(COLDFERRY))} receive",
-            str(src), f"{endpoint.user}@{endpoint.host}:{dest}"]
-    print(f"$ {shlex.join(['coldferry', *argv[1:]])}", flush=True)
-    # The summary is on stdout; errors and the progress bar (on a terminal) go to stderr.
-    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
-    if done.stdout.strip():
-        print(f"  {done.stdout.strip()}")
-    if done.returncode != 0:
-        print(f"  FAILED: coldferry copy exited with {done.returncode}; its error is above")
-        return False
-    return True
+def console(node: DriverNode, uuid: str, suffix: str = "") -> Path:
+    return node.dir(uuid, suffix) / "console.log"
 
 
-def digest(argv: list[str]) -> str:
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return out.split()[0]
+def run(method: str, workdir: Path) -> None:
+    t = step("building the test guest (Debian cloud kernel + busybox initramfs; cached)")
+    image = guest.ensure_built()
+    domain_type = guest.detect_domain_type(image)
+    say(f"kernel {image.version}; domain type '{domain_type}' ({time.monotonic() - t:.1f} s)")
 
+    t = step("bringing up a lab of two hosts")
+    with Lab.up_in_free_slot(2) as lab:
+        host1, host2 = DriverNode.configure(lab, lab.hosts[0], workdir / "host1.toml", transfer_method=method), \
+            DriverNode.configure(lab, lab.hosts[1], workdir / "host2.toml", transfer_method=method)
+        for node in (host1, host2):
+            say(f"{node.host.name}: {node.host.ip}, libvirt {node.host.libvirt_uri}")
+        say(f"up in {time.monotonic() - t:.1f} s")
 
-def verify(src: Path, endpoint: Sshd, dest: Path) -> bool:
-    """Compare image digests on both ends and the bytes with cmp; show the target's size."""
-    here = digest([str(COLDFERRY), "checksum", str(src)])
-    remote = shlex.join([str(COLDFERRY), "checksum", str(dest)])
-    there = digest(["ssh", *endpoint.ssh_args, f"{endpoint.user}@{endpoint.host}", remote])
-    same_digest = here == there
-    print(f"  checksum  source {here}")
-    print(f"  checksum  target {there} (on the endpoint, over ssh): "
-          f"{'same' if same_digest else 'DIFFERENT'}")
-    same_bytes = subprocess.run(["cmp", str(src), str(dest)]).returncode == 0
-    print(f"  cmp       {'identical' if same_bytes else 'DIFFERENT'}")
-    print(f"  du        source {du(src)}; target {du(dest)}")
-    return same_digest and same_bytes
+        uuid = str(uuidlib.uuid4())
+        name = f"demo-{uuid[:8]}"
+        t = step(f"starting instance {name} on host1")
+        host1.dir(uuid).mkdir(parents=True)
+        disk = guest.make_disk(host1.dir(uuid) / "disk", 256 * MiB)
+        with open(disk, "r+b") as f:  # data beyond the guest's record log, so the copy has work to do
+            f.seek(128 * MiB)
+            f.write(os.urandom(64 * MiB))
+        say("disk: 256 MiB raw, 64 MiB of it data, the rest a hole")
+        conn = host1.host.connect()
+        try:
+            conn.defineXML(guest.domain_xml(name, f"{INSTANCES}/{uuid}/disk", f"{INSTANCES}/{uuid}/console.log",
+                                            image, uuid=uuid, domain_type=domain_type, mode="write")).create()
+        finally:
+            conn.close()
+        guest.wait_for(console(host1, uuid), r"CFGUEST ready", timeout=180)
+        for line in guest.console_lines(console(host1, uuid)):
+            say(f"host1 guest: {line}")
+        say(f"host1: {host1.state(uuid)}, host2: {host2.state(uuid)}")
 
+        t = step(f"host1: migrate-disk-and-power-off to {host2.host.ip} ({method})")
+        result = host1.ok("migrate-disk-and-power-off", uuid=uuid, dest=host2.host.ip, timeout=60, retry_interval=10)
+        for what, copy in zip(["disk", "domain.xml"], result["copies"]):
+            say(f"{what}: sent {format_size(copy['sent'])} of {format_size(copy['size'])} in "
+                f"{copy['seconds']:.2f} s, digest {copy['digest']} (same on both ends)")
+        say(f"host1 guest: {guest.console_lines(console(host1, uuid, '_resize'))[-1]} (clean ACPI shutdown)")
+        say(f"host1: {host1.state(uuid)}; kept copy in {INSTANCES}/{uuid}_resize ({time.monotonic() - t:.1f} s)")
 
-def run(workdir: Path) -> int:
-    endpoints: list[Sshd] = []
-    try:
-        for name in ("a", "b"):
-            endpoints.append(Sshd.start(workdir / f"sshd-{name}"))
-        a, b = endpoints
-        print(f"endpoint A: sshd pid {a.proc.pid} on {a.host}:{a.port}")
-        print(f"endpoint B: sshd pid {b.proc.pid} on {b.host}:{b.port}")
-        sources = make_sources(workdir / "source")
-        for src in sources:
-            print(f"source {src.name}: {du(src)}")
-        results: dict[str, bool] = {}
-        for method, label, endpoint in (("stream", "A", a), ("rsync", "B", b)):
-            print(f"\n== --method {method} to endpoint {label}")
-            target_dir = workdir / f"target-{label.lower()}"
-            target_dir.mkdir()
-            for src in sources:
-                dest = target_dir / src.name
-                ok = copy(method, src, endpoint, dest) and verify(src, endpoint, dest)
-                results[f"{method} {src.name}"] = ok
-    finally:
-        for endpoint in endpoints:
-            endpoint.stop()
-    print("\n== result")
-    for what, ok in results.items():
-        print(f"  {what}: {'copied and verified' if ok else 'FAILED'}")
-    return 0 if all(results.values()) else 1
+        t = step("host2: finish-migration")
+        host2.ok("finish-migration", uuid=uuid, name=name, flavor=FLAVOR, disk_info=result["disk_info"])
+        guest.wait_for(console(host2, uuid), r"CFGUEST wrote 1", timeout=180)
+        for line in guest.console_lines(console(host2, uuid)):
+            say(f"host2 guest: {line}")
+        say(f"host2: {host2.state(uuid)} ({time.monotonic() - t:.1f} s)")
+
+        t = step("host1: confirm-migration")
+        host1.ok("confirm-migration", uuid=uuid)
+        say(f"host1: {host1.state(uuid)}, kept copy removed: {not host1.dir(uuid, '_resize').exists()}")
+        say(f"host2: {host2.state(uuid)}")
+        host2.ok("destroy", uuid=uuid)
+        step("tearing the lab down")
+    print("\ndemo: done: the guest moved from host1 to host2 and found its data there")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the temporary directory (images, sshd logs) for a look")
+    parser.add_argument("--method", choices=("stream", "rsync"), default="stream",
+                        help="how the disks are copied (default: %(default)s)")
     args = parser.parse_args()
-    if not COLDFERRY.exists():
-        print(f"demo: {COLDFERRY} is missing; run scripts/demo, which installs it", file=sys.stderr)
-        return 1
-    workdir = Path(tempfile.mkdtemp(prefix="coldferry-demo-"))
-    print(f"working directory: {workdir}")
-    try:
-        return run(workdir)
-    except KeyboardInterrupt:
-        print("demo: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="coldferry-demo-") as tmp:
+        try:
+            run(args.method, Path(tmp))
+        except (AssertionError, guest.GuestError) as e:
+            print(f"demo: failed: {e}", file=sys.stderr)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":

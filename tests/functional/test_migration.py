@@ -11,53 +11,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid as uuidlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support import guest
+from tests.support.drivernode import COLDFERRY, INSTANCES, DriverNode
 from tests.support.procs import descendants
 from transfer.digest import file_digest
 
-COLDFERRY = str(Path(sys.executable).with_name("coldferry"))
-INSTANCES = "/var/lib/coldferry/instances"
 MiB, GiB = 1 << 20, 1 << 30
 SMALL = {"name": "small", "vcpus": 1, "memory_mb": 128, "root_gb": 1}
 
 
-@dataclass
-class Node:
-    """A lab host and the driver configuration used on it."""
-
-    host: Any
-    config: Path
-
-    def call(self, name: str, /, **args: Any) -> dict[str, Any]:
-        run = self.host.run([COLDFERRY, "driver", "--config", str(self.config), name],
-                            input=json.dumps(args), capture_output=True, text=True, timeout=600)
-        try:
-            return json.loads(run.stdout)
-        except ValueError:
-            raise AssertionError(f"{name} on {self.host.name}: {run.stdout}\n{run.stderr[-3000:]}") from None
-
-    def ok(self, name: str, /, **args: Any) -> Any:
-        reply = self.call(name, **args)
-        assert "result" in reply, f"{name} on {self.host.name} failed: {reply}"
-        return reply["result"]
-
-    def dir(self, uuid: str, suffix: str = "") -> Path:
-        """An instance directory as seen from the root namespace."""
-        return self.host.instances_dir / f"{uuid}{suffix}"
-
-    def state(self, uuid: str) -> str:
-        run = self.host.run(["virsh", "-q", "domstate", uuid], capture_output=True, text=True, timeout=60)
-        return run.stdout.strip() if run.returncode == 0 else "undefined"
-
+class Node(DriverNode):
     def sshd_children(self, needle: str) -> list[int]:
         return [pid for pid, argv in descendants(self.host.pids["sshd"].pid) if any(needle in a for a in argv)]
 
@@ -81,12 +51,7 @@ def nodes(lab, tmp_path):
         pair = []
         for host in lab.hosts[:2]:
             cfg = tmp_path / f"{host.name}-{method}-{len(made)}.toml"
-            values = {"libvirt_uri": "qemu:///system", "instances_path": INSTANCES, "host_name": host.name,
-                      "transfer_method": method, "ssh_identity": str(lab.identity),
-                      "ssh_known_hosts": str(lab.known_hosts), "remote_command": [COLDFERRY, "receive"],
-                      "shutdown_timeout": 60, "shutdown_retry_interval": 10, "start_timeout": 60, **settings}
-            cfg.write_text("[driver]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
-            pair.append(Node(host, cfg))
+            pair.append(Node.configure(lab, host, cfg, transfer_method=method, **settings))
         made.extend(pair)
         return pair[0], pair[1]
 

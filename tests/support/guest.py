@@ -399,7 +399,9 @@ def detect_domain_type(image: GuestImage | None = None, timeout: float = 15.0) -
     ``$COLDFERRY_DOMAIN_TYPE`` (kvm or qemu) overrides.  Without read-write
     access to /dev/kvm the answer is ``qemu``; with it, the guest is booted
     once with accel=kvm in probe mode and must print ``probe ok`` within
-    ``timeout`` seconds (nested KVM can be slower than TCG).  Cached per process.
+    ``timeout`` seconds (nested KVM can be slower than TCG).  Cached per process,
+    and on disk beside the image for this kernel, qemu and CPU, so the probe runs
+    once per machine rather than once per test run.
     """
     forced = os.environ.get("COLDFERRY_DOMAIN_TYPE")
     if forced:
@@ -409,10 +411,27 @@ def detect_domain_type(image: GuestImage | None = None, timeout: float = 15.0) -
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "qemu"
     image = image or ensure_built()
+    cache = image.kernel.parent / "domain-type.json"
+    key = _probe_key(image)
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key and cached.get("type") in ("kvm", "qemu"):
+            return cached["type"]
+    except (OSError, ValueError):
+        pass
+    found = "kvm"
     with tempfile.TemporaryDirectory(prefix="cfprobe-") as tmp:
         with start_qemu(image, tmp, accel="kvm", mode="probe", name="probe") as guest:
             try:
                 guest.wait_for(rf"^{PREFIX}probe ok", timeout)
             except GuestError:
-                return "qemu"
-    return "kvm"
+                found = "qemu"
+    cache.write_text(json.dumps({"key": key, "type": found}))
+    return found
+
+
+def _probe_key(image: GuestImage) -> str:
+    """What the probe's answer depends on: guest kernel, host kernel, qemu, CPU."""
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
+    return hashlib.sha256("|".join([image.version, os.uname().release, qemu, cpu]).encode()).hexdigest()

@@ -1,0 +1,5 @@
+"""The transfer benchmark behind ``scripts/bench-transfer``."""
+
+from .cli import main
+
+__all__ = ["main"]
