@@ -220,7 +220,7 @@ class Receiver:
             whole = f.nseg == 1 and segs[0] == (0, f.block_len) and not f.flags
             payload = bview[:f.wire_len] if whole else wview[:f.wire_len]
             recv_exact(sock, payload)
-            if wire.payload_checksum(payload) != f.checksum:
+            if f.flags & wire.FLAG_ZSTD and wire.payload_checksum(payload) != f.checksum:
                 raise ChunkCorrupted(offset=f.offset, length=f.block_len, reason="payload checksum mismatch")
             data = decomp.decompress(payload, f.flags, sum(n for _, n in segs), f.offset)
             if len(data) != sum(n for _, n in segs):

@@ -17,7 +17,7 @@ import shutil
 import sys
 from typing import IO, Any
 
-import paramiko
+from .ssh import paramiko
 
 from . import ssh, wire
 from .digest import file_digest

@@ -11,9 +11,13 @@ from __future__ import annotations
 import logging
 import shlex
 import socket
+import sys
 from typing import IO
 
-import paramiko
+# paramiko imports invoke (0.4 s of start-up here) only to run ssh_config's
+# "Match exec", which coldferry never reads; without it paramiko works the same.
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
+import paramiko  # noqa: E402
 
 from .endpoint import Endpoint
 from .errors import AuthenticationFailed, ConnectionLost, HostKeyError, RemoteCommandFailed

@@ -7,7 +7,9 @@ a one-time token, as frames:
     header   <BBHIQI16sQ   kind, flags, segment count, payload length,
                            block offset, block length, block hash (XXH3-128
                            of the whole block, zero runs included), payload
-                           checksum (XXH3-64 of the payload as sent)
+                           checksum (XXH3-64 of a compressed payload as sent,
+                           checked before decompressing; 0 when the payload is
+                           raw block data, which the block hash covers)
     segments <II * count   (offset in block, length) of each data run
     payload                the data runs back to back, compressed if flagged
 
@@ -56,8 +58,8 @@ class Frame:
 def pack_frame(flags: int, offset: int, block_len: int, block_hash: bytes,
                segments: list[tuple[int, int]], payload: bytes | memoryview) -> bytes:
     """Header and segment table of a data frame (the payload follows separately)."""
-    head = HEADER.pack(KIND_DATA, flags, len(segments), len(payload), offset, block_len,
-                       block_hash, payload_checksum(payload))
+    checksum = payload_checksum(payload) if flags & FLAG_ZSTD else 0
+    head = HEADER.pack(KIND_DATA, flags, len(segments), len(payload), offset, block_len, block_hash, checksum)
     return head + b"".join(SEGMENT.pack(o, n) for o, n in segments)
 
 

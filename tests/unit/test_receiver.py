@@ -244,3 +244,19 @@ def test_resume_reports_journalled_blocks_and_zeroes_torn_ones(tmp_path):
     finally:
         peer.close()
     assert (tmp_path / "disk.img").read_bytes() == first + bytes(3 * CHUNK)
+
+
+def test_corrupted_compressed_payload_is_caught_before_decompressing(tmp_path):
+    import zstandard
+    data = b"compressible " * (CHUNK // 13) + bytes(CHUNK % 13)
+    packed = bytearray(zstandard.ZstdCompressor(level=1).compress(data))
+    head = wire.pack_frame(wire.FLAG_ZSTD, 0, CHUNK, block_hash(data), [(0, CHUNK)], bytes(packed))
+    packed[len(packed) // 2] ^= 0xFF
+    peer = Peer(hello(tmp_path))
+    try:
+        sock = peer.connect(peer.read())
+        sock.sendall(head + bytes(packed))
+        err = peer.read()
+        assert err["kind"] == "ChunkCorrupted" and "payload checksum" in err["message"], err
+    finally:
+        peer.close()
