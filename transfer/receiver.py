@@ -109,7 +109,9 @@ class Receiver:
             have = self._verify_journal() if resuming else {}
         except OSError as e:
             raise TransferError(reason=f"cannot write {t.path}: {e.strerror or e}") from None
-        self.listener = socket.create_server((self.bind, 0), backlog=self.streams + MAX_BAD_CONNECTIONS)
+        family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
+        self.listener = socket.create_server((self.bind, 0), family=family,
+                                             backlog=self.streams + MAX_BAD_CONNECTIONS)
         self.listener.settimeout(ACCEPT_TIMEOUT)
         fields: dict[str, Any] = {"port": self.listener.getsockname()[1], "token": self.token.hex(),
                                   "have": _bitmap(have, block_count(self.size, self.chunk)),

@@ -260,3 +260,14 @@ def test_corrupted_compressed_payload_is_caught_before_decompressing(tmp_path):
         assert err["kind"] == "ChunkCorrupted" and "payload checksum" in err["message"], err
     finally:
         peer.close()
+
+
+def test_listens_on_ipv6_when_ssh_came_in_over_ipv6(tmp_path):
+    from transfer.receiver import Receiver
+    recv = Receiver(hello(tmp_path, channel="tls"), "::1")
+    try:
+        ready = recv.prepare()
+        assert recv.listener.family == socket.AF_INET6 and ready["port"] > 0
+    finally:
+        recv.listener.close()
+        recv.close()
