@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Sequence
 
-from coldferry import copy_cmd, driver_cmd
+from coldferry import agent_cmd, controller_cmd, copy_cmd, driver_cmd, host_cmd, server_cmd
 
 DESCRIPTION = """\
 coldferry cold-migrates KVM virtual machines between hosts with real disk transfer.
@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more (-v: info, -vv: debug) to standard error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    server_cmd.register(sub)
+    host_cmd.register(sub)
     copy_cmd.register(sub)
     driver_cmd.register(sub)
+    agent_cmd.register(sub)
+    controller_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,44 @@
+"""The controller's errors; each carries the HTTP status the API answers with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ControllerError(Exception):
+    status = 500
+    msg = "controller error: {reason}"
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+        super().__init__(self.msg.format(**kwargs))
+
+
+class BadRequest(ControllerError):
+    status = 400
+    msg = "{reason}"
+
+
+class NotFound(ControllerError):
+    status = 404
+    msg = "{what} {name} not found{hint}"
+
+    def __init__(self, what: str, name: Any, hint: str = "") -> None:
+        super().__init__(what=what, name=name, hint=hint)
+
+
+class Conflict(ControllerError):
+    status = 409
+    msg = "{reason}"
+
+
+class NoValidHost(ControllerError):
+    status = 400
+    msg = "no valid host for server {server}: {reason}"
+
+
+class AgentError(ControllerError):
+    """An agent could not be reached or answered with an error."""
+
+    status = 502
+    msg = "agent of host {host}: {reason}"
