@@ -1,9 +1,106 @@
-"""Placeholder: filled in by the agent/controller/CLI work (issue 4)."""
+"""``coldferry agent``: run this host's agent daemon (the driver behind an HTTP API)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # FastAPI, uvicorn and libvirt load only when the agent runs
+    from agent.config import AgentConfig
+    from driver.base import ComputeDriver
+
+log = logging.getLogger(__name__)
+
+HELP = """\
+Run the coldferry agent of this host: a daemon that serves this host's
+hypervisor driver over an authenticated HTTP API (docs/api.md, section
+Agent). The controller asks it for the host's resources and instances, and
+starts migration steps on it (migrate-disk-and-power-off on the source,
+finish-migration on the destination, confirm, revert, live-migrate); long
+steps run as background jobs the controller polls for state and progress.
+Every request must carry "Authorization: Bearer TOKEN".
+
+configuration ([agent] table of the TOML file):
+  listen       address to bind (default "0.0.0.0")
+  port         TCP port (default 8797)
+  token        the bearer token requests must present, or
+  token_file   a file holding it (one of the two is required)
+  address      this host's address other hosts use to reach it over SSH
+               when copying disks here (default: the host name)
+  driver       "libvirt" (default) or "memory" (an in-memory host for demos)
+The [driver] table configures the libvirt driver (see driver/libvirt/config.py;
+'coldferry driver --help' shows how to call it by hand).
+
+example /etc/coldferry/agent.toml:
+  [agent]
+  listen = "0.0.0.0"
+  port = 8797
+  token_file = "/etc/coldferry/agent.token"
+  address = "198.18.0.11"
+
+  [driver]
+  instances_path = "/var/lib/coldferry/instances"
+  host_name = "host1"
+  transfer_method = "stream"
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Not written yet."""
+    """Add the ``agent`` command to the ``coldferry`` command line."""
+    p = sub.add_parser("agent", help="run this host's agent (the driver behind an authenticated HTTP API)",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML file with [agent] and [driver] tables")
+    p.set_defaults(func=run)
+
+
+def build_driver(config: AgentConfig) -> ComputeDriver:
+    """The driver the configuration names.
+
+    :raises DriverError: the libvirt driver's settings are unusable.
+    """
+    if config.driver == "memory":
+        from driver.memory import MemoryDriver
+        return MemoryDriver(config.driver_config.host_name, address=config.address)
+    from driver.libvirt import LibvirtDriver
+    return LibvirtDriver(config.driver_config)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; 2 for an unusable configuration."""
+    import uvicorn
+
+    from agent import AgentConfig, ConfigError, create_app
+    from driver.errors import DriverError
+
+    try:
+        config = AgentConfig.load(args.config)
+        driver = build_driver(config)
+    except (ConfigError, DriverError) as e:
+        print(f"coldferry agent: {e}", file=sys.stderr)
+        return 2
+    # A daemon's job log is wanted without -v; -v/-vv still lower the level further.
+    for name in ("agent", "driver", __name__):
+        logger = logging.getLogger(name)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    dc = config.driver_config
+    app = create_app(driver, config.token, config.address, shutdown_timeout=dc.shutdown_timeout,
+                     shutdown_retry_interval=dc.shutdown_retry_interval)
+    banner = (f"coldferry agent of {dc.host_name} ({config.driver} driver, data-plane address {config.address}) "
+              f"listening on http://{_host(config.listen)}:{config.port}")
+
+    class Server(uvicorn.Server):  # here because uvicorn is imported only when the agent runs
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the socket is bound: say so once
+                log.info("%s", banner)
+
+    server = Server(uvicorn.Config(app, host=config.listen, port=config.port, log_config=None))
+    server.run()
+    return 0 if server.started else 1
+
+
+def _host(listen: str) -> str:
+    """``listen`` as the host part of a URL (IPv6 in brackets)."""
+    return f"[{listen}]" if ":" in listen else listen

@@ -13,10 +13,21 @@ DESCRIPTION = """\
 coldferry cold-migrates KVM virtual machines between hosts with real disk transfer.
 
 Commands:
+  server    list servers, migrate one (to a chosen or scheduler-picked host), confirm or revert
+  host      list hosts, enable/disable their compute service, check a destination, drain a host
+  host-servers-migrate
+            drain a host: move every server away (alias of 'host drain')
   copy      copy one disk image to another host over SSH (stream or rsync)
   checksum  print the image digest of a local file (the value copy compares)
   driver    run one hypervisor driver call on this host (JSON in and out)
   receive   the receiving end of a stream copy; started over SSH by 'copy'
+  agent     run the per-host agent (serves this host's driver over HTTP)
+  controller
+            run the controller (HTTP API, migration records, scheduler, drains)
+
+The server and host commands talk to the controller: give --url and --token,
+or set COLDFERRY_URL and COLDFERRY_TOKEN, or write them to
+~/.config/coldferry/client.toml ([client] url = ..., token = ...).
 """
 
 

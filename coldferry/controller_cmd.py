@@ -1,9 +1,69 @@
-"""Placeholder: filled in by the agent/controller/CLI work (issue 4)."""
+"""``coldferry controller``: the controller's HTTP API, its store and its timers."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+
+HELP = """\
+Run the coldferry controller: the HTTP API that operators, the CLI
+('coldferry server ...', 'coldferry host ...') and the dashboard talk to.
+It keeps migration records in its database, checks target hosts against the
+scheduler's rules, drives each migration through the source and destination
+hosts' agents, drains hosts for maintenance, and on start picks up any
+migration a restart interrupted (finishing it, or rolling it back to the
+source).
+
+configuration (TOML):
+  [controller]
+  token_file = "/etc/coldferry/controller.token"   # or token = "..."; clients send it as a Bearer token
+  listen = "127.0.0.1"                            # default 127.0.0.1
+  port = 8798                                     # default 8798
+  database = "sqlite:////var/lib/coldferry/controller.db"   # or postgresql://user@db/coldferry
+  auto_confirm_seconds = 0                        # confirm finished migrations after N s; 0 = never
+  cpu_allocation_ratio = 16.0                     # ram 1.5, disk 1.0 by default
+  shutdown_timeout = 60                           # clean guest shutdown before a forced one
+
+  [[hosts]]                                       # one per compute host running 'coldferry agent'
+  name = "host1"
+  agent_url = "http://198.18.0.11:8797"
+  address = "198.18.0.11"                         # where other hosts reach it over SSH for disk copies
+  agent_token_file = "/etc/coldferry/host1.token" # or agent_token = "..."
+
+example:
+  coldferry controller --config /etc/coldferry/controller.toml
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Not written yet."""
+    p = sub.add_parser("controller", help="run the controller (HTTP API, migration records, scheduler, drains)",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML file with [controller] and [[hosts]]")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from controller.config import ControllerConfig
+    from controller.errors import ControllerError
+    from controller.service import build
+
+    log = logging.getLogger("coldferry.controller")
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        config = ControllerConfig.load(args.config)
+        ctl = build(config)
+    except ControllerError as e:
+        print(f"coldferry controller: error: {e}", file=sys.stderr)
+        return 1
+    ctl.start()
+    log.info("controller listening on http://%s:%d with %d host(s): %s", config.listen, config.port,
+             len(config.hosts), ", ".join(h.name for h in config.hosts) or "none")
+    try:
+        uvicorn.run(ctl.app, host=config.listen, port=config.port, log_level="warning")
+    finally:
+        ctl.stop()
+    return 0

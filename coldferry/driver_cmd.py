@@ -36,6 +36,9 @@ calls and their arguments:
   confirm-migration                {"uuid"}
   finish-revert-migration          {"uuid", "power_on"?}
   destroy                          {"uuid", "destroy_disks"?}
+  live-migrate                     {"uuid", "dest"}
+      move a running instance to host "dest" while it keeps running, its local
+      disks copied along; prints {"downtime_s", "migration_s", ...}
 
 example:
   echo '{"uuid": "…", "dest": "host2"}' | coldferry driver --config /etc/coldferry/agent.toml migrate-disk-and-power-off
@@ -100,6 +103,7 @@ CALLS: dict[str, Callable[[LibvirtDriver, dict[str, Any]], Any]] = {
     "confirm-migration": lambda d, a: d.confirm_migration(_migration(d, a), _bare(d, a), _vifs(a)),
     "finish-revert-migration": lambda d, a: d.finish_revert_migration(_bare(d, a), _vifs(a), _migration(d, a), None,
                                                                       bool(a.get("power_on", True))),
+    "live-migrate": lambda d, a: d.live_migration(d.get_instance(a["uuid"]), a["dest"]),
     "destroy": lambda d, a: d.destroy(_bare(d, a), _vifs(a), bool(a.get("destroy_disks", True))),
 }
 

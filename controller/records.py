@@ -16,9 +16,10 @@ CONFIRMED = "confirmed"
 REVERTING = "reverting"
 REVERTED = "reverted"
 ERROR = "error"
+COMPLETED = "completed"   # a live migration that ended well (there is nothing to confirm)
 STATUSES = (PRE_MIGRATING, MIGRATING, POST_MIGRATING, FINISHED, CONFIRMING, CONFIRMED, REVERTING,
-            REVERTED, ERROR)
-FINAL = frozenset({CONFIRMED, REVERTED, ERROR})
+            REVERTED, COMPLETED, ERROR)
+FINAL = frozenset({CONFIRMED, REVERTED, COMPLETED, ERROR})
 # Statuses in which a controller or agent restart leaves work to reconcile.
 IN_FLIGHT = frozenset({PRE_MIGRATING, MIGRATING, POST_MIGRATING, CONFIRMING, REVERTING})
 
@@ -28,7 +29,7 @@ LIVE = "live-migration"
 # The instance's task state alongside each status (Nova's names).
 TASK_STATES = {PRE_MIGRATING: "resize_prep", MIGRATING: "resize_migrating", POST_MIGRATING: "resize_finish",
                FINISHED: None, CONFIRMING: "resize_confirming", REVERTING: "resize_reverting",
-               CONFIRMED: None, REVERTED: None, ERROR: None}
+               CONFIRMED: None, REVERTED: None, COMPLETED: None, ERROR: None}
 LIVE_TASK_STATE = "migrating"
 
 

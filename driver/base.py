@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 
+from .errors import DriverError
 from .model import DiskInfo, Flavor, HostResources, Instance, Migration, PowerState, Vif
 
 
@@ -74,6 +75,23 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def destroy(self, instance: Instance, network_info: list[Vif], destroy_disks: bool = True) -> None:
         """Stop and undefine an instance here, removing its disks if asked."""
+
+    # -- live migration (optional) -----------------------------------------------
+
+    def live_migration(self, instance: Instance, dest: str) -> dict:
+        """Move a running instance to host ``dest`` while it keeps running, disks included.
+
+        Not abstract: a driver without live migration keeps this refusal.
+
+        :param dest: the destination host's address (as for migrate_disk_and_power_off).
+        :returns: figures of the move, at least ``{"downtime_s": float | None}``
+            (None when the hypervisor does not report the pause).
+        :raises InvalidInstanceState: the instance is not running.
+        :raises MigrationFailed: with the instance still running here.
+        :raises DriverError: this driver cannot live-migrate.
+        """
+        kind = self.hypervisor_type or type(self).__name__
+        raise DriverError(reason=f"live migration is not supported by the {kind} driver")
 
 
 RUNNING_STATES = {PowerState.RUNNING}

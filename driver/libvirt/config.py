@@ -6,6 +6,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import DriverError
 
@@ -20,6 +21,15 @@ class DriverConfig:
     qcow2 overlay's backing file the target lacks: ``send`` copies it into
     the target's image cache once, ``flatten`` merges the chain into one
     standalone image before the copy.
+
+    ``live_migration_uri`` is the destination libvirtd's URI for live
+    migration, a template with ``{dest}`` (the destination's address),
+    ``{user}`` and ``{port}`` (``ssh_user``, ``ssh_port``). For the libssh
+    and libssh2 transports the driver adds ``known_hosts`` (``ssh_known_hosts``,
+    verified strictly) and ``keyfile`` (``ssh_identity``) unless the template
+    sets them; the default is libssh because OpenSSH's transport cannot be
+    pointed at a known_hosts file. Templates that switch host key checking
+    off are refused.
     """
 
     libvirt_uri: str = "qemu:///system"
@@ -42,6 +52,7 @@ class DriverConfig:
     start_timeout: float = 60.0
     shutdown_timeout: int = 60
     shutdown_retry_interval: int = 10
+    live_migration_uri: str = "qemu+libssh://{user}@{dest}:{port}/system"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -54,6 +65,8 @@ class DriverConfig:
             (self.backing in ("send", "flatten"), "backing", "use send or flatten"),
             (os.path.isabs(self.instances_path), "instances_path", "must be an absolute path"),
             (self.transfer_bwlimit >= 0, "transfer_bwlimit", "bytes per second, 0 for no limit"),
+            (_uri_template_ok(self.live_migration_uri), "live_migration_uri",
+             "a libvirt URI template with {dest} (and optionally {user}, {port}) that keeps host key checking on"),
         ]
         for ok, name, hint in checks:
             if not ok:
@@ -85,6 +98,19 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
     "str | None": (str, type(None)), "tuple[str, ...]": (tuple,),
 }
+
+
+def _uri_template_ok(template: str) -> bool:
+    """Whether ``template`` names the destination and leaves SSH host key checking on."""
+    if "{dest}" not in template:
+        return False
+    try:
+        uri = template.format(dest="host", user="root", port=22)
+    except (KeyError, IndexError, ValueError):
+        return False
+    query = dict(parse_qsl(urlsplit(uri).query))
+    # Either setting would let an unknown or changed host key through (or add it).
+    return query.get("no_verify", "0") in ("", "0") and query.get("known_hosts_verify", "normal") == "normal"
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

@@ -31,7 +31,7 @@ from ..base import ComputeDriver
 from ..errors import (DriverError, ImageError, InstanceNotFound, InsufficientSpace, InvalidInstanceState,
                       MigrationFailed, PowerOffFailed, ResizeDown, StartFailed)
 from ..model import DiskInfo, Flavor, HostResources, Instance, Migration, PowerState, Vif
-from . import bridges, domain_xml, images, power
+from . import bridges, domain_xml, images, live, power
 from .config import DriverConfig
 
 log = logging.getLogger(__name__)
@@ -329,15 +329,7 @@ class LibvirtDriver(ComputeDriver):
         """Undo a failed migration on both hosts; return how the source was left, for the message."""
         notes = []
         if not shared:
-            try:
-                with self.remote_fs(self._endpoint(dest, "/"), self.config.instances_path) as rfs:
-                    rfs.remove(instance.uuid)
-                    for name in sent:
-                        for leftover in (name, *transfer.partial_names(name)):
-                            rfs.remove(leftover)
-            except (transfer.TransferError, OSError) as e:
-                log.error("could not remove the partial copy on %s: %s", dest, e)
-                notes.append(f"; remove {self.instance_dir(instance.uuid)} on {dest} by hand")
+            notes.append(self._remove_on_dest(dest, [instance.uuid, *sent]))
             resize_dir = inst_dir + RESIZE_SUFFIX
             if os.path.exists(resize_dir) and not os.path.exists(inst_dir):
                 os.rename(resize_dir, inst_dir)
@@ -348,6 +340,27 @@ class LibvirtDriver(ComputeDriver):
             except DriverError as e:
                 notes.insert(0, f" but did not start again ({e})")
         return "".join(notes)
+
+    def _remove_on_dest(self, dest: str, names: list[str]) -> str:
+        """Remove ``names`` (under instances_path) and their partial copies on ``dest``.
+
+        Returns "" or, when that failed, a note for the error message saying what to remove by hand.
+        """
+        try:
+            with self.remote_fs(self._endpoint(dest, "/"), self.config.instances_path) as rfs:
+                for name in names:
+                    for leftover in (name, *transfer.partial_names(name)):
+                        rfs.remove(leftover)
+        except (transfer.TransferError, OSError) as e:
+            log.error("could not remove the partial copy on %s: %s", dest, e)
+            return f"; remove {', '.join(os.path.join(self.config.instances_path, n) for n in names)} on {dest} by hand"
+        return ""
+
+    # -- live migration ---------------------------------------------------------
+
+    def live_migration(self, instance: Instance, dest: str) -> dict:
+        """Move the running ``instance`` to ``dest``'s libvirtd with its disks (see live.py)."""
+        return live.migrate(self, instance, dest)
 
     # -- migration: destination side ------------------------------------------
 

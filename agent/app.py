@@ -1,0 +1,243 @@
+"""The agent's HTTP API: one driver served to the controller (docs/api.md, section Agent).
+
+Reads answer at once; every operation that changes an instance runs as a
+background job (202 with the job) that the controller polls. All of
+``/v1`` requires the agent's bearer token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from driver.base import ComputeDriver
+from driver.errors import DriverError, InstanceNotFound, InvalidInstanceState
+from driver.model import Flavor, Instance, Migration, PowerState
+from transfer.progress import Progress
+
+from . import schemas as s
+from .jobs import Job, JobConflict, JobNotFound, JobRunner
+
+log = logging.getLogger(__name__)
+
+_bearer = HTTPBearer(auto_error=False, description="the agent's token from its configuration")
+
+
+class _Unauthorized(Exception):
+    """No token or a wrong one."""
+
+
+def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner | None = None, *,
+               shutdown_timeout: int = 60, shutdown_retry_interval: int = 10) -> FastAPI:
+    """The agent's FastAPI app serving ``driver``.
+
+    :param token: the bearer token every request must present.
+    :param address: this host's data-plane address, reported by GET /v1/host.
+    :param jobs: the job runner; a new one if omitted.
+    :param shutdown_timeout: clean-shutdown seconds when a request names none.
+    :param shutdown_retry_interval: seconds between shutdown requests when a request names none.
+    :raises ValueError: the token is empty.
+    """
+    if not token:
+        raise ValueError("the agent needs a non-empty token")
+    runner = jobs if jobs is not None else JobRunner()
+    driver.on_progress = _progress_hook(runner)  # type: ignore[attr-defined]
+    expected = token.encode()
+
+    def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
+            raise _Unauthorized()
+
+    app = FastAPI(title="coldferry agent", version="1",
+                  description="One host's hypervisor driver: inventory, power and migration jobs.")
+    _add_error_handlers(app, expected)
+    api = APIRouter(prefix="/v1", dependencies=[Depends(check_token)])
+    _add_read_routes(api, driver, address, runner)
+    _add_job_routes(api, driver, runner, (shutdown_timeout, shutdown_retry_interval))
+    app.include_router(api)
+    return app
+
+
+def _progress_hook(runner: JobRunner) -> Callable[[str, Progress], None]:
+    """The driver's on_progress: one hook for all jobs, routed to the job by thread."""
+    def hook(file: str, p: Progress) -> None:
+        runner.report({"file": file, "done": p.done, "total": p.total, "rate": p.rate, "eta": p.eta,
+                       "fraction": p.fraction})
+    return hook
+
+
+def _add_error_handlers(app: FastAPI, expected: bytes) -> None:
+    def error(status: int, detail: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        return error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The body is parsed before dependencies run: check the token here so a
+        # caller without it learns nothing about the request's shape.
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            return await unauthorized(request, _Unauthorized())
+        return error(400, validation_reason(exc.errors()))
+
+    @app.exception_handler(DriverError)
+    async def driver_error(request: Request, exc: DriverError) -> JSONResponse:
+        status = 404 if isinstance(exc, InstanceNotFound) else 409 if isinstance(exc, InvalidInstanceState) else 500
+        return error(status, str(exc))
+
+    @app.exception_handler(JobConflict)
+    async def conflict(request: Request, exc: JobConflict) -> JSONResponse:
+        return error(409, str(exc))
+
+    @app.exception_handler(JobNotFound)
+    async def no_job(request: Request, exc: JobNotFound) -> JSONResponse:
+        return error(404, str(exc))
+
+
+def validation_reason(errors: Any) -> str:
+    """One readable line from pydantic's errors, each naming its field (``body.flavor.vcpus: ...``)."""
+    reasons = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ())]
+        if e.get("type") == "json_invalid":
+            why = (e.get("ctx") or {}).get("error", "")
+            reasons.append(f"the body is not valid JSON ({why} at character {loc[-1]})" if why
+                           else "the body is not valid JSON")
+        elif e.get("type") == "model_attributes_type" and loc == ["body"]:
+            reasons.append("the body must be a JSON object (Content-Type: application/json)")
+        else:
+            reasons.append(f"{'.'.join(loc) or 'request'}: {e.get('msg', 'invalid')}")
+    return "; ".join(reasons) or "malformed request"
+
+
+def _add_read_routes(api: APIRouter, driver: ComputeDriver, address: str, runner: JobRunner) -> None:
+    @api.get("/host", response_model=s.HostOut, summary="this host's resources and data-plane address")
+    def host() -> dict[str, Any]:
+        return {**asdict(driver.host_resources()), "address": address}
+
+    @api.get("/instances", response_model=s.InstancesOut, summary="every instance defined here")
+    def instances() -> dict[str, Any]:
+        return {"instances": [s.InstanceOut.of(i) for i in driver.list_instances()]}
+
+    @api.get("/instances/{uuid}", response_model=s.InstanceOut, summary="one instance (404 if unknown)")
+    def instance(uuid: str) -> s.InstanceOut:
+        return s.InstanceOut.of(driver.get_instance(uuid))
+
+    @api.get("/jobs", response_model=s.JobsOut, summary="every remembered job, newest first")
+    def jobs() -> dict[str, Any]:
+        return {"jobs": [j.to_dict() for j in runner.list()]}
+
+    @api.get("/jobs/{job_id}", response_model=s.JobOut, summary="one job (404 if unknown)")
+    def job(job_id: str) -> dict[str, Any]:
+        return runner.get(job_id).to_dict()
+
+
+def _bare(uuid: str, host: str = "") -> Instance:
+    """An instance known only by uuid: it may not be defined on this host (yet, or any more)."""
+    return Instance(uuid, "", Flavor("", 0, 0, 0), host)
+
+
+def _migration(uuid: str, ref: s.MigrationRef | None) -> Migration:
+    return ref.to_migration(uuid) if ref else Migration(id="manual", instance_uuid=uuid, source_host="", dest_host="")
+
+
+def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
+                    shutdown_defaults: tuple[int, int]) -> None:
+    def start(op: str, uuid: str, work: Callable[[], Any], copies: bool = False) -> dict[str, Any]:
+        return runner.start(op, uuid, work, foreign_progress=copies).to_dict()
+
+    def shutdown(body: s.PowerOffRequest) -> tuple[int, int]:
+        timeout, retry = shutdown_defaults
+        return (timeout if body.timeout is None else body.timeout,
+                retry if body.retry_interval is None else body.retry_interval)
+
+    job = {"status_code": 202, "response_model": s.JobOut}
+
+    @api.post("/instances/{uuid}/power-on", **job, summary="start a stopped instance")
+    def power_on(uuid: str, body: s.PowerOnRequest | None = None) -> dict[str, Any]:
+        inst = driver.get_instance(uuid)
+        return start("power-on", uuid, lambda: driver.power_on(inst))
+
+    @api.post("/instances/{uuid}/power-off", **job, summary="clean shutdown, forced after the timeout")
+    def power_off(uuid: str, body: s.PowerOffRequest | None = None) -> dict[str, Any]:
+        inst = driver.get_instance(uuid)
+        timeout, retry = shutdown(body or s.PowerOffRequest())
+        return start("power-off", uuid, lambda: driver.power_off(inst, timeout, retry))
+
+    @api.post("/instances/{uuid}/migrate-disk-and-power-off", **job,
+              summary="source side: power off and copy the disks to dest")
+    def migrate(uuid: str, body: s.MigrateRequest) -> dict[str, Any]:
+        inst = driver.get_instance(uuid)
+        flavor = body.flavor.to_flavor() if body.flavor else inst.flavor
+        timeout, retry = shutdown(body)
+
+        def work() -> dict[str, Any]:
+            disk_info = driver.migrate_disk_and_power_off(inst, body.dest, flavor, s.vifs(body.network_info),
+                                                          None, timeout, retry)
+            stats = getattr(driver, "last_transfer", {}).get(uuid, {})
+            return {"disk_info": disk_info, "shared": stats.get("shared", False),
+                    "copies": [asdict(c) for c in stats.get("copies", [])],
+                    "powered_off_at": stats.get("powered_off_at"),
+                    "was_running": inst.power_state == PowerState.RUNNING}
+        return start("migrate-disk-and-power-off", uuid, work, copies=True)
+
+    @api.post("/instances/{uuid}/finish-migration", **job, summary="destination side: define and start")
+    def finish(uuid: str, body: s.FinishMigrationRequest) -> dict[str, Any]:
+        migration = body.migration.to_migration(uuid)
+        inst = Instance(uuid, body.name, body.flavor.to_flavor(), migration.dest_host)
+
+        def work() -> dict[str, Any]:
+            driver.finish_migration(migration, inst, body.disk_info, s.vifs(body.network_info), {},
+                                    body.resize_instance, None, body.power_on)
+            return {"running_at": time.time()}
+        return start("finish-migration", uuid, work)
+
+    @api.post("/instances/{uuid}/confirm-migration", **job, summary="source side: drop the kept copy")
+    def confirm(uuid: str, body: s.ConfirmRequest | None = None) -> dict[str, Any]:
+        migration = _migration(uuid, (body or s.ConfirmRequest()).migration)
+        return start("confirm-migration", uuid,
+                     lambda: driver.confirm_migration(migration, _bare(uuid, migration.source_host), []))
+
+    @api.post("/instances/{uuid}/finish-revert-migration", **job, summary="source side: restart from the kept copy")
+    def revert(uuid: str, body: s.RevertRequest | None = None) -> dict[str, Any]:
+        body = body or s.RevertRequest()
+        migration = _migration(uuid, body.migration)
+        return start("finish-revert-migration", uuid, lambda: driver.finish_revert_migration(
+            _bare(uuid, migration.source_host), [], migration, None, body.power_on))
+
+    @api.post("/instances/{uuid}/destroy", **job, summary="stop and undefine here, removing disks if asked")
+    def destroy(uuid: str, body: s.DestroyRequest | None = None) -> dict[str, Any]:
+        destroy_disks = (body or s.DestroyRequest()).destroy_disks
+        return start("destroy", uuid, lambda: driver.destroy(_bare(uuid), [], destroy_disks))
+
+    @api.post("/instances/{uuid}/live-migrate", **job, summary="move a running instance, keeping it running")
+    def live_migrate(uuid: str, body: s.LiveMigrateRequest) -> dict[str, Any]:
+        inst = driver.get_instance(uuid)
+
+        def work() -> dict[str, Any]:
+            return {"downtime_s": _live_migration(driver, inst, body.dest).get("downtime_s")}
+        return start("live-migrate", uuid, work, copies=True)
+
+
+def _live_migration(driver: ComputeDriver, instance: Instance, dest: str) -> dict:
+    """Call the driver's live_migration; a driver without one is a clear error, not a crash."""
+    call = getattr(driver, "live_migration", None)
+    unsupported = DriverError(reason=f"the {type(driver).__name__} driver of this host cannot live-migrate; "
+                                     "use a cold migration")
+    if call is None:
+        raise unsupported
+    try:
+        return call(instance, dest) or {}
+    except NotImplementedError:
+        raise unsupported from None

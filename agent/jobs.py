@@ -1,0 +1,195 @@
+"""Background jobs: long driver calls run in threads, polled over the API.
+
+A job records its state (running, done, error), the latest progress, the
+result or the error, and when it started and ended. Only one job runs per
+instance at a time: two operations interleaved on one instance (a power-on
+while its disks are being copied) could break the source. Finished jobs
+are kept, newest last, up to a bound, so a controller that polls late still
+finds the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid as uuidlib
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+RUNNING, DONE, ERROR = "running", "done", "error"
+KEEP = 200
+
+
+class JobError(Exception):
+    """Base of the job runner's errors."""
+
+
+class JobConflict(JobError):
+    """The instance already has a running job."""
+
+    def __init__(self, instance_uuid: str, running: "Job") -> None:
+        self.instance_uuid = instance_uuid
+        self.running = running
+        super().__init__(f"instance {instance_uuid} already has a running job {running.id} ({running.op}); "
+                         "wait for it to end")
+
+
+class JobNotFound(JobError):
+    """No job with that id (never started, dropped as old, or the agent restarted)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} not found (unknown, too old, or the agent restarted)")
+
+
+@dataclass
+class Job:
+    """One background operation on one instance, as the API shows it."""
+
+    id: str
+    op: str
+    instance_uuid: str
+    started_at: str
+    state: str = RUNNING
+    progress: dict[str, Any] | None = None
+    result: Any = None
+    error: dict[str, str] | None = None
+    ended_at: str | None = None
+    #: Whether progress reported from threads other than the job's own may land here.
+    foreign_progress: bool = field(default=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as the API answers it (``foreign_progress`` is internal)."""
+        return {"id": self.id, "op": self.op, "instance_uuid": self.instance_uuid, "state": self.state,
+                "progress": self.progress, "result": self.result, "error": self.error,
+                "started_at": self.started_at, "ended_at": self.ended_at}
+
+
+def iso_utc(t: float) -> str:
+    """Epoch seconds as an ISO 8601 UTC string (``2026-11-23T11:40:00Z``)."""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class JobRunner:
+    """Runs callables in background threads and keeps their outcome; thread-safe.
+
+    :param clock: epoch seconds, for started_at and ended_at.
+    :param keep: how many jobs to remember; the oldest finished ones go first.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, keep: int = KEEP) -> None:
+        self.clock = clock
+        self.keep = keep
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._ended: dict[str, threading.Event] = {}
+        self._by_thread: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def start(self, op: str, instance_uuid: str, work: Callable[[], Any], *,
+              foreign_progress: bool = False) -> Job:
+        """Run ``work()`` in a new thread as job ``op`` on ``instance_uuid``.
+
+        Its return value becomes the job's result; an exception ends the job
+        in state error with the exception's class name and message.
+
+        :param foreign_progress: let ``report`` calls from helper threads the
+            work starts land on this job while it is the only such job running.
+        :returns: a snapshot of the new job.
+        :raises JobConflict: the instance has a running job.
+        """
+        with self._lock:
+            for other in self._jobs.values():
+                if other.instance_uuid == instance_uuid and other.state == RUNNING:
+                    raise JobConflict(instance_uuid, replace(other))
+            job = Job(uuidlib.uuid4().hex, op, instance_uuid, iso_utc(self.clock()),
+                      foreign_progress=foreign_progress)
+            self._jobs[job.id] = job
+            self._ended[job.id] = threading.Event()
+            self._prune()
+            thread = threading.Thread(target=self._run, args=(job, work), name=f"job-{op}-{job.id[:8]}",
+                                      daemon=True)
+            thread.start()
+            self._by_thread[thread.ident or 0] = job.id  # under the lock: _run waits for it
+            return replace(job)
+
+    def _run(self, job: Job, work: Callable[[], Any]) -> None:
+        with self._lock:  # start() registers this thread before releasing the lock
+            pass
+        log.info("job %s: %s on instance %s started", job.id, job.op, job.instance_uuid)
+        try:
+            result, error = work(), None
+        except BaseException as e:  # a job must never stay "running" after its thread ended
+            log.exception("job %s: %s on instance %s failed", job.id, job.op, job.instance_uuid)
+            result, error = None, {"kind": type(e).__name__, "message": str(e) or type(e).__name__}
+        with self._lock:
+            job.result, job.error = result, error
+            job.state = ERROR if error else DONE
+            job.ended_at = iso_utc(self.clock())
+            self._by_thread.pop(threading.get_ident(), None)
+            event = self._ended.get(job.id)
+        if error is None:
+            log.info("job %s: %s on instance %s done", job.id, job.op, job.instance_uuid)
+        if event:
+            event.set()
+
+    def _prune(self) -> None:
+        """Forget the oldest finished jobs beyond ``keep`` (running ones always stay)."""
+        excess = len(self._jobs) - self.keep
+        for job_id in [j.id for j in self._jobs.values() if j.state != RUNNING][:max(excess, 0)]:
+            del self._jobs[job_id]
+            self._ended.pop(job_id, None)
+
+    def report(self, progress: dict[str, Any]) -> bool:
+        """Set the progress of the job running in the calling thread.
+
+        A call from another thread (a copier's worker) lands on the only
+        running job that accepts foreign progress; with none or several it
+        is dropped rather than shown on the wrong job.
+
+        :returns: whether the progress landed on a job.
+        """
+        with self._lock:
+            job_id = self._by_thread.get(threading.get_ident())
+            if job_id is None:
+                candidates = [j.id for j in self._jobs.values() if j.state == RUNNING and j.foreign_progress]
+                job_id = candidates[0] if len(candidates) == 1 else None
+            job = self._jobs.get(job_id) if job_id else None
+            if job is None or job.state != RUNNING:
+                return False
+            job.progress = dict(progress)
+            return True
+
+    def get(self, job_id: str) -> Job:
+        """A snapshot of one job; raises JobNotFound."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            return _snapshot(job)
+
+    def list(self) -> list[Job]:
+        """Snapshots of every remembered job, newest first."""
+        with self._lock:
+            return [_snapshot(j) for j in reversed(self._jobs.values())]
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job ends (or ``timeout`` seconds pass); return its snapshot.
+
+        :raises JobNotFound: no such job.
+        """
+        with self._lock:
+            event = self._ended.get(job_id)
+        if event is None:
+            raise JobNotFound(job_id)
+        event.wait(timeout)
+        return self.get(job_id)
+
+
+def _snapshot(job: Job) -> Job:
+    """A copy callers may read while the job's thread goes on updating the original."""
+    return replace(job, progress=dict(job.progress) if job.progress else None)

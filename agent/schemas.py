@@ -1,0 +1,183 @@
+"""The agent API's request and response bodies (docs/api.md, section Agent).
+
+Requests are strict and closed: a string where a number belongs, ``1``
+for a boolean, or an unknown key is refused with a 400 naming the field,
+rather than guessed at. The conversions to the driver's model objects
+live next to the shapes they convert.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from driver.model import Flavor, Instance, Migration, Vif
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- shared objects ----------------------------------------------------------------
+
+class FlavorBody(_Request):
+    name: str
+    vcpus: int = Field(ge=0)
+    memory_mb: int = Field(ge=0)
+    root_gb: int = Field(ge=0)
+    ephemeral_gb: int = Field(default=0, ge=0)
+
+    def to_flavor(self) -> Flavor:
+        return Flavor(self.name, self.vcpus, self.memory_mb, self.root_gb, self.ephemeral_gb)
+
+
+class VifBody(_Request):
+    address: str
+    type: str = "bridge"
+    bridge: str = ""
+    id: str = ""
+
+    def to_vif(self) -> Vif:
+        return Vif(self.address, self.type, self.bridge, self.id)
+
+
+class MigrationRef(_Request):
+    id: str
+    source_host: str
+    dest_host: str
+
+    def to_migration(self, instance_uuid: str) -> Migration:
+        return Migration(id=self.id, instance_uuid=instance_uuid, source_host=self.source_host,
+                         dest_host=self.dest_host)
+
+
+def vifs(network_info: list[VifBody]) -> list[Vif]:
+    """The driver's Vifs from a request's network_info."""
+    return [v.to_vif() for v in network_info]
+
+
+# -- requests ------------------------------------------------------------------------
+
+class PowerOnRequest(_Request):
+    pass
+
+
+class PowerOffRequest(_Request):
+    timeout: int | None = Field(default=None, ge=0, description="seconds of clean shutdown before forcing")
+    retry_interval: int | None = Field(default=None, ge=0, description="seconds between shutdown requests")
+
+
+class MigrateRequest(PowerOffRequest):
+    dest: str = Field(min_length=1, description="the destination host's data-plane address")
+    flavor: FlavorBody | None = Field(default=None, description="the flavor on the destination; "
+                                                                 "the current one if omitted")
+    network_info: list[VifBody] = []
+
+
+class FinishMigrationRequest(_Request):
+    name: str
+    flavor: FlavorBody
+    disk_info: str = Field(description="disk_info as migrate-disk-and-power-off returned it")
+    migration: MigrationRef
+    resize_instance: bool = False
+    power_on: bool = True
+    network_info: list[VifBody] = []
+
+
+class ConfirmRequest(_Request):
+    migration: MigrationRef | None = None
+
+
+class RevertRequest(_Request):
+    migration: MigrationRef | None = None
+    power_on: bool = True
+
+
+class DestroyRequest(_Request):
+    destroy_disks: bool = True
+
+
+class LiveMigrateRequest(_Request):
+    dest: str = Field(min_length=1)
+
+
+# -- responses -------------------------------------------------------------------------
+
+State = Literal["running", "paused", "shutdown", "crashed", "suspended", "nostate"]
+
+
+class FlavorOut(_Response):
+    name: str
+    vcpus: int
+    memory_mb: int
+    root_gb: int
+    ephemeral_gb: int
+
+
+class InstanceOut(_Response):
+    uuid: str
+    name: str
+    flavor: FlavorOut
+    host: str
+    power_state: int
+    state: State
+
+    @classmethod
+    def of(cls, instance: Instance) -> "InstanceOut":
+        d = instance.to_dict()
+        return cls(**d, state=instance.power_state.name.lower())
+
+
+class InstancesOut(_Response):
+    instances: list[InstanceOut]
+
+
+class HostOut(_Response):
+    hostname: str
+    arch: str
+    hypervisor_type: str
+    hypervisor_version: int
+    vcpus: int
+    vcpus_used: int
+    memory_mb: int
+    memory_mb_used: int
+    disk_gb: int
+    disk_gb_used: int
+    instances: int
+    extra: dict[str, Any]
+    address: str
+
+
+class ProgressOut(_Response):
+    file: str
+    done: int
+    total: int
+    rate: float
+    eta: float | None
+    fraction: float
+
+
+class JobErrorOut(_Response):
+    kind: str
+    message: str
+
+
+class JobOut(_Response):
+    id: str
+    op: str
+    instance_uuid: str
+    state: Literal["running", "done", "error"]
+    progress: ProgressOut | None
+    result: Any
+    error: JobErrorOut | None
+    started_at: str
+    ended_at: str | None
+
+
+class JobsOut(_Response):
+    jobs: list[JobOut]

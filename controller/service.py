@@ -1,0 +1,79 @@
+"""The controller put together: store, agents, inventory, conductor, drainer, API and timers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from fastapi import FastAPI
+
+from .agents import AgentClient
+from .api import create_app
+from .conductor import Conductor, Spawn, spawn_thread
+from .config import ControllerConfig
+from .drain import Drainer
+from .inventory import Inventory
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Controller:
+    """A running controller's parts; ``start()`` reconciles and starts the auto-confirm timer."""
+
+    config: ControllerConfig
+    store: Store
+    conductor: Conductor
+    drainer: Drainer
+    app: FastAPI
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> list[int]:
+        """Pick up migrations a restart interrupted; start the auto-confirm timer. Returns their ids."""
+        picked = self.conductor.reconcile()
+        if picked:
+            log.info("reconciling migrations %s left in flight by the last run", picked)
+        if self.config.auto_confirm_seconds > 0:
+            threading.Thread(target=self._auto_confirm_loop, daemon=True, name="coldferry-auto-confirm").start()
+        return picked
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _auto_confirm_loop(self) -> None:
+        interval = max(1.0, min(30.0, self.config.auto_confirm_seconds / 4))
+        while not self._stop.wait(interval):
+            try:
+                confirmed = self.conductor.auto_confirm()
+            except Exception:  # noqa: BLE001 - the timer must outlive one bad pass
+                log.exception("auto-confirm pass failed")
+                continue
+            if confirmed:
+                log.info("auto-confirmed migrations %s", confirmed)
+
+
+def build(config: ControllerConfig, *, agents: Mapping[str, AgentClient] | None = None,
+          store: Store | None = None, spawn: Spawn = spawn_thread) -> Controller:
+    """Wire a controller from its configuration.
+
+    :param agents: agent clients by host name; default one AgentClient per configured host.
+    :param store: default a Store on ``config.database``.
+    :param spawn: how background work starts (a thread by default; tests may run it inline).
+    """
+    store = store or Store(config.database)
+    store.sync_hosts([h.record() for h in config.hosts])
+    if agents is None:
+        agents = {h.name: AgentClient(h.name, h.agent_url, h.agent_token, timeout=config.agent_timeout,
+                                      poll_interval=config.poll_interval)
+                  for h in config.hosts}
+    inventory = Inventory(store, agents)
+    conductor = Conductor(store, inventory, config, spawn=spawn)
+    drainer = Drainer(store, conductor, spawn=spawn)
+    app = create_app(conductor, drainer, store, config.token)
+    return Controller(config, store, conductor, drainer, app)
+
+
+__all__ = ["Controller", "build"]

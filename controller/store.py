@@ -1,0 +1,439 @@
+"""The controller's records in a SQL database: SQLite by default, PostgreSQL by URL.
+
+SQLAlchemy Core with portable SQL only. The schema carries its version in
+``schema_version``; opening a database creates it or upgrades it step by step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import threading
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+from . import records
+from .errors import ControllerError, NotFound
+from .records import DrainRecord, DrainRowRecord, HostRecord, MigrationRecord
+
+
+class StoreError(ControllerError):
+    msg = "database {url}: {reason}"
+
+
+class _UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes, stored naive (in UTC) so both databases compare them alike."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:  # taken as UTC, as the API's changes-since is
+            return value
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+
+
+class _JSONText(sa.TypeDecorator[Any]):
+    """A JSON value kept as text: the same on SQLite and PostgreSQL."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(value)
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Any:
+        return None if value is None else json.loads(value)
+
+
+_meta = sa.MetaData()
+_version = sa.Table("schema_version", _meta, sa.Column("version", sa.Integer, nullable=False))
+_hosts = sa.Table(
+    "hosts", _meta,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("agent_url", sa.Text, nullable=False),
+    sa.Column("address", sa.Text, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("disabled_reason", sa.Text))
+_migrations = sa.Table(
+    "migrations", _meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("uuid", sa.String(36), nullable=False, unique=True),
+    sa.Column("server", sa.String(36), nullable=False),
+    sa.Column("server_name", sa.Text, nullable=False),
+    # Host names, not foreign keys: the history outlives a host's removal from the config.
+    sa.Column("source_compute", sa.String(255), nullable=False),
+    sa.Column("dest_compute", sa.String(255), nullable=False),
+    sa.Column("dest_address", sa.Text, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("migration_type", sa.String(32), nullable=False),
+    sa.Column("task_state", sa.String(32)),
+    sa.Column("forced", sa.Boolean, nullable=False),
+    sa.Column("old_power_state", sa.Integer, nullable=False),
+    sa.Column("flavor", _JSONText, nullable=False),
+    sa.Column("progress", _JSONText),
+    sa.Column("bytes_sent", sa.BigInteger, nullable=False),
+    sa.Column("bytes_skipped", sa.BigInteger, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),
+    sa.Column("digests", _JSONText, nullable=False),
+    sa.Column("downtime_s", sa.Float),
+    sa.Column("error", sa.Text),
+    sa.Column("disk_info", sa.Text),
+    sa.Column("source_job", sa.String(64)),
+    sa.Column("dest_job", sa.String(64)),
+    sa.Column("powered_off_at", sa.Float),
+    sa.Column("created_at", _UTCDateTime, nullable=False),
+    sa.Column("updated_at", _UTCDateTime, nullable=False),
+    sa.Index("ix_migrations_updated_at", "updated_at"),
+    sa.Index("ix_migrations_server", "server"),
+    sa.Index("ix_migrations_status", "status"),
+    sqlite_autoincrement=True)  # an id the API has shown is never handed out again
+_drains = sa.Table(
+    "drains", _meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("live", sa.Boolean, nullable=False),
+    sa.Column("max_servers", sa.Integer, nullable=False),
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    sa.Column("target_host", sa.String(255)),
+    sa.Column("force", sa.Boolean, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", _UTCDateTime, nullable=False),
+    sa.Column("updated_at", _UTCDateTime, nullable=False),
+    sqlite_autoincrement=True)
+_drain_rows = sa.Table(
+    "drain_rows", _meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("drain_id", sa.Integer, sa.ForeignKey("drains.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("server", sa.String(36), nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("state_before", sa.String(32), nullable=False),
+    sa.Column("migration_type", sa.String(32)),
+    sa.Column("accepted", sa.Boolean, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("migration_id", sa.Integer, sa.ForeignKey("migrations.id")))
+
+
+def _v2_indexes(conn: Connection) -> None:
+    # Version 1 had no indexes; the migration list filters and changes-since polling need them.
+    for name, column in (("ix_migrations_updated_at", "updated_at"), ("ix_migrations_server", "server"),
+                         ("ix_migrations_status", "status")):
+        conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {name} ON migrations ({column})"))
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_drain_rows_drain_id ON drain_rows (drain_id)"))
+
+
+# Upgrade steps, in order: (version reached, what it does, step). A new database is created
+# from the tables above at SCHEMA_VERSION directly; these steps bring older ones there.
+# A step must spell out its own DDL: the tables above describe only the newest version.
+STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (2, "indexes for migration filters and changes-since", _v2_indexes),
+]
+SCHEMA_VERSION = STEPS[-1][0]
+
+_MIGRATION_FIELDS = frozenset(f.name for f in dataclasses.fields(MigrationRecord))
+_DRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(DrainRecord)) - {"rows"}
+_ROW_FIELDS = frozenset(f.name for f in dataclasses.fields(DrainRowRecord))
+# Set by the store itself, never by a caller.
+_OWN = frozenset({"id", "uuid", "drain_id", "created_at", "updated_at"})
+
+
+class Store:
+    """Hosts, migrations and drains; safe to share between threads.
+
+    ``url`` is an SQLAlchemy URL (``sqlite:////path/controller.db``,
+    ``postgresql+psycopg://user@host/db``); ``clock`` gives the aware UTC
+    time stamped on records. Raises StoreError when the database cannot be
+    opened or its schema is newer than this code knows.
+    """
+
+    def __init__(self, url: str, clock: Callable[[], dt.datetime] = records.utcnow) -> None:
+        self._clock = clock
+        try:
+            # Shown in errors and as ``url``: never the password.
+            self._shown_url = self.url = sa.engine.make_url(url).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            raise StoreError(url=url, reason="not an SQLAlchemy URL; write e.g. "
+                                             "sqlite:////var/lib/coldferry/controller.db") from None
+        try:
+            self._engine = _engine(url)
+        except (ImportError, sa.exc.NoSuchModuleError) as e:
+            raise StoreError(url=self._shown_url, reason=f"no driver for it: {e}; install the "
+                                                         f"database's Python driver (e.g. psycopg)") from None
+        self._writer = self._engine.execution_options(coldferry_write=True)
+        # One shared connection serves an in-memory SQLite database: take turns on it.
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if isinstance(self._engine.pool, StaticPool) else contextlib.nullcontext())
+        try:
+            self._open_schema()
+        except sa.exc.SQLAlchemyError as e:
+            self._engine.dispose()
+            raise StoreError(url=self._shown_url, reason=f"cannot open it ({getattr(e, 'orig', None) or e}): "
+                                                         f"check that it exists, is reachable and writable") from e
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(sa.select(_version.c.version)).scalar_one())
+
+    # hosts
+
+    def sync_hosts(self, hosts: list[HostRecord]) -> list[HostRecord]:
+        """Make the stored hosts the configured ones: add new hosts, update the agent URL and
+        address of known ones (keeping their enabled status), drop hosts no longer listed."""
+        with self._write() as conn:
+            known = set(conn.execute(sa.select(_hosts.c.name)).scalars())
+            for h in hosts:
+                if h.name in known:
+                    conn.execute(_hosts.update().where(_hosts.c.name == h.name)
+                                 .values(agent_url=h.agent_url, address=h.address))
+                else:
+                    conn.execute(_hosts.insert().values(**dataclasses.asdict(h)))
+            conn.execute(_hosts.delete().where(_hosts.c.name.not_in([h.name for h in hosts])))
+        return self.list_hosts()
+
+    def list_hosts(self) -> list[HostRecord]:
+        with self._read() as conn:
+            return [HostRecord(**r._mapping) for r in conn.execute(_hosts.select().order_by(_hosts.c.name))]
+
+    def get_host(self, name: str) -> HostRecord | None:
+        with self._read() as conn:
+            row = conn.execute(_hosts.select().where(_hosts.c.name == name)).first()
+        return None if row is None else HostRecord(**row._mapping)
+
+    def set_service(self, name: str, enabled: bool, reason: str | None) -> HostRecord:
+        """Enable or disable a host's compute service; enabling clears the reason.
+        Raises NotFound for a host not configured."""
+        with self._write() as conn:
+            done = conn.execute(_hosts.update().where(_hosts.c.name == name)
+                                .values(enabled=enabled, disabled_reason=None if enabled else reason))
+            if done.rowcount == 0:
+                raise NotFound("host", name, " in the controller's configuration")
+        host = self.get_host(name)
+        assert host is not None
+        return host
+
+    # migrations
+
+    def create_migration(self, **fields: Any) -> MigrationRecord:
+        """Add a migration; ``fields`` are MigrationRecord's, those left out take its defaults.
+        Raises TypeError for unknown, missing or store-owned fields (id, uuid, times)."""
+        own = sorted(set(fields) & _OWN)
+        if own:
+            raise TypeError(f"create_migration() sets {', '.join(own)} itself")
+        now = self._clock()
+        record = MigrationRecord(id=0, uuid=str(uuidlib.uuid4()), created_at=now, updated_at=now, **fields)
+        values = dataclasses.asdict(record)
+        del values["id"]
+        with self._write() as conn:
+            new_id = conn.execute(_migrations.insert().values(**values)).inserted_primary_key[0]
+        return dataclasses.replace(record, id=int(new_id))
+
+    def update_migration(self, id: int, **fields: Any) -> MigrationRecord:
+        """Change fields of migration ``id`` and stamp updated_at. Raises TypeError for an
+        unknown or store-owned field, NotFound for an unknown id."""
+        _check_fields("update_migration", fields, _MIGRATION_FIELDS)
+        with self._write() as conn:
+            done = conn.execute(_migrations.update().where(_migrations.c.id == id)
+                                .values(**fields, updated_at=self._clock()))
+            if done.rowcount == 0:
+                raise NotFound("migration", id)
+            row = conn.execute(_migrations.select().where(_migrations.c.id == id)).one()
+        return MigrationRecord(**row._mapping)
+
+    def get_migration(self, id: int) -> MigrationRecord | None:
+        found = self._migrations(_migrations.c.id == id)
+        return found[0] if found else None
+
+    def list_migrations(self, host: str | None = None, status: str | None = None, server: str | None = None,
+                        migration_type: str | None = None,
+                        changes_since: dt.datetime | None = None) -> list[MigrationRecord]:
+        """Migrations newest first. ``host`` matches source or destination, ``server`` the
+        server's uuid or name; ``changes_since`` keeps those updated at or after it."""
+        m = _migrations.c
+        where = [
+            None if host is None else sa.or_(m.source_compute == host, m.dest_compute == host),
+            None if status is None else m.status == status,
+            None if server is None else sa.or_(m.server == server, m.server_name == server),
+            None if migration_type is None else m.migration_type == migration_type,
+            None if changes_since is None else m.updated_at >= changes_since,
+        ]
+        return self._migrations(*[w for w in where if w is not None])
+
+    def in_flight_migrations(self) -> list[MigrationRecord]:
+        """Migrations a restart interrupted (records.IN_FLIGHT), oldest first."""
+        return self._migrations(_migrations.c.status.in_(sorted(records.IN_FLIGHT)))[::-1]
+
+    def open_migration_for(self, server_uuid: str) -> MigrationRecord | None:
+        """The server's newest migration not yet final ('finished' counts as open)."""
+        found = self._migrations(_migrations.c.server == server_uuid,
+                                 _migrations.c.status.not_in(sorted(records.FINAL)))
+        return found[0] if found else None
+
+    def _migrations(self, *where: Any) -> list[MigrationRecord]:
+        query = _migrations.select().where(*where).order_by(_migrations.c.created_at.desc(),
+                                                            _migrations.c.id.desc())
+        with self._read() as conn:
+            return [MigrationRecord(**r._mapping) for r in conn.execute(query)]
+
+    # drains
+
+    def create_drain(self, host: str, live: bool, max_servers: int, dry_run: bool,
+                     target_host: str | None, force: bool) -> DrainRecord:
+        now = self._clock()
+        values = dict(host=host, live=live, max_servers=max_servers, dry_run=dry_run,
+                      target_host=target_host, force=force, status="running", created_at=now, updated_at=now)
+        with self._write() as conn:
+            new_id = conn.execute(_drains.insert().values(**values)).inserted_primary_key[0]
+        return DrainRecord(id=int(new_id), **values)
+
+    def add_drain_row(self, drain_id: int, server: str, name: str, state_before: str,
+                      migration_type: str | None, accepted: bool, status: str, error: str | None = None,
+                      migration_id: int | None = None) -> DrainRowRecord:
+        """Append a row to drain ``drain_id``. Raises NotFound for an unknown drain."""
+        values = dict(drain_id=drain_id, server=server, name=name, state_before=state_before,
+                      migration_type=migration_type, accepted=accepted, status=status, error=error,
+                      migration_id=migration_id)
+        with self._write() as conn:
+            self._touch_drain(conn, drain_id)
+            new_id = conn.execute(_drain_rows.insert().values(**values)).inserted_primary_key[0]
+        return DrainRowRecord(id=int(new_id), **values)
+
+    def update_drain_row(self, row_id: int, **fields: Any) -> DrainRowRecord:
+        """Change fields of a drain row (and stamp its drain's updated_at). Raises TypeError
+        for an unknown field, NotFound for an unknown row."""
+        _check_fields("update_drain_row", fields, _ROW_FIELDS)
+        with self._write() as conn:
+            row = conn.execute(_drain_rows.select().where(_drain_rows.c.id == row_id)).first()
+            if row is None:
+                raise NotFound("drain row", row_id)
+            if fields:
+                conn.execute(_drain_rows.update().where(_drain_rows.c.id == row_id).values(**fields))
+            self._touch_drain(conn, row.drain_id)
+        return dataclasses.replace(DrainRowRecord(**row._mapping), **fields)
+
+    def update_drain(self, drain_id: int, **fields: Any) -> DrainRecord:
+        """Change fields of a drain and stamp updated_at. Raises TypeError for an unknown
+        field, NotFound for an unknown drain."""
+        _check_fields("update_drain", fields, _DRAIN_FIELDS)
+        with self._write() as conn:
+            self._touch_drain(conn, drain_id, **fields)
+        drain = self.get_drain(drain_id)
+        assert drain is not None
+        return drain
+
+    def get_drain(self, id: int) -> DrainRecord | None:
+        found = self._drains(_drains.c.id == id)
+        return found[0] if found else None
+
+    def list_drains(self) -> list[DrainRecord]:
+        """All drains newest first, each with its rows."""
+        return self._drains()
+
+    def _drains(self, *where: Any) -> list[DrainRecord]:
+        with self._read() as conn:
+            drains = [DrainRecord(**r._mapping) for r in conn.execute(
+                _drains.select().where(*where).order_by(_drains.c.created_at.desc(), _drains.c.id.desc()))]
+            by_id = {d.id: d for d in drains}
+            rows = conn.execute(_drain_rows.select().where(_drain_rows.c.drain_id.in_(list(by_id)))
+                                .order_by(_drain_rows.c.id))
+            for r in rows:
+                by_id[r.drain_id].rows.append(DrainRowRecord(**r._mapping))
+        return drains
+
+    def _touch_drain(self, conn: Connection, drain_id: int, **fields: Any) -> None:
+        done = conn.execute(_drains.update().where(_drains.c.id == drain_id)
+                            .values(**fields, updated_at=self._clock()))
+        if done.rowcount == 0:
+            raise NotFound("drain", drain_id)
+
+    # plumbing
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._lock, self._engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        # On SQLite this begins IMMEDIATE: the write lock is taken (or waited for) up
+        # front, so a transaction that reads first never fails on upgrading its lock.
+        with self._lock, self._writer.begin() as conn:
+            yield conn
+
+    def _open_schema(self) -> None:
+        with self._write() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+            if "schema_version" not in tables:
+                if tables & set(_meta.tables):
+                    raise StoreError(url=self._shown_url, reason="has coldferry's tables but no schema_version: "
+                                                                 "not a database this code made; use a new one")
+                _meta.create_all(conn)
+                conn.execute(_version.insert().values(version=SCHEMA_VERSION))
+                return
+            version = int(conn.execute(sa.select(_version.c.version)).scalar_one())
+        if version > SCHEMA_VERSION:
+            raise StoreError(url=self._shown_url, reason=f"schema version {version} is newer than this "
+                                                         f"coldferry knows ({SCHEMA_VERSION}): upgrade coldferry")
+        for target, _what, step in STEPS:
+            if target > version:
+                # One transaction per step: a failed step leaves the database at the one before.
+                with self._write() as conn:
+                    step(conn)
+                    conn.execute(_version.update().values(version=target))
+
+
+def _check_fields(who: str, fields: dict[str, Any], allowed: frozenset[str]) -> None:
+    bad = sorted(set(fields) - (allowed - _OWN))
+    if bad:
+        raise TypeError(f"{who}() got unknown or read-only field(s): {', '.join(bad)}")
+
+
+def _engine(url: str) -> Engine:
+    """An engine for ``url``; for SQLite with WAL, foreign keys, a busy timeout and
+    transactions it begins itself (pysqlite's own begin would defer the write lock)."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(url, pool_pre_ping=True)
+    memory = parsed.database in (None, "", ":memory:")
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                              **({"poolclass": StaticPool} if memory else {}))
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=30000"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("coldferry_write")
+                             else "BEGIN")
+
+    return engine

@@ -1,0 +1,318 @@
+"""Live migration with a full copy of local disks (a host drain moves running guests live).
+
+libvirt moves the guest's memory while qemu mirrors its disks over NBD
+into images coldferry makes beforehand on the destination: libvirt makes
+missing disk files only inside storage pools, and coldferry keeps disks in
+plain instance directories. A disk whose backing file stays (``backing =
+send``) gets an overlay on the same backing file, which is first sent into
+the destination's image cache, and only the overlay is mirrored; every
+other disk is mirrored whole into a blank image of its format and size.
+
+The steps, in order: check the instance runs; connect to the destination's
+libvirtd (fail early, before anything is made there); look for shared
+storage; make the instance directory, the image cache entries and the blank
+images there; migrate; then drop the source's now stale files. Any failure
+leaves the guest running here and removes what was made on the destination.
+
+This module is the libvirt driver's own: it uses the driver's helpers for
+disks, the image cache, space checks and copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import libvirt
+
+import transfer
+from transfer.remotefs import RemoteFS
+
+from ..errors import DriverError, ImageError, InstanceNotFound, InvalidInstanceState, MigrationFailed
+from ..model import DiskInfo, Instance, PowerState
+from . import images
+from .config import DriverConfig
+
+if TYPE_CHECKING:  # the driver imports this module
+    from .driver import LibvirtDriver
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+CACHE_DIR = "_base"
+SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
+FORMATS = ("raw", "qcow2")
+# Defined and running on the destination, gone from here; qemu throttles a guest
+# that dirties memory faster than it can be sent, so that the copy converges.
+BASE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+              | libvirt.VIR_MIGRATE_AUTO_CONVERGE)
+
+
+# -- what to ask libvirt ------------------------------------------------------------
+
+
+def uri_host(host: str) -> str:
+    """``host`` as the host part of a URI (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def dest_uri(config: DriverConfig, dest: str) -> str:
+    """The libvirt URI of ``dest``'s libvirtd, from the ``live_migration_uri`` template.
+
+    For libssh and libssh2 the host key is checked against ``ssh_known_hosts``
+    (an unknown key is refused, never added), and ``ssh_identity`` is the key.
+    """
+    uri = config.live_migration_uri.format(dest=uri_host(dest), user=config.ssh_user, port=config.ssh_port)
+    parts = urlsplit(uri)
+    transport = parts.scheme.partition("+")[2]
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    have = {key for key, _ in query}
+    add: list[tuple[str, str]] = []
+    if transport in ("libssh", "libssh2"):
+        add += [("known_hosts", config.ssh_known_hosts), ("known_hosts_verify", "normal")]
+        if config.ssh_identity:
+            add.append(("sshauth", "privkey"))
+    if transport in SSH_TRANSPORTS and config.ssh_identity:
+        add.append(("keyfile", config.ssh_identity))
+    query += [(k, v) for k, v in add if k not in have]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/,")))
+
+
+def flags(shared: bool, keep_backing: bool) -> int:
+    """Migration flags: disks mirrored whole, or only their top layer when backing files stay."""
+    if shared:
+        return BASE_FLAGS
+    return BASE_FLAGS | (libvirt.VIR_MIGRATE_NON_SHARED_INC if keep_backing else libvirt.VIR_MIGRATE_NON_SHARED_DISK)
+
+
+def flag_names(value: int) -> list[str]:
+    """The names of the VIR_MIGRATE_* flags set in ``value`` (for reports and logs)."""
+    return [name.removeprefix("VIR_MIGRATE_") for name in _FLAG_NAMES if value & getattr(libvirt, name)]
+
+
+_FLAG_NAMES = ("VIR_MIGRATE_LIVE", "VIR_MIGRATE_PERSIST_DEST", "VIR_MIGRATE_UNDEFINE_SOURCE",
+               "VIR_MIGRATE_AUTO_CONVERGE", "VIR_MIGRATE_NON_SHARED_DISK", "VIR_MIGRATE_NON_SHARED_INC")
+
+
+def params(dest: str, disks: list[DiskInfo], shared: bool, bwlimit: int) -> dict[str, Any]:
+    """Typed migration parameters: where qemu sends to, which disks to mirror, how fast.
+
+    The migration URI names ``dest`` itself so that the source's qemu does not
+    depend on how it resolves the name the destination's libvirtd reports.
+    ``bwlimit`` is bytes per second (0: no limit); libvirt takes MiB/s and
+    applies it to the memory stream and to each disk mirror.
+    """
+    out: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{uri_host(dest)}"}
+    if not shared:
+        out[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [d.target for d in disks]
+    if bwlimit:
+        out[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, bwlimit // MiB)
+    return out
+
+
+def figures(stats: dict[str, Any]) -> dict[str, Any]:
+    """What a completed migration job reports, in seconds and bytes; missing figures are None."""
+    def seconds(key: str) -> float | None:
+        return stats[key] / 1000 if key in stats else None
+
+    return {"downtime_s": seconds("downtime"), "job_s": seconds("time_elapsed"),
+            "memory_bytes": stats.get("memory_processed")}
+
+
+# -- the images made on the destination ---------------------------------------------
+
+
+def make_blank(disk: DiskInfo, keep_backing: bool, out: str, runner: images.Runner) -> None:
+    """Write at ``out`` an empty image for ``disk``: same format and virtual size, and the same
+    backing file when ``keep_backing`` (an overlay the mirror fills with the top layer only)."""
+    if disk.type == "raw":
+        with open(out, "xb") as f:
+            f.truncate(disk.virt_disk_size)  # sparse: the copier sends no bytes for it
+        return
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if keep_backing and disk.backing_file:
+        backing_format = images.info(disk.path, runner).backing_format or "raw"
+        argv += ["-F", backing_format, "-b", disk.backing_file]
+    runner([*argv, out, str(disk.virt_disk_size)])
+
+
+def prepare_dest(drv: LibvirtDriver, rfs: RemoteFS, dest: str, instance: Instance, disks: list[DiskInfo],
+                 keep_backing: bool, made: list[str]) -> None:
+    """Make the instance directory, missing image cache entries and blank images on ``dest``.
+
+    Every name made is added to ``made`` before it is made, so that a failure
+    midway removes partial files too.
+    """
+    if rfs.exists(instance.uuid):
+        raise DriverError(reason=f"{drv.instance_dir(instance.uuid)} already exists on {dest}; "
+                                 "remove it there if it is a leftover")
+    cache_needed = drv._backing_to_send(rfs, disks) if keep_backing else []
+    drv._check_space(rfs, dest, instance, disks, cache_needed)
+    made.append(instance.uuid)
+    rfs.mkdir(instance.uuid)
+    if cache_needed:
+        rfs.mkdir(CACHE_DIR)
+    for path in cache_needed:
+        name = f"{CACHE_DIR}/{os.path.basename(path)}"
+        made.append(name)
+        drv._copy(path, dest, os.path.join(drv.config.instances_path, name))
+    # Made here and sent with the copier: coldferry runs no qemu-img on other hosts.
+    with tempfile.TemporaryDirectory(prefix=".coldferry-live-", dir=drv.config.instances_path) as tmp:
+        for disk in disks:
+            blank = os.path.join(tmp, os.path.basename(disk.path))
+            make_blank(disk, keep_backing, blank, drv.runner)
+            drv._copy(blank, dest, disk.path)
+
+
+# -- the migration ------------------------------------------------------------------
+
+
+def migrate(drv: LibvirtDriver, instance: Instance, dest: str) -> dict[str, Any]:
+    """Live-migrate ``instance`` to ``dest`` (see the module docstring); the migration's figures.
+
+    Raises InvalidInstanceState unless it runs, ImageError for disks that
+    cannot move, MigrationFailed (it runs here still) for anything else.
+    """
+    uuid = instance.uuid
+    dom = drv._domain(uuid)
+    state = drv._state(dom)
+    if state != PowerState.RUNNING:
+        hint = ("resume it before migrating it live" if state in (PowerState.PAUSED, PowerState.SUSPENDED)
+                else "live migration moves running instances; migrate a stopped one cold")
+        raise InvalidInstanceState(uuid=uuid, state=state.name.lower(), reason=hint)
+    inst_dir = drv.instance_dir(uuid)
+    disks = drv._disk_info(dom.XMLDesc(0), inst_dir)
+    for disk in disks:
+        if disk.type not in FORMATS:
+            raise ImageError(path=disk.path, reason=f"format {disk.type} cannot be live-migrated; raw and qcow2 can")
+    keep_backing = drv.config.backing == "send" and any(d.backing_file for d in disks)
+    started = drv.clock()
+    made: list[str] = []
+    log.info("live-migrating %s to %s", uuid, dest)
+    try:
+        dconn = _open(drv, dest)
+        try:
+            with drv.remote_fs(drv._endpoint(dest, "/"), drv.config.instances_path) as rfs:
+                shared = drv._is_shared(rfs)
+                if not shared:
+                    _refuse_if_defined(dconn, uuid, dest)
+                    prepare_dest(drv, rfs, dest, instance, disks, keep_backing, made)
+            copied = drv.clock()
+            new_dom = _migrate(drv, dom, dconn, dest, disks, shared, keep_backing)
+            done = drv.clock()
+            result = {**figures(_job_stats(new_dom)), "shared": shared, "prepare_s": copied - started,
+                      "migration_s": done - copied, "flags": flag_names(flags(shared, keep_backing))}
+        finally:
+            _close(dconn)
+    except (DriverError, transfer.TransferError, libvirt.libvirtError, OSError) as e:
+        if isinstance(e, MigrationFailed):
+            raise
+        note = drv._remove_on_dest(dest, made) if made else ""
+        raise MigrationFailed(uuid=uuid, dest=dest, reason=_reason(e),
+                              restored=f": it kept running on {drv.config.host_name}{note}") from e
+    if not shared:
+        _drop_source_files(drv, uuid, inst_dir)
+    log.info("live-migrated %s to %s in %.1f s (downtime %s s)", uuid, dest, result["migration_s"],
+             result["downtime_s"])
+    return result
+
+
+def _open(drv: LibvirtDriver, dest: str) -> Any:
+    uri = dest_uri(drv.config, dest)
+    try:
+        return drv._connect(uri)
+    except libvirt.libvirtError as e:
+        raise DriverError(reason=f"cannot connect to libvirt on {dest} ({uri}): {e.get_error_message()}") from None
+
+
+def _close(conn: Any) -> None:
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass  # a connection that broke during the migration has nothing left to close
+
+
+def _refuse_if_defined(dconn: Any, uuid: str, dest: str) -> None:
+    try:
+        dconn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return
+        raise
+    raise DriverError(reason=f"instance {uuid} is already defined on {dest}; undefine it there if it is a leftover")
+
+
+def _migrate(drv: LibvirtDriver, dom: Any, dconn: Any, dest: str, disks: list[DiskInfo], shared: bool,
+             keep_backing: bool) -> Any:
+    """Run the libvirt migration; the domain on ``dest``.
+
+    A failure that left the guest here (libvirt resumes it) is raised as
+    libvirtError for the caller's clean-up. One that left it running on
+    ``dest`` after all is a MigrationFailed that keeps every file.
+    """
+    try:
+        return dom.migrate3(dconn, params(dest, disks, shared, drv.config.transfer_bwlimit),
+                            flags(shared, keep_backing))
+    except libvirt.libvirtError as e:
+        if _runs_on(dconn, dom.UUIDString()):
+            raise MigrationFailed(uuid=dom.UUIDString(), dest=dest, reason=_reason(e),
+                                  restored=f" NOT: it runs on {dest} now; check both hosts before removing "
+                                           "any files") from e
+        _resume_if_paused(drv, dom)
+        raise
+
+
+def _runs_on(dconn: Any, uuid: str) -> bool:
+    try:
+        return bool(dconn.lookupByUUIDString(uuid).isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _resume_if_paused(drv: LibvirtDriver, dom: Any) -> None:
+    """libvirt resumes a guest whose migration failed; make sure, since it must keep running here."""
+    try:
+        if drv._state(dom) == PowerState.PAUSED:
+            log.warning("instance %s stayed paused after the failed migration; resuming it", dom.UUIDString())
+            dom.resume()
+    except libvirt.libvirtError as e:
+        log.error("could not resume %s after the failed migration: %s", dom.UUIDString(), e.get_error_message())
+
+
+def _job_stats(dom: Any) -> dict[str, Any]:
+    """The completed job's statistics, which the destination gets from the source; {} if none."""
+    try:
+        return dict(dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
+    except libvirt.libvirtError as e:
+        log.warning("no statistics of the finished migration: %s", e.get_error_message())
+        return {}
+
+
+def _drop_source_files(drv: LibvirtDriver, uuid: str, inst_dir: str) -> None:
+    """Remove the instance directory here, now stale, once libvirt has undefined the domain here.
+
+    Failing at this is logged, not raised: the guest has moved.
+    """
+    try:
+        drv._domain(uuid)
+        log.warning("instance %s is still defined here after moving; keeping %s", uuid, inst_dir)
+        return
+    except InstanceNotFound:
+        pass
+    except DriverError as e:
+        log.warning("cannot tell whether %s is still defined here (%s); keeping %s", uuid, e, inst_dir)
+        return
+    try:
+        shutil.rmtree(inst_dir)
+    except OSError as e:
+        log.error("could not remove %s after the live migration: %s", inst_dir, e)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, libvirt.libvirtError):
+        return f"libvirt: {e.get_error_message()}"
+    return str(e) or type(e).__name__

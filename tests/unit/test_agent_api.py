@@ -1,0 +1,350 @@
+"""The agent's HTTP API (docs/api.md, section Agent) over MemoryDriver hosts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from agent import JobRunner, create_app
+from driver.errors import DriverError, InvalidInstanceState
+from driver.memory import GiB, MemoryCloud, MemoryDriver
+from driver.model import Flavor, Instance, PowerState
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+UUID = "9a1c0f7e-0000-4000-8000-000000000001"
+SMALL = Flavor("small", 2, 1024, 10)
+FLAVOR = {"name": "small", "vcpus": 2, "memory_mb": 1024, "root_gb": 10, "ephemeral_gb": 0}
+MIGRATION = {"id": "7", "source_host": "h1", "dest_host": "h2"}
+WAIT = 5.0
+
+
+class Gate:
+    """An injectable sleep that blocks each copy step until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+
+    def sleep(self, seconds: float) -> None:
+        self.arrived.release()
+        self.go.acquire(timeout=WAIT)
+
+    def step(self) -> None:
+        """Wait until a copy step sleeps, then let it continue."""
+        assert self.arrived.acquire(timeout=WAIT), "no copy step arrived"
+        self.go.release()
+
+    def open(self) -> None:
+        for _ in range(100):
+            self.go.release()
+
+
+class Host:
+    def __init__(self, driver: MemoryDriver) -> None:
+        self.driver = driver
+        self.client = TestClient(create_app(driver, TOKEN, driver.address, JobRunner()), headers=AUTH)
+
+    def job(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST an operation, expect 202, wait for the job's end and return it."""
+        r = self.client.post(f"/v1/instances/{UUID}/{path}", json={} if body is None else body)
+        assert r.status_code == 202, r.text
+        return self.wait(r.json()["id"])
+
+    def wait(self, job_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] != "running":
+                return job
+            time.sleep(0.01)
+        raise AssertionError(f"job {job_id} still running")
+
+
+@pytest.fixture
+def gate() -> Gate:
+    g = Gate()
+    yield g
+    g.open()  # never leave a job thread blocked
+
+
+@pytest.fixture
+def cloud(gate):
+    c = MemoryCloud()
+    src = Host(MemoryDriver("h1", c, "198.18.0.11", step_delay=1.0, sleep=gate.sleep))
+    dst = Host(MemoryDriver("h2", c, "198.18.0.12"))
+    src.driver.add_instance(UUID, "vm1", SMALL)
+    return src, dst
+
+
+def migrate(src: Host, gate: Gate, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    gate.open()
+    return src.job("migrate-disk-and-power-off", body or {"dest": "198.18.0.12"})
+
+
+def finish(dst: Host, disk_info: str, **extra: Any) -> dict[str, Any]:
+    return dst.job("finish-migration", {"name": "vm1", "flavor": FLAVOR, "disk_info": disk_info,
+                                        "migration": MIGRATION, **extra})
+
+
+# -- authentication -------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                                     {"Authorization": TOKEN}])
+def test_missing_or_wrong_token_is_401(cloud, headers):
+    src, _ = cloud
+    client = TestClient(src.client.app)
+    for r in (client.get("/v1/host", headers=headers), client.get("/v1/jobs", headers=headers),
+              client.post(f"/v1/instances/{UUID}/power-off", json={}, headers=headers)):
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert r.json() == {"detail": "missing or wrong bearer token"}
+    assert src.driver.get_instance(UUID).power_state == PowerState.RUNNING
+
+
+def test_malformed_body_without_token_is_401_not_400(cloud):
+    client = TestClient(cloud[0].client.app)
+    r = client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off", content=b"{oops",
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 401
+
+
+def test_empty_token_is_refused():
+    with pytest.raises(ValueError, match="non-empty token"):
+        create_app(MemoryDriver("h"), "", "h")
+
+
+# -- reads --------------------------------------------------------------------------------
+
+def test_host_reports_resources_and_address(cloud):
+    src, _ = cloud
+    host = src.client.get("/v1/host").json()
+    assert host["address"] == "198.18.0.11" and host["hostname"] == "h1"
+    assert (host["vcpus_used"], host["memory_mb_used"], host["disk_gb_used"], host["instances"]) == (2, 1024, 10, 1)
+
+
+def test_instances_and_one_instance(cloud):
+    src, _ = cloud
+    expected = {"uuid": UUID, "name": "vm1", "flavor": FLAVOR, "host": "h1", "power_state": 1, "state": "running"}
+    assert src.client.get("/v1/instances").json() == {"instances": [expected]}
+    assert src.client.get(f"/v1/instances/{UUID}").json() == expected
+
+
+def test_unknown_instance_is_404(cloud):
+    src, _ = cloud
+    r = src.client.get("/v1/instances/nope")
+    assert r.status_code == 404 and "instance nope is not defined on this host (h1)" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("op,body", [("power-on", {}), ("power-off", {}), ("live-migrate", {"dest": "h2"}),
+                                     ("migrate-disk-and-power-off", {"dest": "h2"})])
+def test_ops_on_an_unknown_instance_are_404(cloud, op, body):
+    src, _ = cloud
+    r = src.client.post(f"/v1/instances/nope/{op}", json=body)
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    assert src.client.get("/v1/jobs").json() == {"jobs": []}
+
+
+def test_confirm_does_not_look_the_instance_up(cloud):
+    _, dst = cloud
+    assert dst.job("confirm-migration", {"migration": MIGRATION})["state"] == "done"
+
+
+def test_sync_driver_errors_map_to_status(cloud):
+    src, _ = cloud
+    src.driver.fail("host_resources", DriverError(reason="libvirt is down"))
+    r = src.client.get("/v1/host")
+    assert (r.status_code, r.json()) == (500, {"detail": "driver error: libvirt is down"})
+    src.driver.fail("get_instance", InvalidInstanceState(uuid=UUID, state="odd", reason="try later"))
+    r = src.client.get(f"/v1/instances/{UUID}")
+    assert r.status_code == 409 and "try later" in r.json()["detail"]
+
+
+def test_unknown_job_is_404(cloud):
+    r = cloud[0].client.get("/v1/jobs/feedface")
+    assert r.status_code == 404 and "agent restarted" in r.json()["detail"]
+
+
+def test_openapi_document_is_served(cloud):
+    doc = cloud[0].client.get("/openapi.json").json()
+    paths = set(doc["paths"])
+    for op in ("power-on", "power-off", "migrate-disk-and-power-off", "finish-migration", "confirm-migration",
+               "finish-revert-migration", "destroy", "live-migrate"):
+        assert f"/v1/instances/{{uuid}}/{op}" in paths
+        assert "202" in doc["paths"][f"/v1/instances/{{uuid}}/{op}"]["post"]["responses"]
+    assert {"/v1/host", "/v1/instances", "/v1/instances/{uuid}", "/v1/jobs", "/v1/jobs/{job_id}"} <= paths
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+# -- malformed bodies ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op,body,reason", [
+    ("migrate-disk-and-power-off", {"dest": 5}, "body.dest: Input should be a valid string"),
+    ("migrate-disk-and-power-off", {}, "body.dest: Field required"),
+    ("migrate-disk-and-power-off", {"dest": "h2", "timeout": "30"}, "body.timeout: Input should be a valid integer"),
+    ("migrate-disk-and-power-off", {"dest": "h2", "timeout": -1}, "body.timeout: Input should be greater than"),
+    ("migrate-disk-and-power-off", {"dest": "h2", "flavor": {**FLAVOR, "vcpus": "two"}},
+     "body.flavor.vcpus: Input should be a valid integer"),
+    ("migrate-disk-and-power-off", {"dest": "h2", "dst": "x"}, "body.dst: Extra inputs are not permitted"),
+    ("finish-migration", {"name": "vm1", "disk_info": "[]", "migration": MIGRATION}, "body.flavor: Field required"),
+    ("finish-revert-migration", {"power_on": 1}, "body.power_on: Input should be a valid boolean"),
+    ("destroy", ["x"], "the body must be a JSON object"),
+])
+def test_malformed_body_is_400_naming_the_field(cloud, op, body, reason):
+    src, _ = cloud
+    r = src.client.post(f"/v1/instances/{UUID}/{op}", json=body)
+    assert r.status_code == 400
+    assert reason in r.json()["detail"]
+    assert src.client.get("/v1/jobs").json() == {"jobs": []}
+
+
+def test_invalid_json_is_400(cloud):
+    src, _ = cloud
+    r = src.client.post(f"/v1/instances/{UUID}/power-off", content=b'{"timeout": ',
+                        headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["detail"].startswith("the body is not valid JSON (Expecting value at character")
+    assert src.driver.get_instance(UUID).power_state == PowerState.RUNNING
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+def test_power_off_and_on_jobs(cloud):
+    src, _ = cloud
+    off = src.job("power-off", {"timeout": 5})
+    assert (off["op"], off["state"], off["instance_uuid"]) == ("power-off", "done", UUID)
+    assert src.client.get(f"/v1/instances/{UUID}").json()["state"] == "shutdown"
+    assert src.job("power-on")["state"] == "done"
+    assert src.client.get(f"/v1/instances/{UUID}").json()["state"] == "running"
+    assert [j["op"] for j in src.client.get("/v1/jobs").json()["jobs"]] == ["power-on", "power-off"]
+
+
+def test_progress_is_visible_while_the_copy_runs(cloud, gate):
+    src, _ = cloud
+    r = src.client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off", json={"dest": "h2"})
+    assert r.status_code == 202 and r.json()["state"] == "running"
+    gate.step()  # step 1 of 4 sleeps, then reports
+    gate.arrived.acquire(timeout=WAIT)  # step 2 sleeps: step 1's progress is in
+    job = src.client.get(f"/v1/jobs/{r.json()['id']}").json()
+    assert job["state"] == "running"
+    assert job["progress"] == {"file": "disk", "done": 10 * GiB // 4, "total": 10 * GiB,
+                               "rate": pytest.approx(job["progress"]["rate"]), "eta": job["progress"]["eta"],
+                               "fraction": 0.25}
+    gate.open()
+    done = src.wait(r.json()["id"])
+    assert done["state"] == "done" and done["progress"]["fraction"] == 1.0
+
+
+def test_second_op_on_a_busy_instance_is_409(cloud, gate):
+    src, _ = cloud
+    first = src.client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off", json={"dest": "h2"}).json()
+    gate.arrived.acquire(timeout=WAIT)  # the copy is under way
+    for op, body in (("power-on", {}), ("finish-revert-migration", {})):
+        r = src.client.post(f"/v1/instances/{UUID}/{op}", json=body)
+        assert r.status_code == 409
+        assert f"already has a running job {first['id']}" in r.json()["detail"]
+    gate.open()
+    assert src.wait(first["id"])["state"] == "done"
+
+
+def test_cold_migration_through_two_agents_and_confirm(cloud, gate):
+    src, dst = cloud
+    before = time.time()
+    job = migrate(src, gate, {"dest": "198.18.0.12", "timeout": 1, "retry_interval": 1})
+    assert job["state"] == "done", job
+    result = job["result"]
+    assert result["shared"] is False and result["was_running"] is True
+    assert before <= result["powered_off_at"] <= time.time()
+    assert [(c["method"], c["size"], c["sent"]) for c in result["copies"]] == [("memory", 10 * GiB, 10 * GiB)]
+    assert set(result["copies"][0]) == {"method", "size", "sent", "wire", "skipped", "resumed", "seconds", "digest"}
+    assert src.client.get(f"/v1/instances/{UUID}").json()["state"] == "shutdown"
+
+    done = finish(dst, result["disk_info"])
+    assert done["state"] == "done" and before <= done["result"]["running_at"] <= time.time()
+    moved = dst.client.get(f"/v1/instances/{UUID}").json()
+    assert (moved["host"], moved["state"]) == ("h2", "running")
+
+    assert src.job("confirm-migration", {"migration": MIGRATION})["state"] == "done"
+    assert src.client.get("/v1/instances").json() == {"instances": []}
+    assert src.client.get("/v1/host").json()["disk_gb_used"] == 0
+    assert dst.client.get("/v1/host").json()["disk_gb_used"] == 10
+
+
+def test_cold_migration_with_a_bigger_flavor_grows_the_disk(cloud, gate):
+    src, dst = cloud
+    big = {**FLAVOR, "name": "big", "root_gb": 20}
+    job = migrate(src, gate, {"dest": "h2", "flavor": big})
+    finish(dst, job["result"]["disk_info"], flavor=big, resize_instance=True, power_on=False)
+    moved = dst.client.get(f"/v1/instances/{UUID}").json()
+    assert moved["flavor"] == big and moved["state"] == "shutdown"
+    assert dst.driver.disks(UUID) == {"disk": 20 * GiB}
+
+
+def test_revert_destroys_the_copy_and_restarts_the_source(cloud, gate):
+    src, dst = cloud
+    job = migrate(src, gate)
+    finish(dst, job["result"]["disk_info"])
+    assert dst.job("destroy", {"destroy_disks": True})["state"] == "done"
+    assert dst.client.get("/v1/instances").json() == {"instances": []} and dst.driver.disks(UUID) == {}
+    assert src.job("finish-revert-migration", {"migration": MIGRATION, "power_on": True})["state"] == "done"
+    assert src.client.get(f"/v1/instances/{UUID}").json()["state"] == "running"
+    assert src.driver.disks(UUID) == {"disk": 10 * GiB}
+
+
+def test_destroy_can_keep_disks(cloud):
+    src, _ = cloud
+    src.job("destroy", {"destroy_disks": False})
+    assert src.client.get(f"/v1/instances/{UUID}").status_code == 404
+    assert src.driver.disks(UUID) == {"disk": 10 * GiB}
+
+
+def test_driver_error_ends_the_job_in_error_with_its_message(cloud, gate):
+    src, _ = cloud
+    src.driver.fail("copy", OSError("connection reset by h2"))
+    job = migrate(src, gate)
+    assert job["state"] == "error" and job["result"] is None and job["ended_at"]
+    assert job["error"]["kind"] == "MigrationFailed"
+    assert "connection reset by h2" in job["error"]["message"]
+    assert "restored and started again" in job["error"]["message"]
+    assert src.client.get(f"/v1/instances/{UUID}").json()["state"] == "running"
+
+
+def test_refusals_before_power_off_are_job_errors(cloud, gate):
+    src, _ = cloud
+    job = migrate(src, gate, {"dest": "h2", "flavor": {**FLAVOR, "root_gb": 5}})
+    assert job["error"]["kind"] == "ResizeDown" and "root_gb >= 10" in job["error"]["message"]
+    src.driver.add_instance(UUID, "vm1", SMALL, power_state=PowerState.PAUSED)
+    job = migrate(src, gate)
+    assert job["error"]["kind"] == "InvalidInstanceState" and "paused" in job["error"]["message"]
+
+
+def test_finish_without_a_copy_is_a_job_error(cloud):
+    _, dst = cloud
+    job = finish(dst, "[]")
+    assert job["state"] == "error" and "copied domain definition" in job["error"]["message"]
+
+
+def test_live_migrate_job(cloud, gate):
+    src, dst = cloud
+    gate.open()
+    job = src.job("live-migrate", {"dest": "h2"})
+    assert job["state"] == "done" and isinstance(job["result"]["downtime_s"], float)
+    assert dst.client.get(f"/v1/instances/{UUID}").json()["state"] == "running"
+    assert src.client.get("/v1/instances").json() == {"instances": []}
+
+
+class NoLiveDriver(MemoryDriver):
+    def live_migration(self, instance: Instance, dest: str) -> dict:
+        raise NotImplementedError
+
+
+def test_live_migrate_without_driver_support_is_a_clear_job_error():
+    drv = NoLiveDriver("h1")
+    drv.add_instance(UUID, "vm1", SMALL)
+    job = Host(drv).job("live-migrate", {"dest": "h2"})
+    assert job["state"] == "error" and job["error"]["kind"] == "DriverError"
+    assert "NoLiveDriver driver of this host cannot live-migrate" in job["error"]["message"]

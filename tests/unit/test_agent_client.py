@@ -1,0 +1,196 @@
+"""AgentClient against a played agent (httpx.MockTransport), a real closed port and a FastAPI app."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+from fastapi import FastAPI, Header, HTTPException
+from fastapi.testclient import TestClient
+
+from controller.agents import AgentClient
+from controller.errors import AgentError
+
+BASE = "http://198.18.0.11:8797"
+TOKEN = "agent-token"
+
+
+class PlayedAgent:
+    """Answers like an agent: a fixed table of (method, path) -> (status, body); logs requests."""
+
+    def __init__(self, answers: dict[tuple[str, str], tuple[int, object]]) -> None:
+        self.answers = answers
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.headers.get("authorization") != f"Bearer {TOKEN}":
+            return httpx.Response(401, json={"detail": "missing or wrong token"})
+        key = (request.method, request.url.raw_path.decode())
+        if key not in self.answers:
+            return httpx.Response(404, json={"detail": f"{key[1]} not found"})
+        status, body = self.answers[key]
+        answer = body() if callable(body) else body
+        return httpx.Response(status, json=answer) if not isinstance(answer, str) else httpx.Response(status, text=answer)
+
+
+def client(agent: PlayedAgent, token: str = TOKEN, **kw) -> AgentClient:
+    http = httpx.Client(base_url=BASE, transport=httpx.MockTransport(agent))
+    return AgentClient("compute1", BASE, token, http=http, **kw)
+
+
+def job(state: str, done: int = 0, **extra) -> dict:
+    return {"id": "j1", "op": "migrate-disk-and-power-off", "instance_uuid": "u1", "state": state,
+            "progress": {"file": "disk", "done": done, "total": 10, "rate": 1.0, "eta": None, "fraction": done / 10},
+            "result": None, "error": None, "started_at": "2026-11-23T11:40:00Z", "ended_at": None, **extra}
+
+
+def test_reads_host_instances_and_one_instance():
+    inst = {"uuid": "u1", "name": "web1", "flavor": {}, "host": "compute1", "power_state": 1, "state": "running"}
+    agent = PlayedAgent({("GET", "/v1/host"): (200, {"hostname": "compute1", "address": "198.18.0.11"}),
+                         ("GET", "/v1/instances"): (200, {"instances": [inst]}),
+                         ("GET", "/v1/instances/u1"): (200, inst)})
+    c = client(agent)
+    assert c.host()["address"] == "198.18.0.11"
+    assert c.instances() == [inst]
+    assert c.instance("u1") == inst
+    assert c.instance("nope") is None
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in agent.requests)
+
+
+def test_start_posts_the_body_and_returns_the_job():
+    agent = PlayedAgent({("POST", "/v1/instances/u1/migrate-disk-and-power-off"): (202, job("running"))})
+    got = client(agent).start("u1", "migrate-disk-and-power-off", {"dest": "198.18.0.12", "timeout": 60})
+    assert got["id"] == "j1"
+    assert json.loads(agent.requests[0].content) == {"dest": "198.18.0.12", "timeout": 60}
+
+
+def test_ids_cannot_change_the_path():
+    agent = PlayedAgent({})
+    c = client(agent)
+    assert c.instance("../jobs/x") is None
+    assert agent.requests[-1].url.raw_path == b"/v1/instances/..%2Fjobs%2Fx"
+    with pytest.raises(ValueError, match="not an instance or job id"):
+        c.job("..")
+    with pytest.raises(ValueError, match="not a path word"):
+        c.start("u1", "power-on/../../destroy", {})
+
+
+def test_refused_token_names_the_setting_to_fix():
+    with pytest.raises(AgentError) as e:
+        client(PlayedAgent({}), token="wrong").host()
+    msg = str(e.value)
+    assert msg.startswith("agent of host compute1: http://198.18.0.11:8797/v1/host refused the token (401 ")
+    assert "check agent_token for host compute1" in msg
+    assert e.value.status == 502 and e.value.agent_status == 401  # the controller's caller is not at fault
+
+
+@pytest.mark.parametrize("status", [404, 409, 400])
+def test_client_errors_pass_the_detail_and_status_through(status):
+    agent = PlayedAgent({("POST", "/v1/instances/u1/power-on"): (status, {"detail": "instance u1 is paused"})})
+    with pytest.raises(AgentError) as e:
+        client(agent).start("u1", "power-on", {})
+    assert str(e.value) == "agent of host compute1: instance u1 is paused"
+    assert e.value.status == e.value.agent_status == status
+
+
+def test_server_errors_point_at_the_agent_log():
+    agent = PlayedAgent({("GET", "/v1/instances"): (500, "Internal Server Error")})
+    with pytest.raises(AgentError) as e:
+        client(agent).instances()
+    assert "GET http://198.18.0.11:8797/v1/instances failed with 500: Internal Server Error; see the agent's log" \
+        in str(e.value)
+    assert e.value.status == 502
+
+
+def test_a_non_json_answer_means_a_wrong_url():
+    agent = PlayedAgent({("GET", "/v1/host"): (200, "<html>router login</html>")})
+    with pytest.raises(AgentError, match="answered 200 without JSON: check that agent_url of host compute1"):
+        client(agent).host()
+
+
+def test_connection_refused_on_a_closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Nothing listens there now: the real client gets a real refusal.
+    with AgentClient("compute1", f"http://127.0.0.1:{port}/", TOKEN, timeout=2.0) as c:
+        with pytest.raises(AgentError) as e:
+            c.host()
+    msg = str(e.value)
+    assert f"cannot reach http://127.0.0.1:{port}/v1/host" in msg
+    assert "agent_url of host compute1 is right" in msg and e.value.agent_status is None
+
+
+def test_timeout_says_which_setting_to_raise():
+    def hang(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    c = AgentClient("compute1", BASE, TOKEN, timeout=3.0,
+                    http=httpx.Client(base_url=BASE, transport=httpx.MockTransport(hang)))
+    with pytest.raises(AgentError, match=r"no answer from http://198.18.0.11:8797/v1/jobs/j1 within 3.0 s.*"
+                                         r"raise agent_timeout"):
+        c.job("j1")
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_wait_polls_until_the_job_ends():
+    states = iter([job("running", 2), job("running", 6), job("done", 10, result={"running_at": 5.0})])
+    agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, lambda: next(states))})
+    t = FakeTime()
+    seen: list[int] = []
+    final = client(agent, sleep=t.sleep, clock=t.clock, poll_interval=0.5).wait(
+        "j1", on_update=lambda j: seen.append(j["progress"]["done"]))
+    assert final["state"] == "done" and final["result"] == {"running_at": 5.0}
+    assert seen == [2, 6, 10]
+    assert t.sleeps == [0.5, 0.5]
+
+
+def test_wait_returns_a_failed_job_without_raising():
+    failed = job("error", error={"kind": "PowerOffFailed", "message": "guest ignored ACPI"})
+    agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, failed)})
+    assert client(agent, sleep=FakeTime().sleep).wait("j1")["error"]["kind"] == "PowerOffFailed"
+
+
+def test_wait_gives_up_after_its_timeout():
+    agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, job("running"))})
+    t = FakeTime()
+    with pytest.raises(AgentError, match="job j1 .migrate-disk-and-power-off. still running after 2.5 s"):
+        client(agent, sleep=t.sleep, clock=t.clock, poll_interval=1.0).wait("j1", timeout=2.5)
+    assert t.sleeps == [1.0, 1.0, 0.5]  # the last sleep stops at the deadline
+
+
+def test_wait_on_a_job_the_agent_lost():
+    with pytest.raises(AgentError) as e:
+        client(PlayedAgent({}), sleep=FakeTime().sleep).wait("j9")
+    assert "job j9 is unknown to http://198.18.0.11:8797: the agent restarted" in str(e.value)
+    assert e.value.status == 404
+
+
+def test_relative_paths_on_a_fastapi_test_client():
+    app = FastAPI()
+
+    @app.get("/v1/host")
+    def host(authorization: str = Header("")) -> dict:
+        if authorization != f"Bearer {TOKEN}":
+            raise HTTPException(401, "missing or wrong token")
+        return {"hostname": "compute1", "address": "198.18.0.11"}
+
+    with TestClient(app) as http:
+        assert AgentClient("compute1", "http://testserver", TOKEN, http=http).host()["hostname"] == "compute1"
+        with pytest.raises(AgentError, match="refused the token"):
+            AgentClient("compute1", "http://testserver", "bad", http=http).host()

@@ -1,0 +1,362 @@
+"""Store: the controller's records in a real SQLite file (and PostgreSQL when one is given).
+
+Every test that takes the ``url`` fixture runs on SQLite; set COLDFERRY_PG_URL
+(e.g. ``postgresql+psycopg://coldferry@127.0.0.1:5432/coldferry``, a database
+this test may wipe) to run them on PostgreSQL too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from controller import records
+from controller.errors import NotFound
+from controller.records import HostRecord
+from controller.store import SCHEMA_VERSION, Store, StoreError
+
+PG_URL = os.environ.get("COLDFERRY_PG_URL")
+T0 = dt.datetime(2026, 11, 23, 11, 40, tzinfo=dt.timezone.utc)
+
+
+class Clock:
+    """A clock the test moves: each call returns the current time."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: int) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+def _wipe(url: str) -> None:
+    """Drop every table of a PostgreSQL database the tests were given."""
+    engine = sa.create_engine(url)
+    meta = sa.MetaData()
+    meta.reflect(engine)
+    meta.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite"] + (["postgresql"] if PG_URL else []))
+def url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/controller.db"
+    _wipe(PG_URL)
+    return PG_URL
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(url, clock):
+    s = Store(url, clock=clock)
+    yield s
+    s.close()
+
+
+def migration(store: Store, server: str = "uuid-1", name: str = "web1", source: str = "a", dest: str = "b",
+              **fields):
+    return store.create_migration(server=server, server_name=name, source_compute=source, dest_compute=dest,
+                                  dest_address=f"198.18.0.{ord(dest[0]) % 250}", **fields)
+
+
+# schema
+
+def test_new_database_gets_the_current_schema(tmp_path):
+    path = tmp_path / "controller.db"
+    with Store(f"sqlite:///{path}") as s:
+        assert s.schema_version() == SCHEMA_VERSION
+    db = sqlite3.connect(path)
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    assert {"schema_version", "hosts", "migrations", "drains", "drain_rows", "ix_migrations_updated_at"} <= names
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_foreign_keys_are_enforced(store):
+    """A row of a drain that does not exist is refused by the database itself."""
+    with pytest.raises(sa.exc.IntegrityError):
+        with store._write() as conn:
+            conn.execute(sa.text("INSERT INTO drain_rows (drain_id, server, name, state_before, accepted, status) "
+                                 "VALUES (42, 's', 'n', 'running', false, 'queued')"))
+
+
+def test_reopening_keeps_the_records(url, clock):
+    with Store(url, clock=clock) as s:
+        m = migration(s)
+    with Store(url, clock=clock) as s:
+        assert s.get_migration(m.id) == m
+        assert s.schema_version() == SCHEMA_VERSION
+
+
+# The first schema, as a version 1 controller left it on disk: no indexes.
+V1 = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version VALUES (1);
+CREATE TABLE hosts (name VARCHAR(255) PRIMARY KEY, agent_url TEXT NOT NULL, address TEXT NOT NULL,
+    enabled BOOLEAN NOT NULL, disabled_reason TEXT);
+CREATE TABLE migrations (id INTEGER PRIMARY KEY AUTOINCREMENT, uuid VARCHAR(36) NOT NULL UNIQUE,
+    server VARCHAR(36) NOT NULL, server_name TEXT NOT NULL, source_compute VARCHAR(255) NOT NULL,
+    dest_compute VARCHAR(255) NOT NULL, dest_address TEXT NOT NULL, status VARCHAR(32) NOT NULL,
+    migration_type VARCHAR(32) NOT NULL, task_state VARCHAR(32), forced BOOLEAN NOT NULL,
+    old_power_state INTEGER NOT NULL, flavor TEXT NOT NULL, progress TEXT, bytes_sent BIGINT NOT NULL,
+    bytes_skipped BIGINT NOT NULL, rate FLOAT NOT NULL, digests TEXT NOT NULL, downtime_s FLOAT, error TEXT,
+    disk_info TEXT, source_job VARCHAR(64), dest_job VARCHAR(64), powered_off_at FLOAT,
+    created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL);
+CREATE TABLE drains (id INTEGER PRIMARY KEY AUTOINCREMENT, host VARCHAR(255) NOT NULL, live BOOLEAN NOT NULL,
+    max_servers INTEGER NOT NULL, dry_run BOOLEAN NOT NULL, target_host VARCHAR(255), force BOOLEAN NOT NULL,
+    status VARCHAR(16) NOT NULL, created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL);
+CREATE TABLE drain_rows (id INTEGER PRIMARY KEY, drain_id INTEGER NOT NULL REFERENCES drains (id) ON DELETE CASCADE,
+    server VARCHAR(36) NOT NULL, name TEXT NOT NULL, state_before VARCHAR(32) NOT NULL, migration_type VARCHAR(32),
+    accepted BOOLEAN NOT NULL, status VARCHAR(16) NOT NULL, error TEXT, migration_id INTEGER REFERENCES migrations (id));
+INSERT INTO migrations VALUES (7, 'm-uuid', 'uuid-1', 'web1', 'a', 'b', '198.18.0.2', 'finished', 'migration',
+    NULL, 0, 1, '{"name": "m1.small", "vcpus": 1}', NULL, 1024, 2048, 10.5, '["xxh3:ab"]', NULL, NULL,
+    '[]', NULL, NULL, NULL, '2026-11-20 10:00:00.000000', '2026-11-20 10:05:00.000000');
+"""
+
+
+def test_upgrade_from_version_1_keeps_records_and_adds_indexes(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(V1)
+    db.close()
+    with Store(f"sqlite:///{path}") as s:
+        assert s.schema_version() == SCHEMA_VERSION == 2
+        m = s.get_migration(7)
+        assert (m.uuid, m.status, m.bytes_sent, m.digests, m.flavor["vcpus"]) == (
+            "m-uuid", "finished", 1024, ["xxh3:ab"], 1)
+        assert m.updated_at == dt.datetime(2026, 11, 20, 10, 5, tzinfo=dt.timezone.utc)
+        assert migration(s).id == 8
+    indexes = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"ix_migrations_updated_at", "ix_migrations_server", "ix_migrations_status",
+            "ix_drain_rows_drain_id"} <= indexes
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    Store(f"sqlite:///{path}").close()
+    sqlite3.connect(path).execute("UPDATE schema_version SET version = 99").connection.commit()
+    with pytest.raises(StoreError) as e:
+        Store(f"sqlite:///{path}")
+    assert f"schema version 99 is newer than this coldferry knows ({SCHEMA_VERSION}): upgrade coldferry" in str(e.value)
+
+
+def test_foreign_tables_without_a_version_are_refused(tmp_path):
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).execute("CREATE TABLE migrations (x INTEGER)").connection.commit()
+    with pytest.raises(StoreError, match="no schema_version: not a database this code made"):
+        Store(f"sqlite:///{path}")
+
+
+def test_bad_urls_and_unopenable_files(tmp_path):
+    with pytest.raises(StoreError, match="not an SQLAlchemy URL"):
+        Store("controller.db")
+    with pytest.raises(StoreError, match="cannot open it .* check that it exists"):
+        Store(f"sqlite:///{tmp_path}/missing-dir/controller.db")
+
+
+def test_password_is_not_shown():
+    with pytest.raises(StoreError) as e:
+        Store("postgresql+nosuchdriver://u:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(e.value) and "***" in str(e.value)
+
+
+# hosts
+
+def test_sync_hosts_adds_updates_keeps_status_and_drops(store):
+    store.sync_hosts([HostRecord("a", "http://a:8797", "198.18.0.1"), HostRecord("b", "http://b:8797", "198.18.0.2")])
+    store.set_service("a", False, "maintenance")
+    hosts = store.sync_hosts([HostRecord("a", "http://a2:8797", "198.18.1.1"),
+                              HostRecord("c", "http://c:8797", "198.18.0.3")])
+    assert hosts == store.list_hosts() == [
+        HostRecord("a", "http://a2:8797", "198.18.1.1", enabled=False, disabled_reason="maintenance"),
+        HostRecord("c", "http://c:8797", "198.18.0.3")]
+    assert store.get_host("b") is None
+
+
+def test_set_service(store):
+    store.sync_hosts([HostRecord("a", "http://a:8797", "198.18.0.1")])
+    assert store.set_service("a", False, "drain") == HostRecord("a", "http://a:8797", "198.18.0.1", False, "drain")
+    assert store.set_service("a", True, "ignored") == HostRecord("a", "http://a:8797", "198.18.0.1", True, None)
+    assert store.get_host("a").enabled is True
+    with pytest.raises(NotFound, match="host nope not found"):
+        store.set_service("nope", False, None)
+
+
+# migrations
+
+def test_create_migration_defaults_and_round_trip(store, clock):
+    m = migration(store, flavor={"name": "m1.small", "vcpus": 1}, old_power_state=1)
+    assert m.id >= 1 and len(m.uuid) == 36
+    assert (m.status, m.migration_type, m.task_state, m.forced, m.digests) == (
+        records.PRE_MIGRATING, records.COLD, "resize_prep", False, [])
+    assert m.created_at == m.updated_at == T0
+    got = store.get_migration(m.id)
+    assert got == m and got.created_at.tzinfo == dt.timezone.utc
+    other = migration(store)
+    assert other.id == m.id + 1 and other.uuid != m.uuid
+    assert store.get_migration(other.id + 100) is None
+
+
+def test_create_migration_rejects_bad_fields(store):
+    with pytest.raises(TypeError, match="sets id, uuid itself"):
+        migration(store, id=3, uuid="x")
+    with pytest.raises(TypeError):
+        migration(store, colour="red")
+    with pytest.raises(TypeError):
+        store.create_migration(server="s")  # the rest is required
+
+
+def test_update_migration(store, clock):
+    m = migration(store)
+    clock.advance(30)
+    progress = {"file": "disk", "done": 5, "total": 10, "rate": 1.5, "eta": None, "fraction": 0.5}
+    u = store.update_migration(m.id, status=records.MIGRATING, progress=progress, digests=["a", "b"],
+                               bytes_sent=2**40, downtime_s=0.25)
+    assert (u.status, u.progress, u.digests, u.bytes_sent, u.downtime_s) == (
+        records.MIGRATING, progress, ["a", "b"], 2**40, 0.25)
+    assert (u.created_at, u.updated_at) == (T0, T0 + dt.timedelta(seconds=30))
+    assert store.get_migration(m.id) == u
+    assert store.update_migration(m.id, progress=None).progress is None
+    with pytest.raises(TypeError, match="unknown or read-only field"):
+        store.update_migration(m.id, colour="red")
+    with pytest.raises(TypeError, match="created_at"):
+        store.update_migration(m.id, created_at=T0)
+    with pytest.raises(NotFound, match="migration 999 not found"):
+        store.update_migration(999, status=records.ERROR)
+
+
+def test_list_migrations_filters_newest_first(store, clock):
+    m1 = migration(store, server="u1", name="web1", source="a", dest="b")
+    clock.advance(60)
+    m2 = migration(store, server="u2", name="db1", source="b", dest="c", migration_type=records.LIVE)
+    clock.advance(60)
+    m3 = migration(store, server="u1", name="web1", source="b", dest="c")
+    ids = lambda ms: [m.id for m in ms]  # noqa: E731
+    assert ids(store.list_migrations()) == [m3.id, m2.id, m1.id]
+    assert ids(store.list_migrations(host="a")) == [m1.id]
+    assert ids(store.list_migrations(host="c")) == [m3.id, m2.id]
+    assert ids(store.list_migrations(server="u1")) == ids(store.list_migrations(server="web1")) == [m3.id, m1.id]
+    assert ids(store.list_migrations(migration_type=records.LIVE)) == [m2.id]
+    store.update_migration(m1.id, status=records.ERROR)  # updated now: T0 + 120
+    assert ids(store.list_migrations(status=records.ERROR)) == [m1.id]
+    assert ids(store.list_migrations(changes_since=T0 + dt.timedelta(seconds=60))) == [m3.id, m2.id, m1.id]
+    assert ids(store.list_migrations(changes_since=T0 + dt.timedelta(seconds=61))) == [m3.id, m1.id]
+    # Another zone, same instant; and a naive time is taken as UTC.
+    cet = dt.timezone(dt.timedelta(hours=1))
+    assert ids(store.list_migrations(changes_since=(T0 + dt.timedelta(seconds=61)).astimezone(cet))) == [m3.id, m1.id]
+    assert ids(store.list_migrations(changes_since=dt.datetime(2026, 11, 23, 11, 41, 1))) == [m3.id, m1.id]
+    assert store.list_migrations(host="c", server="web1", status=records.PRE_MIGRATING) == [m3]
+
+
+def test_in_flight_and_open_migrations(store, clock):
+    done = migration(store, server="u1")
+    store.update_migration(done.id, status=records.CONFIRMED)
+    assert store.open_migration_for("u1") is None
+    clock.advance(1)
+    finished = migration(store, server="u1", status=records.FINISHED)
+    assert store.open_migration_for("u1") == finished  # finished still waits for confirm or revert
+    running = [migration(store, server=f"r{i}", status=s) for i, s in enumerate(sorted(records.IN_FLIGHT))]
+    migration(store, server="e", status=records.ERROR)
+    assert [m.id for m in store.in_flight_migrations()] == [m.id for m in running]
+    assert store.open_migration_for("r0") == running[0]
+    assert store.open_migration_for("unknown") is None
+
+
+def test_concurrent_writers_from_threads(store):
+    store.sync_hosts([HostRecord("a", "http://a:8797", "198.18.0.1")])
+    shared = migration(store, server="shared")
+    errors: list[BaseException] = []
+    created: list[int] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(10):
+                m = migration(store, server=f"t{n}-{i}")
+                created.append(store.update_migration(m.id, status=records.MIGRATING, bytes_sent=i).id)
+                store.update_migration(shared.id, bytes_sent=n * 100 + i)
+                store.set_service("a", i % 2 == 0, f"thread {n}")
+                store.list_migrations(host="a")
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(created)) == 60
+    assert len(store.list_migrations(status=records.MIGRATING)) == 60
+    assert store.get_migration(shared.id).bytes_sent % 100 == 9  # some thread's last write won whole
+
+
+def test_in_memory_database_is_shared_between_threads():
+    with Store("sqlite://") as s:
+        made: list[int] = []
+        t = threading.Thread(target=lambda: made.append(migration(s).id))
+        t.start()
+        t.join()
+        assert [m.id for m in s.list_migrations()] == made
+
+
+# drains
+
+def test_drains_with_rows(store, clock):
+    d = store.create_drain("a", live=True, max_servers=2, dry_run=False, target_host=None, force=False)
+    assert (d.host, d.live, d.max_servers, d.status, d.rows, d.created_at) == ("a", True, 2, "running", [], T0)
+    r1 = store.add_drain_row(d.id, "u1", "web1", "running", records.LIVE, True, "queued")
+    r2 = store.add_drain_row(d.id, "u2", "db1", "paused", None, False, "error", error="paused servers stay")
+    m = migration(store, server="u1")
+    clock.advance(10)
+    updated = store.update_drain_row(r1.id, status="migrating", migration_id=m.id)
+    assert (updated.status, updated.migration_id, updated.name) == ("migrating", m.id, "web1")
+    got = store.get_drain(d.id)
+    assert [r.server for r in got.rows] == ["u1", "u2"]
+    assert got.rows[0] == updated and got.rows[1] == r2
+    assert got.updated_at == T0 + dt.timedelta(seconds=10)  # a row change touches its drain
+    assert got.totals() == {"total": 2, "queued": 0, "migrating": 1, "done": 0, "error": 1, "planned": 0}
+    done = store.update_drain(d.id, status="done")
+    assert done.status == "done" and len(done.rows) == 2
+    clock.advance(10)
+    d2 = store.create_drain("b", live=False, max_servers=1, dry_run=True, target_host="c", force=True)
+    store.add_drain_row(d2.id, "u3", "x", "shutdown", records.COLD, True, "planned")
+    listed = store.list_drains()
+    assert [(x.id, len(x.rows)) for x in listed] == [(d2.id, 1), (d.id, 2)]
+    assert (listed[0].dry_run, listed[0].target_host, listed[0].force) == (True, "c", True)
+    assert store.get_drain(d2.id + 1) is None
+
+
+def test_drain_errors(store):
+    with pytest.raises(NotFound, match="drain 5 not found"):
+        store.add_drain_row(5, "u", "n", "running", None, False, "queued")
+    with pytest.raises(NotFound, match="drain row 9 not found"):
+        store.update_drain_row(9, status="done")
+    with pytest.raises(NotFound, match="drain 5 not found"):
+        store.update_drain(5, status="done")
+    d = store.create_drain("a", live=False, max_servers=1, dry_run=False, target_host=None, force=False)
+    row = store.add_drain_row(d.id, "u", "n", "running", None, False, "queued")
+    with pytest.raises(TypeError, match="drain_id"):
+        store.update_drain_row(row.id, drain_id=7)
+    with pytest.raises(TypeError, match="rows"):
+        store.update_drain(d.id, rows=[])
+
+
+@pytest.mark.skipif(not PG_URL, reason="set COLDFERRY_PG_URL to a PostgreSQL database the tests may wipe")
+def test_postgresql_is_covered_when_configured(url):
+    """Only runs when COLDFERRY_PG_URL names a PostgreSQL database: then every test above
+    taking ``url`` also ran on it; this one checks that the URL really is PostgreSQL."""
+    assert sa.engine.make_url(PG_URL).get_backend_name() == "postgresql"
+    with Store(PG_URL) as s:
+        assert s.schema_version() == SCHEMA_VERSION
