@@ -24,7 +24,7 @@ from driver.model import Flavor, Instance, Migration, PowerState
 from transfer.progress import Progress
 
 from . import schemas as s
-from .jobs import Job, JobConflict, JobNotFound, JobRunner
+from .jobs import JobConflict, JobNotFound, JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner 
     expected = token.encode()
 
     def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
+        if credentials is None or not _token_ok(credentials.credentials, expected):
             raise _Unauthorized()
 
     app = FastAPI(title="coldferry agent", version="1",
@@ -64,6 +64,11 @@ def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner 
     _add_job_routes(api, driver, runner, (shutdown_timeout, shutdown_retry_interval))
     app.include_router(api)
     return app
+
+
+def _token_ok(given: str, expected: bytes) -> bool:
+    """Constant-time comparison, so the answer's timing tells nothing about the token."""
+    return hmac.compare_digest(given.encode(), expected)
 
 
 def _progress_hook(runner: JobRunner) -> Callable[[str, Progress], None]:
@@ -87,13 +92,15 @@ def _add_error_handlers(app: FastAPI, expected: bytes) -> None:
         # The body is parsed before dependencies run: check the token here so a
         # caller without it learns nothing about the request's shape.
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if scheme.lower() != "bearer" or not _token_ok(given.strip(), expected):
             return await unauthorized(request, _Unauthorized())
         return error(400, validation_reason(exc.errors()))
 
     @app.exception_handler(DriverError)
     async def driver_error(request: Request, exc: DriverError) -> JSONResponse:
         status = 404 if isinstance(exc, InstanceNotFound) else 409 if isinstance(exc, InvalidInstanceState) else 500
+        if status == 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
         return error(status, str(exc))
 
     @app.exception_handler(JobConflict)

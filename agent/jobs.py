@@ -114,12 +114,11 @@ class JobRunner:
             thread = threading.Thread(target=self._run, args=(job, work), name=f"job-{op}-{job.id[:8]}",
                                       daemon=True)
             thread.start()
-            self._by_thread[thread.ident or 0] = job.id  # under the lock: _run waits for it
             return replace(job)
 
     def _run(self, job: Job, work: Callable[[], Any]) -> None:
-        with self._lock:  # start() registers this thread before releasing the lock
-            pass
+        with self._lock:
+            self._by_thread[threading.get_ident()] = job.id
         log.info("job %s: %s on instance %s started", job.id, job.op, job.instance_uuid)
         try:
             result, error = work(), None

@@ -7,7 +7,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -57,14 +57,14 @@ class AgentClient:
 
     def host(self) -> dict[str, Any]:
         """The host's resources plus its data-plane ``address``."""
-        return self._call("GET", "/v1/host")
+        return cast(dict[str, Any], self._call("GET", "/v1/host"))
 
     def instances(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/instances")["instances"]
+        return cast(list[dict[str, Any]], self._call("GET", "/v1/instances")["instances"])
 
     def instance(self, uuid: str) -> dict[str, Any] | None:
         """The instance, or None when the agent does not know it."""
-        return self._call("GET", f"/v1/instances/{_quote(uuid)}", missing_ok=True)
+        return cast("dict[str, Any] | None", self._call("GET", f"/v1/instances/{_quote(uuid)}", missing_ok=True))
 
     def start(self, uuid: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         """Start job ``op`` (a path word such as ``migrate-disk-and-power-off``) on instance
@@ -72,11 +72,11 @@ class AgentClient:
         that is not a path word."""
         if not _OP.match(op):
             raise ValueError(f"agent operation {op!r} is not a path word such as power-on")
-        return self._call("POST", f"/v1/instances/{_quote(uuid)}/{op}", body=body)
+        return cast(dict[str, Any], self._call("POST", f"/v1/instances/{_quote(uuid)}/{op}", body=body))
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         """The job, or None when the agent does not know it (e.g. it restarted)."""
-        return self._call("GET", f"/v1/jobs/{_quote(job_id)}", missing_ok=True)
+        return cast("dict[str, Any] | None", self._call("GET", f"/v1/jobs/{_quote(job_id)}", missing_ok=True))
 
     def wait(self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None,
              timeout: float | None = None) -> dict[str, Any]:

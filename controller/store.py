@@ -128,21 +128,13 @@ _drain_rows = sa.Table(
     sa.Column("migration_id", sa.Integer, sa.ForeignKey("migrations.id")))
 
 
-def _v2_indexes(conn: Connection) -> None:
-    # Version 1 had no indexes; the migration list filters and changes-since polling need them.
-    for name, column in (("ix_migrations_updated_at", "updated_at"), ("ix_migrations_server", "server"),
-                         ("ix_migrations_status", "status")):
-        conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {name} ON migrations ({column})"))
-    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_drain_rows_drain_id ON drain_rows (drain_id)"))
-
-
 # Upgrade steps, in order: (version reached, what it does, step). A new database is created
-# from the tables above at SCHEMA_VERSION directly; these steps bring older ones there.
-# A step must spell out its own DDL: the tables above describe only the newest version.
-STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
-    (2, "indexes for migration filters and changes-since", _v2_indexes),
-]
-SCHEMA_VERSION = STEPS[-1][0]
+# from the tables above at SCHEMA_VERSION directly; these steps bring older ones there, each in
+# its own transaction. A step spells out its own DDL (ALTER TABLE ... ADD ...): the tables above
+# describe only the newest version. To change the schema, change the tables, append a step and
+# raise SCHEMA_VERSION to its version.
+SCHEMA_VERSION = 1
+STEPS: list[tuple[int, str, Callable[[Connection], None]]] = []
 
 _MIGRATION_FIELDS = frozenset(f.name for f in dataclasses.fields(MigrationRecord))
 _DRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(DrainRecord)) - {"rows"}
@@ -250,8 +242,8 @@ class Store:
         values = dataclasses.asdict(record)
         del values["id"]
         with self._write() as conn:
-            new_id = conn.execute(_migrations.insert().values(**values)).inserted_primary_key[0]
-        return dataclasses.replace(record, id=int(new_id))
+            new_id = _insert(conn, _migrations, values)
+        return dataclasses.replace(record, id=new_id)
 
     def update_migration(self, id: int, **fields: Any) -> MigrationRecord:
         """Change fields of migration ``id`` and stamp updated_at. Raises TypeError for an
@@ -305,23 +297,23 @@ class Store:
     def create_drain(self, host: str, live: bool, max_servers: int, dry_run: bool,
                      target_host: str | None, force: bool) -> DrainRecord:
         now = self._clock()
-        values = dict(host=host, live=live, max_servers=max_servers, dry_run=dry_run,
+        values: dict[str, Any] = dict(host=host, live=live, max_servers=max_servers, dry_run=dry_run,
                       target_host=target_host, force=force, status="running", created_at=now, updated_at=now)
         with self._write() as conn:
-            new_id = conn.execute(_drains.insert().values(**values)).inserted_primary_key[0]
-        return DrainRecord(id=int(new_id), **values)
+            new_id = _insert(conn, _drains, values)
+        return DrainRecord(id=new_id, **values)
 
     def add_drain_row(self, drain_id: int, server: str, name: str, state_before: str,
                       migration_type: str | None, accepted: bool, status: str, error: str | None = None,
                       migration_id: int | None = None) -> DrainRowRecord:
         """Append a row to drain ``drain_id``. Raises NotFound for an unknown drain."""
-        values = dict(drain_id=drain_id, server=server, name=name, state_before=state_before,
+        values: dict[str, Any] = dict(drain_id=drain_id, server=server, name=name, state_before=state_before,
                       migration_type=migration_type, accepted=accepted, status=status, error=error,
                       migration_id=migration_id)
         with self._write() as conn:
             self._touch_drain(conn, drain_id)
-            new_id = conn.execute(_drain_rows.insert().values(**values)).inserted_primary_key[0]
-        return DrainRowRecord(id=int(new_id), **values)
+            new_id = _insert(conn, _drain_rows, values)
+        return DrainRowRecord(id=new_id, **values)
 
     def update_drain_row(self, row_id: int, **fields: Any) -> DrainRowRecord:
         """Change fields of a drain row (and stamp its drain's updated_at). Raises TypeError
@@ -399,12 +391,28 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError(url=self._shown_url, reason=f"schema version {version} is newer than this "
                                                          f"coldferry knows ({SCHEMA_VERSION}): upgrade coldferry")
-        for target, _what, step in STEPS:
-            if target > version:
+        for target, what, step in STEPS:
+            if target <= version:
+                continue
+            try:
                 # One transaction per step: a failed step leaves the database at the one before.
+                # The version is read again under the write lock: another controller may have
+                # opened the database at the same time and done this step already.
                 with self._write() as conn:
-                    step(conn)
-                    conn.execute(_version.update().values(version=target))
+                    if conn.execute(sa.select(_version.c.version)).scalar_one() < target:
+                        step(conn)
+                        conn.execute(_version.update().values(version=target))
+            except Exception as e:
+                raise StoreError(url=self._shown_url, reason=f"upgrading the schema to version {target} "
+                                 f"({what}) failed: {e}; it stays at version {version}") from e
+            version = target
+
+
+def _insert(conn: Connection, table: sa.Table, values: dict[str, Any]) -> int:
+    """Insert one row; its new integer id."""
+    key = conn.execute(table.insert().values(**values)).inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def _check_fields(who: str, fields: dict[str, Any], allowed: frozenset[str]) -> None:

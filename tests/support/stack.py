@@ -71,6 +71,14 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only (it holds tokens)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -136,6 +144,8 @@ class Stack:
            controller_settings: dict[str, Any] | None = None, timeout: float = 60.0) -> "Stack":
         """Start an agent in each of ``hosts`` (names; default: every lab host) and a controller.
 
+        Agents listen on port 8797 of their host's address, so one stack runs on a lab at a time.
+
         driver_settings: override ``DriverNode.configure``'s defaults in every agent's
             ``[driver]`` (e.g. ``transfer_bwlimit`` for a slow copy, ``transfer_method``).
         controller_settings: override keys of ``[controller]``.
@@ -177,9 +187,8 @@ class Stack:
         driver_table = path.read_text()
         agent = {"listen": "0.0.0.0", "port": AGENT_PORT, "token": self.agent_token, "address": host.ip,
                  "driver": "libvirt"}
-        path.write_text("[agent]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in agent.items())
-                        + "\n" + driver_table)
-        path.chmod(0o600)
+        _write_private(path, "[agent]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in agent.items())
+                       + "\n" + driver_table)
         return node
 
     def _write_controller_config(self, settings: dict[str, Any]) -> None:
@@ -191,8 +200,7 @@ class Stack:
             entry = {"name": host.name, "agent_url": self.agent_url(host.name), "address": host.ip,
                      "agent_token": self.agent_token}
             text += "\n[[hosts]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in entry.items())
-        self.controller_config.write_text(text)
-        self.controller_config.chmod(0o600)
+        _write_private(self.controller_config, text)
 
     def start_agent(self, host_name: str, wait: bool = True, timeout: float = 60.0) -> None:
         """Start the agent of ``host_name`` inside that host (its log is appended to)."""
@@ -253,15 +261,21 @@ class Stack:
     def _auth(self, token: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token or self.token}"}
 
-    def cli(self, *args: str, timeout: float = 300.0, check: bool = False) -> subprocess.CompletedProcess:
-        """``coldferry ARGS`` against this controller (COLDFERRY_URL/COLDFERRY_TOKEN set)."""
-        env = _clean_env(COLDFERRY_URL=self.url, COLDFERRY_TOKEN=self.token, COLUMNS="200")
+    def cli(self, *args: str, timeout: float = 300.0, check: bool = False,
+            merge_output: bool = False) -> subprocess.CompletedProcess:
+        """``coldferry ARGS`` against this controller (COLDFERRY_URL/COLDFERRY_TOKEN set).
+
+        check: raise AssertionError (with the output) unless it exits 0.
+        merge_output: standard error goes into ``stdout`` too, in the order it was written.
+        """
+        env = _clean_env(COLDFERRY_URL=self.url, COLDFERRY_TOKEN=self.token)
         env.pop("COLDFERRY_CLIENT_CONFIG", None)
-        run = subprocess.run([COLDFERRY, *args], env=env, capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL)
+        run = subprocess.run([COLDFERRY, *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT if merge_output else subprocess.PIPE, text=True,
+                             timeout=timeout, stdin=subprocess.DEVNULL)
         if check and run.returncode != 0:
             raise AssertionError(f"coldferry {' '.join(args)} failed ({run.returncode}):\n"
-                                 f"{run.stdout}\n{run.stderr}")
+                                 f"{run.stdout}\n{run.stderr or ''}")
         return run
 
     def cli_json(self, *args: str, timeout: float = 300.0) -> Any:
@@ -456,7 +470,7 @@ class Stack:
             raise StackError(f"pids {[r.pid for r in left]} survived SIGKILL")
 
     def collect_logs(self, dest: Path) -> None:
-        """Copy the agents' and the controller's logs and configs (tokens removed) to ``dest``."""
+        """Copy the agents' and the controller's logs to ``dest``."""
         dest.mkdir(parents=True, exist_ok=True)
         for path in self.workdir.glob("*.log"):
             shutil.copyfile(path, dest / path.name)

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent import JobRunner, create_app
+from driver.base import ComputeDriver
 from driver.errors import DriverError, InvalidInstanceState
 from driver.memory import GiB, MemoryCloud, MemoryDriver
 from driver.model import Flavor, Instance, PowerState
@@ -337,14 +338,22 @@ def test_live_migrate_job(cloud, gate):
     assert src.client.get("/v1/instances").json() == {"instances": []}
 
 
-class NoLiveDriver(MemoryDriver):
+class RefusingDriver(MemoryDriver):
+    live_migration = ComputeDriver.live_migration  # the contract's refusal
+
+
+class UnfinishedDriver(MemoryDriver):
     def live_migration(self, instance: Instance, dest: str) -> dict:
         raise NotImplementedError
 
 
-def test_live_migrate_without_driver_support_is_a_clear_job_error():
-    drv = NoLiveDriver("h1")
+@pytest.mark.parametrize("cls,message", [(RefusingDriver, "live migration is not supported by the QEMU driver"),
+                                         (UnfinishedDriver, "UnfinishedDriver driver of this host cannot "
+                                                            "live-migrate; use a cold migration")])
+def test_live_migrate_without_driver_support_is_a_clear_job_error(cls, message):
+    drv = cls("h1")
     drv.add_instance(UUID, "vm1", SMALL)
     job = Host(drv).job("live-migrate", {"dest": "h2"})
     assert job["state"] == "error" and job["error"]["kind"] == "DriverError"
-    assert "NoLiveDriver driver of this host cannot live-migrate" in job["error"]["message"]
+    assert message in job["error"]["message"]
+    assert drv.get_instance(UUID).power_state == PowerState.RUNNING

@@ -33,7 +33,9 @@ class PlayedAgent:
             return httpx.Response(404, json={"detail": f"{key[1]} not found"})
         status, body = self.answers[key]
         answer = body() if callable(body) else body
-        return httpx.Response(status, json=answer) if not isinstance(answer, str) else httpx.Response(status, text=answer)
+        if isinstance(answer, str):
+            return httpx.Response(status, text=answer)
+        return httpx.Response(status, json=answer)
 
 
 def client(agent: PlayedAgent, token: str = TOKEN, **kw) -> AgentClient:

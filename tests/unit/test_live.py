@@ -16,6 +16,7 @@ import libvirt
 import pytest
 
 import transfer
+from coldferry import driver_cmd
 from driver.base import ComputeDriver
 from driver.errors import DriverError, ImageError, InvalidInstanceState, MigrationFailed
 from driver.libvirt import DriverConfig, LibvirtDriver, live
@@ -341,3 +342,8 @@ def test_source_still_defined_after_moving_keeps_its_files(env, monkeypatch):
     monkeypatch.setattr(LiveDomain, "migrate3", keep_source)
     env.migrate()
     assert (env.inst_dir / "disk").exists()
+
+
+def test_driver_command_live_migrate_passes_uuid_and_dest(env):
+    assert driver_cmd.CALLS["live-migrate"](env.driver, {"uuid": UUID, "dest": DEST})["downtime_s"] == 0.104
+    assert UUID in env.dconn.domains

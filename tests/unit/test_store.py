@@ -18,9 +18,11 @@ import sqlalchemy as sa
 from controller import records
 from controller.errors import NotFound
 from controller.records import HostRecord
+from controller import store as store_module
 from controller.store import SCHEMA_VERSION, Store, StoreError
 
 PG_URL = os.environ.get("COLDFERRY_PG_URL")
+BASE_STEPS = list(store_module.STEPS)
 T0 = dt.datetime(2026, 11, 23, 11, 40, tzinfo=dt.timezone.utc)
 
 
@@ -80,7 +82,8 @@ def test_new_database_gets_the_current_schema(tmp_path):
         assert s.schema_version() == SCHEMA_VERSION
     db = sqlite3.connect(path)
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-    assert {"schema_version", "hosts", "migrations", "drains", "drain_rows", "ix_migrations_updated_at"} <= names
+    assert {"schema_version", "hosts", "migrations", "drains", "drain_rows", "ix_migrations_updated_at",
+            "ix_migrations_server", "ix_migrations_status", "ix_drain_rows_drain_id"} <= names
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -100,56 +103,73 @@ def test_reopening_keeps_the_records(url, clock):
         assert s.schema_version() == SCHEMA_VERSION
 
 
-# The first schema, as a version 1 controller left it on disk: no indexes.
-V1 = """
-CREATE TABLE schema_version (version INTEGER NOT NULL);
-INSERT INTO schema_version VALUES (1);
-CREATE TABLE hosts (name VARCHAR(255) PRIMARY KEY, agent_url TEXT NOT NULL, address TEXT NOT NULL,
-    enabled BOOLEAN NOT NULL, disabled_reason TEXT);
-CREATE TABLE migrations (id INTEGER PRIMARY KEY AUTOINCREMENT, uuid VARCHAR(36) NOT NULL UNIQUE,
-    server VARCHAR(36) NOT NULL, server_name TEXT NOT NULL, source_compute VARCHAR(255) NOT NULL,
-    dest_compute VARCHAR(255) NOT NULL, dest_address TEXT NOT NULL, status VARCHAR(32) NOT NULL,
-    migration_type VARCHAR(32) NOT NULL, task_state VARCHAR(32), forced BOOLEAN NOT NULL,
-    old_power_state INTEGER NOT NULL, flavor TEXT NOT NULL, progress TEXT, bytes_sent BIGINT NOT NULL,
-    bytes_skipped BIGINT NOT NULL, rate FLOAT NOT NULL, digests TEXT NOT NULL, downtime_s FLOAT, error TEXT,
-    disk_info TEXT, source_job VARCHAR(64), dest_job VARCHAR(64), powered_off_at FLOAT,
-    created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL);
-CREATE TABLE drains (id INTEGER PRIMARY KEY AUTOINCREMENT, host VARCHAR(255) NOT NULL, live BOOLEAN NOT NULL,
-    max_servers INTEGER NOT NULL, dry_run BOOLEAN NOT NULL, target_host VARCHAR(255), force BOOLEAN NOT NULL,
-    status VARCHAR(16) NOT NULL, created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL);
-CREATE TABLE drain_rows (id INTEGER PRIMARY KEY, drain_id INTEGER NOT NULL REFERENCES drains (id) ON DELETE CASCADE,
-    server VARCHAR(36) NOT NULL, name TEXT NOT NULL, state_before VARCHAR(32) NOT NULL, migration_type VARCHAR(32),
-    accepted BOOLEAN NOT NULL, status VARCHAR(16) NOT NULL, error TEXT, migration_id INTEGER REFERENCES migrations (id));
-INSERT INTO migrations VALUES (7, 'm-uuid', 'uuid-1', 'web1', 'a', 'b', '198.18.0.2', 'finished', 'migration',
-    NULL, 0, 1, '{"name": "m1.small", "vcpus": 1}', NULL, 1024, 2048, 10.5, '["xxh3:ab"]', NULL, NULL,
-    '[]', NULL, NULL, NULL, '2026-11-20 10:00:00.000000', '2026-11-20 10:05:00.000000');
-"""
+def with_steps(monkeypatch, *steps) -> None:
+    """Make the code one or more schema versions newer than the database."""
+    monkeypatch.setattr(store_module, "STEPS", [*BASE_STEPS, *steps])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", steps[-1][0])
 
 
-def test_upgrade_from_version_1_keeps_records_and_adds_indexes(tmp_path):
-    path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    db.executescript(V1)
-    db.close()
-    with Store(f"sqlite:///{path}") as s:
-        assert s.schema_version() == SCHEMA_VERSION == 2
-        m = s.get_migration(7)
-        assert (m.uuid, m.status, m.bytes_sent, m.digests, m.flavor["vcpus"]) == (
-            "m-uuid", "finished", 1024, ["xxh3:ab"], 1)
-        assert m.updated_at == dt.datetime(2026, 11, 20, 10, 5, tzinfo=dt.timezone.utc)
-        assert migration(s).id == 8
-    indexes = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert {"ix_migrations_updated_at", "ix_migrations_server", "ix_migrations_status",
-            "ix_drain_rows_drain_id"} <= indexes
+def columns(url: str, table: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return {c["name"] for c in sa.inspect(engine).get_columns(table)}
+    finally:
+        engine.dispose()
 
 
-def test_newer_schema_is_refused(tmp_path):
-    path = tmp_path / "new.db"
-    Store(f"sqlite:///{path}").close()
-    sqlite3.connect(path).execute("UPDATE schema_version SET version = 99").connection.commit()
+def test_upgrade_runs_the_missing_steps_in_order_and_keeps_records(url, clock, monkeypatch):
+    with Store(url, clock=clock) as s:
+        s.sync_hosts([HostRecord("a", "http://a:8797", "198.18.0.1")])
+        m = migration(s, digests=["xxh3:ab"])
+    ran: list[int] = []
+
+    def add_note(conn) -> None:
+        ran.append(2)
+        conn.execute(sa.text("ALTER TABLE hosts ADD COLUMN note TEXT"))
+
+    def fill_note(conn) -> None:
+        ran.append(3)
+        conn.execute(sa.text("UPDATE hosts SET note = 'from step 3'"))
+
+    with_steps(monkeypatch, (2, "host notes", add_note))
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == 2 and ran == [2]
+    with_steps(monkeypatch, (2, "host notes", add_note), (3, "fill notes", fill_note))
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == 3 and ran == [2, 3]  # only the step it lacked
+        assert s.get_migration(m.id) == m
+        assert s.list_hosts() == [HostRecord("a", "http://a:8797", "198.18.0.1")]
+        with s._read() as conn:
+            assert conn.execute(sa.text("SELECT note FROM hosts")).scalar_one() == "from step 3"
+    Store(url, clock=clock).close()
+    assert ran == [2, 3]  # nothing left to do
+
+
+def test_a_failed_step_leaves_the_version_before_it(url, monkeypatch):
+    Store(url).close()
+
+    def breaks(conn) -> None:
+        conn.execute(sa.text("ALTER TABLE hosts ADD COLUMN half_done TEXT"))
+        raise RuntimeError("disk on fire")
+
+    with_steps(monkeypatch, (2, "fine", lambda conn: None), (3, "breaks", breaks))
     with pytest.raises(StoreError) as e:
-        Store(f"sqlite:///{path}")
-    assert f"schema version 99 is newer than this coldferry knows ({SCHEMA_VERSION}): upgrade coldferry" in str(e.value)
+        Store(url)
+    assert "upgrading the schema to version 3 (breaks) failed: disk on fire; it stays at version 2" in str(e.value)
+    assert "half_done" not in columns(url, "hosts")  # the step's own change was rolled back
+    with_steps(monkeypatch, (2, "fine", lambda conn: None))
+    with Store(url) as s:
+        assert s.schema_version() == 2
+
+
+def test_newer_schema_is_refused(url, monkeypatch):
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 99)
+    Store(url).close()  # made by a newer coldferry
+    monkeypatch.undo()
+    with pytest.raises(StoreError) as e:
+        Store(url)
+    assert f"schema version 99 is newer than this coldferry knows ({SCHEMA_VERSION}): upgrade coldferry" \
+        in str(e.value)
 
 
 def test_foreign_tables_without_a_version_are_refused(tmp_path):
@@ -183,6 +203,7 @@ def test_sync_hosts_adds_updates_keeps_status_and_drops(store):
         HostRecord("a", "http://a2:8797", "198.18.1.1", enabled=False, disabled_reason="maintenance"),
         HostRecord("c", "http://c:8797", "198.18.0.3")]
     assert store.get_host("b") is None
+    assert store.sync_hosts([]) == []  # a configuration without hosts drops them all
 
 
 def test_set_service(store):
