@@ -71,12 +71,28 @@ def _token_ok(given: str, expected: bytes) -> bool:
     return hmac.compare_digest(given.encode(), expected)
 
 
+class _ProgressHook:
+    """The driver's on_progress: one hook for all jobs, routed to the job by thread.
+
+    A driver whose copier reports from worker threads calls ``bind()`` in the
+    job's own thread first and reports through what it returns, so progress
+    lands on the right job even with several copies at once.
+    """
+
+    def __init__(self, runner: JobRunner, job_id: str | None = None) -> None:
+        self.runner = runner
+        self.job_id = job_id
+
+    def bind(self) -> "_ProgressHook":
+        return _ProgressHook(self.runner, self.runner.current_job_id())
+
+    def __call__(self, file: str, p: Progress) -> None:
+        self.runner.report({"file": file, "done": p.done, "total": p.total, "rate": p.rate, "eta": p.eta,
+                            "fraction": p.fraction}, self.job_id)
+
+
 def _progress_hook(runner: JobRunner) -> Callable[[str, Progress], None]:
-    """The driver's on_progress: one hook for all jobs, routed to the job by thread."""
-    def hook(file: str, p: Progress) -> None:
-        runner.report({"file": file, "done": p.done, "total": p.total, "rate": p.rate, "eta": p.eta,
-                       "fraction": p.fraction})
-    return hook
+    return _ProgressHook(runner)
 
 
 def _add_error_handlers(app: FastAPI, expected: bytes) -> None:

@@ -143,17 +143,23 @@ class JobRunner:
             del self._jobs[job_id]
             self._ended.pop(job_id, None)
 
-    def report(self, progress: dict[str, Any]) -> bool:
+    def current_job_id(self) -> str | None:
+        """The id of the job running in the calling thread, if any."""
+        with self._lock:
+            return self._by_thread.get(threading.get_ident())
+
+    def report(self, progress: dict[str, Any], job_id: str | None = None) -> bool:
         """Set the progress of the job running in the calling thread.
 
         A call from another thread (a copier's worker) lands on the only
         running job that accepts foreign progress; with none or several it
         is dropped rather than shown on the wrong job.
 
+        :param job_id: the job it belongs to, when the caller knows (see ``current_job_id``).
         :returns: whether the progress landed on a job.
         """
         with self._lock:
-            job_id = self._by_thread.get(threading.get_ident())
+            job_id = job_id or self._by_thread.get(threading.get_ident())
             if job_id is None:
                 candidates = [j.id for j in self._jobs.values() if j.state == RUNNING and j.foreign_progress]
                 job_id = candidates[0] if len(candidates) == 1 else None

@@ -46,9 +46,10 @@ class ServerAction(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_action(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or len(data) != 1:
-            raise ValueError("the body must name exactly one action: migrate, os-migrateLive, "
-                             "confirmResize or revertResize")
+        actions = ("migrate", "os-migrateLive", "confirmResize", "revertResize")
+        if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in actions:
+            got = ", ".join(map(repr, data)) if isinstance(data, dict) and data else "nothing"
+            raise ValueError(f"the body must name exactly one action, one of {', '.join(actions)}; got {got}")
         return data
 
 

@@ -263,6 +263,8 @@ class Conductor:
             try:
                 return agent.wait(job_id, on_update=on_update)
             except AgentError as e:
+                if getattr(e, "agent_status", None) == 404:
+                    raise LostJob(f"the agent of {host} no longer knows job {job_id}; it was restarted") from None
                 if self.clock() >= deadline:
                     raise StepFailed(f"lost the agent of {host} while job {job_id} ran: {e}") from None
                 log.warning("agent of %s out of reach while job %s runs (%s); retrying", host, job_id, e)

@@ -310,6 +310,9 @@ class LibvirtDriver(ComputeDriver):
         ep = self._endpoint(dest, dest_path)
         name = os.path.basename(dest_path)
         hook = self.on_progress
+        bind = getattr(hook, "bind", None)
+        if bind is not None:  # the copier reports from its own threads: pin this job's hook now
+            hook = bind()
         progress = (lambda p: hook(name, p)) if hook else None
         c = self.config
         bwlimit = c.transfer_bwlimit or None

@@ -109,6 +109,29 @@ def test_helper_thread_progress_goes_to_the_only_copying_job(runner):
     assert runner.wait(job.id, WAIT).progress == {"file": "disk", "done": 7}
 
 
+def test_bound_worker_progress_lands_on_its_job_with_several_copies(runner):
+    # The stream copier reports from its own threads: the job binds its id first.
+    go = threading.Event()
+    both = threading.Barrier(3)
+
+    def work(n: int):
+        def run():
+            job_id = runner.current_job_id()
+            helper = threading.Thread(target=runner.report, args=({"file": f"disk{n}"}, job_id))
+            helper.start()
+            helper.join()
+            both.wait(WAIT)
+            go.wait(WAIT)
+        return run
+
+    a = runner.start("migrate-disk-and-power-off", "u1", work(1), foreign_progress=True)
+    b = runner.start("migrate-disk-and-power-off", "u2", work(2), foreign_progress=True)
+    both.wait(WAIT)
+    go.set()
+    assert runner.wait(a.id, WAIT).progress == {"file": "disk1"}
+    assert runner.wait(b.id, WAIT).progress == {"file": "disk2"}
+
+
 def test_report_outside_any_job_is_dropped(runner):
     assert runner.report({"file": "disk"}) is False
 

@@ -1,0 +1,175 @@
+"""The conductor's state machine over in-memory hosts behind real agent apps."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from controller import records
+from controller.errors import BadRequest, Conflict, NotFound, NoValidHost
+from driver.errors import DriverError
+from driver.model import Flavor, PowerState
+from tests.unit.controller_env import Env
+
+VM = "00000000-0000-4000-8000-00000000000a"
+VM2 = "00000000-0000-4000-8000-00000000000b"
+RUNNING, SHUTDOWN, PAUSED = int(PowerState.RUNNING), int(PowerState.SHUTDOWN), int(PowerState.PAUSED)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    e = Env.make(tmp_path, n=3)
+    e.add("host1", VM, "web")
+    return e
+
+
+def test_cold_migration_to_a_named_host_finishes_then_confirms(env: Env) -> None:
+    m = env.conductor.migrate("web", "host2")
+    assert (m.status, m.source_compute, m.dest_compute, m.dest_address) == \
+        (records.PRE_MIGRATING, "host1", "host2", "198.18.0.12")
+    m = env.wait(m.id)
+    assert m.status == records.FINISHED, m.error
+    assert m.task_state is None and m.bytes_sent > 0 and m.digests and m.downtime_s is not None
+    server = env.ctl.conductor.inventory.find(VM)
+    assert (server.host, server.status, server.power_state) == ("host2", "VERIFY_RESIZE", RUNNING)
+    assert env.where(VM) == {"host1": SHUTDOWN, "host2": RUNNING}   # source kept until confirm
+
+    env.conductor.confirm(m.id)
+    m = env.wait(m.id, frozenset({records.CONFIRMED, records.ERROR}))
+    assert m.status == records.CONFIRMED, m.error
+    assert env.where(VM) == {"host2": RUNNING}
+    assert env.drivers["host1"].kept_disks(VM) == {}
+
+
+def test_stopped_server_stays_stopped_on_the_target(env: Env) -> None:
+    env.add("host1", VM2, "db", PowerState.SHUTDOWN)
+    m = env.wait(env.conductor.migrate(VM2, "host3").id)
+    assert m.status == records.FINISHED and m.downtime_s is None
+    assert env.where(VM2)["host3"] == SHUTDOWN
+
+
+def test_scheduler_picks_the_host_with_most_free_ram(env: Env) -> None:
+    env.add("host2", VM2, "big", flavor=Flavor("big", 2, 32768, 1))
+    m = env.wait(env.conductor.migrate("web").id)
+    assert m.dest_compute == "host3" and m.status == records.FINISHED
+
+
+def test_failing_rule_refused_unless_forced(env: Env) -> None:
+    env.ctl.store.set_service("host2", False, "maintenance")
+    with pytest.raises(NoValidHost, match="service_enabled.*maintenance"):
+        env.conductor.migrate("web", "host2")
+    check = env.conductor.check_destination("web", "host2")
+    assert check["passes"] is False and check["failed"] == "service_enabled"
+    m = env.wait(env.conductor.migrate("web", "host2", force=True).id)
+    assert m.status == records.FINISHED and m.forced
+
+
+def test_no_host_passes_lists_every_host(env: Env) -> None:
+    for h in ("host2", "host3"):
+        env.ctl.store.set_service(h, False, "maintenance")
+    with pytest.raises(NoValidHost) as e:
+        env.conductor.migrate("web")
+    assert "host2" in str(e.value) and "host3" in str(e.value)
+
+
+@pytest.mark.parametrize("args, error, text", [
+    (("web", None, True), BadRequest, "force needs a target host"),
+    (("web", "host1", False), BadRequest, "already on host host1"),
+    (("web", "nohost", False), BadRequest, "unknown host 'nohost'"),
+    (("ghost", "host2", False), NotFound, "server ghost not found"),
+])
+def test_bad_migrate_requests(env: Env, args: tuple, error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        env.conductor.migrate(*args)
+    assert env.ctl.store.list_migrations() == []
+
+
+def test_paused_server_and_second_migration_conflict(env: Env) -> None:
+    env.add("host1", VM2, "paused", PowerState.PAUSED)
+    with pytest.raises(Conflict, match="paused: unpause it"):
+        env.conductor.migrate("paused", "host2")
+    m = env.wait(env.conductor.migrate("web", "host2").id)
+    with pytest.raises(Conflict, match=f"migration {m.id} in status finished; confirm or revert"):
+        env.conductor.migrate("web", "host3")
+
+
+def test_revert_brings_the_server_back(env: Env) -> None:
+    m = env.wait(env.conductor.migrate("web", "host2").id)
+    env.conductor.revert(m.id)
+    m = env.wait(m.id, frozenset({records.REVERTED, records.ERROR}))
+    assert m.status == records.REVERTED, m.error
+    assert env.where(VM) == {"host1": RUNNING}
+    assert env.drivers["host2"].disks(VM) == {}
+    with pytest.raises(Conflict, match="only a finished migration"):
+        env.conductor.confirm(m.id)
+
+
+def test_copy_failure_restores_the_source(env: Env) -> None:
+    env.drivers["host1"].fail("copy", OSError("connection reset"))
+    m = env.wait(env.conductor.migrate("web", "host2").id)
+    assert m.status == records.ERROR and "connection reset" in m.error
+    assert env.where(VM) == {"host1": RUNNING}
+    assert env.drivers["host2"].disks(VM) == {}
+
+
+def test_finish_failure_on_the_target_rolls_back(env: Env) -> None:
+    env.drivers["host2"].fail("finish_migration", DriverError(reason="bridge br9 missing"))
+    m = env.wait(env.conductor.migrate("web", "host2").id)
+    assert m.status == records.ERROR
+    assert "bridge br9 missing" in m.error and "the source was restored" in m.error
+    assert env.where(VM) == {"host1": RUNNING}
+    assert env.drivers["host2"].disks(VM) == {}
+
+
+def test_restarted_controller_finishes_a_migration_its_agent_kept_running(env: Env) -> None:
+    # What a killed controller leaves: the record says migrating and names the source's job.
+    store = env.ctl.store
+    m = store.create_migration(server=VM, server_name="web", source_compute="host1", dest_compute="host2",
+                               dest_address="198.18.0.12", status=records.MIGRATING,
+                               task_state="resize_migrating", old_power_state=RUNNING,
+                               flavor=env.drivers["host1"].get_instance(VM).to_dict()["flavor"])
+    job = env.agents["host1"].start(VM, "migrate-disk-and-power-off", {"dest": "198.18.0.12"})
+    store.update_migration(m.id, source_job=job["id"])
+    env.start_controller()
+    assert env.ctl.start() == [m.id]
+    m = env.wait(m.id)
+    assert m.status == records.FINISHED, m.error
+    assert env.where(VM) == {"host1": SHUTDOWN, "host2": RUNNING}
+
+
+def test_restarted_agent_that_lost_the_copy_job_is_rolled_back(env: Env) -> None:
+    store = env.ctl.store
+    job = env.agents["host1"].start(VM, "migrate-disk-and-power-off", {"dest": "198.18.0.12"})
+    env.agents["host1"].wait(job["id"])
+    m = store.create_migration(server=VM, server_name="web", source_compute="host1", dest_compute="host2",
+                               dest_address="198.18.0.12", status=records.MIGRATING, old_power_state=RUNNING,
+                               source_job=job["id"])
+    env.restart_agent("host1")
+    env.start_controller().start()
+    m = env.wait(m.id)
+    assert m.status == records.ERROR and "restarted" in m.error and "source was restored" in m.error
+    assert env.where(VM) == {"host1": RUNNING}
+    assert env.drivers["host2"].disks(VM) == {}
+
+
+def test_auto_confirm_after_the_window(tmp_path: Path) -> None:
+    env = Env.make(tmp_path, auto_confirm_seconds=60)
+    env.add("host1", VM, "web")
+    m = env.wait(env.conductor.migrate("web", "host2").id)
+    assert env.conductor.auto_confirm() == []          # too early
+    env.conductor.clock = lambda: time.time() + 61
+    assert env.conductor.auto_confirm() == [m.id]
+    assert env.wait(m.id, frozenset({records.CONFIRMED})).status == records.CONFIRMED
+
+
+def test_live_migration_completes_without_confirm(env: Env) -> None:
+    m = env.wait(env.conductor.migrate("web", "host2", live=True).id)
+    assert (m.migration_type, m.status) == (records.LIVE, records.COMPLETED)
+    assert env.where(VM) == {"host2": RUNNING}
+
+
+def test_unknown_migration(env: Env) -> None:
+    with pytest.raises(NotFound):
+        env.conductor.confirm(999)
