@@ -8,11 +8,11 @@ live next to the shapes they convert.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from driver.model import Flavor, Instance, Migration, Vif
+from driver.model import Flavor, HostResources, Instance, Migration, Vif
 
 
 class _Request(BaseModel):
@@ -137,20 +137,9 @@ class InstancesOut(_Response):
     instances: list[InstanceOut]
 
 
-class HostOut(_Response):
-    hostname: str
-    arch: str
-    hypervisor_type: str
-    hypervisor_version: int
-    vcpus: int
-    vcpus_used: int
-    memory_mb: int
-    memory_mb_used: int
-    disk_gb: int
-    disk_gb_used: int
-    instances: int
-    extra: dict[str, Any]
-    address: str
+# HostResources as the driver reports it, plus the host's data-plane address.
+HostOut = create_model("HostOut", __base__=_Response, address=(str, ...),
+                       **{name: (hint, ...) for name, hint in get_type_hints(HostResources).items()})
 
 
 class ProgressOut(_Response):

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import records
 from .conductor import Conductor, Spawn, spawn_thread
-from .errors import BadRequest, ControllerError, NotFound
+from .errors import BadRequest, Conflict, ControllerError, NotFound
 from .records import DrainRecord, DrainRowRecord
 from .store import Store
 
@@ -45,9 +45,14 @@ class Drainer:
 
         :raises BadRequest: unknown host or target, max_servers < 1, force without a target,
             the target being the drained host.
+        :raises Conflict: the host's agent does not answer.
         """
         self._validate(host, max_servers, target_host, force)
-        servers = self.conductor.inventory.servers(host=host)
+        inv = self.conductor.inventory
+        state = inv.host_state(inv.host_record(host))
+        if not state.up:  # a host that cannot be asked would look empty: refuse instead
+            raise Conflict(reason=f"cannot drain {host}: its agent does not answer ({state.error})")
+        servers = inv.servers(host=host)
         if not dry_run:
             rec = self.store.get_host(host)
             if rec is not None and rec.enabled:

@@ -152,6 +152,3 @@ class Inventory:
         if not named:
             raise NotFound("server", ref, hint=" on any reachable host; see 'coldferry server list'")
         return named[0]
-
-    def migration_server(self, m: MigrationRecord) -> Server:
-        return Server(m.server, m.server_name, m.source_compute, m.old_power_state, "", m.flavor)

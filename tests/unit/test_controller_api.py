@@ -164,3 +164,12 @@ def test_drain_bad_inputs(api: TestClient, host: str, body: Any, text: str) -> N
     r = api.post(f"/v1/os-hypervisors/{host}/drain", json=body)
     assert r.status_code == 400 and text in r.json()["detail"], r.text
     assert api.get("/v1/drains").json()["drains"] == []
+
+
+def test_drain_of_a_host_whose_agent_is_down_is_refused(api: TestClient, env: Env) -> None:
+    from controller.agents import AgentClient
+    env.agents["host1"] = AgentClient("host1", "http://127.0.0.1:9", "x", timeout=0.5)
+    env.start_controller()
+    r = env.api().post("/v1/os-hypervisors/host1/drain", json={})
+    assert r.status_code == 409 and "does not answer" in r.json()["detail"]
+    assert env.api().get("/v1/os-hypervisors/host1").json()["state"] == "down"
