@@ -338,7 +338,10 @@ class Conductor:
             self.store.update_migration(m.id, dest_job=None)
             return
         except StepFailed as e:
-            raise StepFailed(f"revert: {e}; the source copy is kept, revert again") from None
+            # Nothing changed on the source: the server stays in VERIFY_RESIZE, so revert can be retried.
+            self._set(m, records.FINISHED, error=f"revert failed: {e}; the server still runs on "
+                                                 f"{m.dest_compute}: revert again, or confirm")
+            return
         m = self.get(m.id)
         body = {"power_on": m.old_power_state == 1,
                 "migration": {"id": str(m.id), "source_host": m.source_compute, "dest_host": m.dest_compute}}

@@ -173,3 +173,20 @@ def test_live_migration_completes_without_confirm(env: Env) -> None:
 def test_unknown_migration(env: Env) -> None:
     with pytest.raises(NotFound):
         env.conductor.confirm(999)
+
+
+def test_failed_revert_leaves_the_migration_finished_so_it_can_be_retried(env: Env) -> None:
+    m = env.wait(env.conductor.migrate("web", "host2").id)
+    env.drivers["host2"].fail("destroy", DriverError(reason="libvirt is busy"))
+    env.conductor.revert(m.id)
+    m = env.wait(m.id, frozenset({records.FINISHED, records.REVERTED, records.ERROR}), timeout=10)
+    deadline = time.monotonic() + 10
+    while m.status != records.FINISHED or not m.error:
+        assert time.monotonic() < deadline, m
+        time.sleep(0.01)
+        m = env.conductor.get(m.id)
+    assert "libvirt is busy" in m.error and "revert again" in m.error
+    assert env.where(VM) == {"host1": SHUTDOWN, "host2": RUNNING}
+    env.conductor.revert(m.id)
+    assert env.wait(m.id, frozenset({records.REVERTED, records.ERROR})).status == records.REVERTED
+    assert env.where(VM) == {"host1": RUNNING}
