@@ -1,4 +1,4 @@
-"""Settings of the controller, read from ``[controller]`` and ``[[hosts]]`` of a TOML file."""
+"""Settings of the controller, read from ``[controller]``, ``[[hosts]]`` and ``[[users]]`` of a TOML file."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import re
 import tomllib
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -20,6 +20,10 @@ from .records import HostRecord
 _SIBLING_TABLES = frozenset({"agent", "driver"})
 # Host names appear in API paths and records; keep them to what a hostname may hold.
 _HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Dashboard roles: an admin acts, a reader only looks.
+ROLES = ("admin", "reader")
+# A shorter session secret would make the signed cookie guessable.
+_MIN_SECRET = 16
 
 
 class ControllerConfigError(ControllerError):
@@ -41,6 +45,15 @@ class HostConfig:
 
 
 @dataclass(frozen=True)
+class UserConfig:
+    """A dashboard user: a name, a password hash (controller/web/passwords.py) and a role in ROLES."""
+
+    name: str
+    password_hash: str = field(repr=False)
+    role: str = "reader"
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     """What the controller listens on, where it keeps its records and how it schedules.
 
@@ -48,6 +61,9 @@ class ControllerConfig:
     The allocation ratios say how far the scheduler over-commits a host's
     vCPUs, RAM and disk. ``auto_confirm_seconds`` confirms a finished
     migration after that many seconds (0: wait for the user).
+    ``users`` may log in to the dashboard; its session cookie is signed with
+    ``session_secret`` (a new random one each start when None, which logs
+    everyone out on restart) and lasts ``session_max_age`` seconds.
     """
 
     token: str = field(repr=False)
@@ -63,6 +79,9 @@ class ControllerConfig:
     shutdown_timeout: int = 60
     shutdown_retry_interval: int = 10
     hosts: tuple[HostConfig, ...] = ()
+    users: tuple[UserConfig, ...] = ()
+    session_secret: str | None = field(default=None, repr=False)
+    session_max_age: int = 12 * 3600
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -96,21 +115,28 @@ class ControllerConfig:
         def fail(reason: str) -> ControllerConfigError:
             return ControllerConfigError(source=source, reason=reason)
 
-        unknown = sorted(set(data) - {"controller", "hosts"} - _SIBLING_TABLES)
+        unknown = sorted(set(data) - {"controller", "hosts", "users"} - _SIBLING_TABLES)
         if unknown:
-            raise fail(f"unknown table(s) {', '.join(unknown)}: the controller reads [controller] "
-                       f"and [[hosts]]")
+            raise fail(f"unknown table(s) {', '.join(unknown)}: the controller reads [controller], "
+                       f"[[hosts]] and [[users]]")
         table = data.get("controller", {})
         if not isinstance(table, dict):
             raise fail("controller must be a table: write [controller] above its settings")
-        known = set(_CHECKS) | {"token", "token_file"}
+        known = set(_CHECKS) | {"token", "token_file", "session_secret", "session_secret_file"}
         unknown = sorted(set(table) - known)
         if unknown:
             raise fail(f"unknown key(s) in [controller]: {', '.join(unknown)} "
                        f"(known: {', '.join(sorted(known))})")
         settings = {k: _checked(k, v, source) for k, v in table.items() if k in _CHECKS}
         token = _secret(table, "token", "[controller]", source, base_dir)
-        return cls(token=token, **settings, hosts=_hosts(data.get("hosts", []), source, base_dir))
+        session_secret = None
+        if "session_secret" in table or "session_secret_file" in table:
+            session_secret = _secret(table, "session_secret", "[controller]", source, base_dir)
+            if len(session_secret) < _MIN_SECRET:
+                raise fail(f"[controller] session_secret must be at least {_MIN_SECRET} characters; make one "
+                           f"with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        return cls(token=token, **settings, hosts=_hosts(data.get("hosts", []), source, base_dir),
+                   users=_users(data.get("users", []), source), session_secret=session_secret)
 
 
 def _positive(v: float) -> bool:
@@ -140,6 +166,7 @@ _CHECKS: dict[str, tuple[type, Any, str]] = {
     "poll_interval": (float, _positive, "seconds above 0 between polls of an agent's job"),
     "shutdown_timeout": (int, _positive, "seconds above 0 for a clean guest shutdown"),
     "shutdown_retry_interval": (int, _positive, "seconds above 0 between shutdown requests"),
+    "session_max_age": (int, _positive, "seconds above 0 a dashboard login lasts, e.g. 43200 (12 hours)"),
 }
 
 
@@ -185,21 +212,29 @@ def _secret(table: dict[str, Any], key: str, where: str, source: str, base_dir: 
 _HOST_KEYS = ("name", "agent_url", "address", "agent_token", "agent_token_file")
 
 
-def _hosts(entries: Any, source: str, base_dir: str | None) -> tuple[HostConfig, ...]:
-    """The ``[[hosts]]`` array of tables, checked entry by entry."""
+def _entries(entries: Any, table: str, what: str, keys: tuple[str, ...],
+             source: str) -> Iterator[tuple[dict[str, Any], str, Callable[[str], ControllerConfigError]]]:
+    """Each table of the ``[[table]]`` array, with the words naming it in errors and a ``fail``
+    that makes such an error; an entry with unknown keys is refused."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ControllerConfigError(source=source, reason="hosts must be an array of tables: write "
-                                                          "[[hosts]] above each host's keys")
-    hosts: list[HostConfig] = []
+        raise ControllerConfigError(source=source, reason=f"{table} must be an array of tables: write "
+                                                          f"[[{table}]] above each {what}'s keys")
     for i, entry in enumerate(entries, 1):
-        where = f"[[hosts]] entry {i}" + (f" ({entry['name']!r})" if "name" in entry else "")
+        where = f"[[{table}]] entry {i}" + (f" ({entry['name']!r})" if "name" in entry else "")
 
-        def fail(reason: str) -> ControllerConfigError:
+        def fail(reason: str, where: str = where) -> ControllerConfigError:
             return ControllerConfigError(source=source, reason=f"{where}: {reason}")
 
-        unknown = sorted(set(entry) - set(_HOST_KEYS))
+        unknown = sorted(set(entry) - set(keys))
         if unknown:
-            raise fail(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(_HOST_KEYS)})")
+            raise fail(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(keys)})")
+        yield entry, where, fail
+
+
+def _hosts(entries: Any, source: str, base_dir: str | None) -> tuple[HostConfig, ...]:
+    """The ``[[hosts]]`` array of tables, checked entry by entry."""
+    hosts: list[HostConfig] = []
+    for entry, where, fail in _entries(entries, "hosts", "host", _HOST_KEYS, source):
         for key in ("name", "agent_url", "address"):
             if key not in entry:
                 raise fail(f"missing {key}: {_HOST_HINTS[key]}")
@@ -234,3 +269,29 @@ def _agent_url(url: str, fail: Callable[[str], ControllerConfigError]) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise fail(f"bad agent_url {url!r}: {_HOST_HINTS['agent_url']}")
     return url.strip().rstrip("/")
+
+
+_USER_KEYS = ("name", "password_hash", "role")
+
+
+def _users(entries: Any, source: str) -> tuple[UserConfig, ...]:
+    """The ``[[users]]`` array of tables: dashboard logins, checked entry by entry."""
+    # Imported here: the web package imports the conductor, which imports this module.
+    from .web.passwords import InvalidHash, parse_hash
+
+    users: list[UserConfig] = []
+    for entry, _, fail in _entries(entries, "users", "user", _USER_KEYS, source):
+        for key in ("name", "password_hash"):
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                raise fail(f"{key} must be a non-empty string")
+        name, role = entry["name"].strip(), entry.get("role", "reader")
+        if any(u.name == name for u in users):
+            raise fail(f"duplicate user name {name!r}")
+        if role not in ROLES:
+            raise fail(f"bad role {role!r}: one of {', '.join(ROLES)}")
+        try:
+            parse_hash(entry["password_hash"].strip())
+        except InvalidHash as e:
+            raise fail(f"password_hash: {e}") from None
+        users.append(UserConfig(name=name, password_hash=entry["password_hash"].strip(), role=role))
+    return tuple(users)

@@ -1,4 +1,4 @@
-"""The controller put together: store, agents, inventory, conductor, drainer, API and timers."""
+"""The controller put together: store, agents, inventory, conductor, drainer, API, dashboard and timers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .config import ControllerConfig
 from .drain import Drainer
 from .inventory import Inventory
 from .store import Store
+from .web import mount_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def build(config: ControllerConfig, *, agents: Mapping[str, AgentClient] | None 
     conductor = Conductor(store, inventory, config, spawn=spawn)
     drainer = Drainer(store, conductor, spawn=spawn)
     app = create_app(conductor, drainer, store, config.token)
+    mount_dashboard(app, conductor, drainer, store, config)
     return Controller(config, store, conductor, drainer, app)
 
 
