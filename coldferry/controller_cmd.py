@@ -24,12 +24,20 @@ configuration (TOML):
   auto_confirm_seconds = 0                        # confirm finished migrations after N s; 0 = never
   cpu_allocation_ratio = 16.0                     # ram 1.5, disk 1.0 by default
   shutdown_timeout = 60                           # clean guest shutdown before a forced one
+  session_secret_file = "/etc/coldferry/session.secret"   # signs dashboard logins; without it a
+                                                  # random one per start (a restart logs everyone out)
+  session_max_age = 43200                         # seconds a dashboard login lasts
 
   [[hosts]]                                       # one per compute host running 'coldferry agent'
   name = "host1"
   agent_url = "http://198.18.0.11:8797"
   address = "198.18.0.11"                         # where other hosts reach it over SSH for disk copies
   agent_token_file = "/etc/coldferry/host1.token" # or agent_token = "..."
+
+  [[users]]                                       # dashboard logins at http://CONTROLLER:8798/ui/
+  name = "alice"
+  password_hash = "scrypt$..."                    # from: python -m controller.web.password_hash
+  role = "admin"                                  # or "reader": sees every page, changes nothing
 
 example:
   coldferry controller --config /etc/coldferry/controller.toml
@@ -39,7 +47,7 @@ example:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("controller", help="run the controller (HTTP API, migration records, scheduler, drains)",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, metavar="FILE", help="TOML file with [controller] and [[hosts]]")
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML file with [controller], [[hosts]] and optional [[users]]")
     p.set_defaults(func=run)
 
 
