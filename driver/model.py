@@ -87,6 +87,9 @@ class DiskInfo:
     ``virt_disk_size`` and ``disk_size`` are bytes: the virtual size and the
     space the file takes; ``over_committed_disk_size`` is their difference.
     ``type`` is the image format (raw, qcow2), ``target`` the guest device (vda).
+    ``overlay``, when set, is a qcow2 overlay on this disk that a pre-copy sent
+    along (what the guest wrote during the copy); the destination commits it
+    into the disk before defining the instance.
     """
 
     type: str
@@ -96,10 +99,12 @@ class DiskInfo:
     disk_size: int
     over_committed_disk_size: int
     target: str = ""
+    overlay: str = ""
 
     @staticmethod
     def dumps(disks: list["DiskInfo"]) -> str:
-        return json.dumps([asdict(d) for d in disks])
+        """JSON; ``overlay`` only where there is one, so disk_info keeps Nova's keys otherwise."""
+        return json.dumps([{k: v for k, v in asdict(d).items() if k != "overlay" or v} for d in disks])
 
     @staticmethod
     def loads(text: str) -> list["DiskInfo"]:

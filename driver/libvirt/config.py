@@ -53,6 +53,9 @@ class DriverConfig:
     shutdown_timeout: int = 60
     shutdown_retry_interval: int = 10
     live_migration_uri: str = "qemu+libssh://{user}@{dest}:{port}/system"
+    precopy: bool = True
+    precopy_threshold: int = 512 << 20       # bytes of allocated disk data; 0 = always
+    precopy_job_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -65,6 +68,8 @@ class DriverConfig:
             (self.backing in ("send", "flatten"), "backing", "use send or flatten"),
             (os.path.isabs(self.instances_path), "instances_path", "must be an absolute path"),
             (self.transfer_bwlimit >= 0, "transfer_bwlimit", "bytes per second, 0 for no limit"),
+            (self.precopy_threshold >= 0, "precopy_threshold", "bytes of disk data, 0 to pre-copy every disk"),
+            (self.precopy_job_timeout > 0, "precopy_job_timeout", "seconds, more than 0"),
             (_uri_template_ok(self.live_migration_uri), "live_migration_uri",
              "a libvirt URI template with {dest} (and optionally {user}, {port}) that keeps host key checking on"),
         ]

@@ -31,7 +31,7 @@ from ..base import ComputeDriver
 from ..errors import (DriverError, ImageError, InstanceNotFound, InsufficientSpace, InvalidInstanceState,
                       MigrationFailed, PowerOffFailed, ResizeDown, StartFailed)
 from ..model import DiskInfo, Flavor, HostResources, Instance, Migration, PowerState, Vif
-from . import bridges, domain_xml, images, live, power
+from . import bridges, domain_xml, images, live, power, precopy
 from .config import DriverConfig
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,17 @@ class LibvirtDriver(ComputeDriver):
             cache_needed = [] if shared else self._backing_to_send(rfs, disk_info)
             if not shared:
                 self._check_space(rfs, dest, instance, disk_info, cache_needed)
+            stats: dict[str, Any] = {"shared": shared, "precopy": False, "powered_off_at": None, "copies": [],
+                                     "bytes_before_power_off": 0, "bytes_after_power_off": 0}
+            self.last_transfer[instance.uuid] = stats
+            if precopy.applies(self, was_running, shared, disk_info):
+                log.info("migrating %s to %s with pre-copy", instance.uuid, dest)
+                stats["precopy"] = True
+                run = precopy.PreCopy(self, instance, dest, disk_info, cache_needed, xml, stats)
+                return DiskInfo.dumps(self._as_sent(run.run(rfs, timeout, retry_interval), shared))
             log.info("migrating %s to %s (%s storage)", instance.uuid, dest, "shared" if shared else "local")
             self.power_off(instance, timeout, retry_interval)
-            stats: dict[str, Any] = {"shared": shared, "powered_off_at": time.time(), "copies": []}
-            self.last_transfer[instance.uuid] = stats
+            stats["powered_off_at"] = time.time()
             sent: list[str] = []
             try:
                 _write(os.path.join(inst_dir, XML_FILE), xml)
@@ -206,9 +213,14 @@ class LibvirtDriver(ComputeDriver):
                 restored = self._rollback(instance, dest, inst_dir, shared, was_running, sent)
                 raise MigrationFailed(uuid=instance.uuid, dest=dest, reason=str(e) or type(e).__name__,
                                       restored=restored) from e
-        if self.config.backing == "flatten" and not shared:  # the target gets standalone images
-            disk_info = [replace(d, backing_file="", type="qcow2") if d.backing_file else d for d in disk_info]
-        return DiskInfo.dumps(disk_info)
+            stats["bytes_after_power_off"] = sum(c.sent for c in stats["copies"])
+        return DiskInfo.dumps(self._as_sent(disk_info, shared))
+
+    def _as_sent(self, disk_info: list[DiskInfo], shared: bool) -> list[DiskInfo]:
+        """The disks as the target has them: with backing = flatten, standalone qcow2 images."""
+        if self.config.backing == "flatten" and not shared:
+            return [replace(d, backing_file="", type="qcow2") if d.backing_file else d for d in disk_info]
+        return disk_info
 
     def _disk_info(self, xml: str, inst_dir: str) -> list[DiskInfo]:
         out = []
@@ -283,18 +295,20 @@ class LibvirtDriver(ComputeDriver):
             sent.append(name)  # before the copy: a failed copy leaves partial files to remove
             stats["copies"].append(self._copy(path, dest, os.path.join(self.config.instances_path, name)))
         for disk in disks:
-            src = os.path.join(resize_dir, os.path.basename(disk.path))
-            if disk.backing_file and self.config.backing == "flatten":
-                flat = src + ".flat"
-                images.flatten(src, flat, self.runner)
-                try:
-                    stats["copies"].append(self._copy(flat, dest, disk.path))
-                finally:
-                    os.unlink(flat)
-            else:
-                stats["copies"].append(self._copy(src, dest, disk.path))
+            stats["copies"].append(self._copy_disk(os.path.join(resize_dir, os.path.basename(disk.path)), dest, disk))
         stats["copies"].append(self._copy(os.path.join(resize_dir, XML_FILE), dest,
                                           os.path.join(inst_dir, XML_FILE)))
+
+    def _copy_disk(self, src: str, dest: str, disk: DiskInfo) -> CopyResult:
+        """Copy one disk to its path on ``dest``; merged with its backing chain first with backing = flatten."""
+        if disk.backing_file and self.config.backing == "flatten":
+            flat = src + ".flat"
+            images.flatten(src, flat, self.runner)
+            try:
+                return self._copy(flat, dest, disk.path)
+            finally:
+                os.unlink(flat)
+        return self._copy(src, dest, disk.path)
 
     def _clear_leftover(self, inst_dir: str, resize_dir: str) -> None:
         """Deal with a ``_resize`` directory an earlier, failed try left behind."""
@@ -377,8 +391,10 @@ class LibvirtDriver(ComputeDriver):
         except OSError as e:
             raise DriverError(reason=f"the copied domain definition of {instance.uuid} is missing here: {e}") from None
         flavor = instance.flavor
+        disks = DiskInfo.loads(disk_info)
+        precopy.fold_overlays(disks, self.runner)
         if resize_instance:
-            self._grow_disks(DiskInfo.loads(disk_info), flavor)
+            self._grow_disks(disks, flavor)
         root = domain_xml.parse(xml)
         bridges.ensure(domain_xml.bridges(root), network_info, self.config.create_bridges, self.config.host_name)
         new_xml = domain_xml.rewrite(xml, inst_dir, inst_dir, flavor.memory_mb, flavor.vcpus,
