@@ -2,7 +2,9 @@
 
 The ``[driver]`` table belongs to DriverConfig and is read by it; this
 module only adds where the agent listens, its token, the address other
-hosts reach this one at, and which driver to serve.
+hosts reach this one at, and which driver to serve. With ``driver =
+"xenserver"`` a ``[xenserver]`` table says where the (stubbed) host keeps
+its SR; the SSH and transfer settings of ``[driver]`` serve its copier too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from driver.errors import DriverError
 from driver.libvirt.config import DriverConfig
 
-DRIVERS = ("libvirt", "memory")
+DRIVERS = ("libvirt", "memory", "xenserver")
 DEFAULT_PORT = 8797
 
 # key -> (accepted types, what to write); token and token_file are resolved into one token
@@ -34,6 +36,40 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class XenServerSettings:
+    """The ``[xenserver]`` table: the stubbed XenServer host this agent serves (driver/xenserver).
+
+    ``sr_path`` is the SR directory of VHD files, the same path on every host
+    (the copier sends into it); ``state_path`` the stub's JSON record file
+    (default ``<sr_path>/.xapi-stub.json``); ``coalesce_timeout`` bounds the
+    wait for the SR to merge a leaf back after a failure or a revert.
+    """
+
+    sr_path: str = ""
+    state_path: str | None = None
+    coalesce_timeout: float = 60.0
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "XenServerSettings":
+        if not isinstance(data, dict):
+            raise ConfigError(f"[xenserver] in {source} must be a table")
+        hints = {"sr_path": ((str,), "an absolute directory path"),
+                 "state_path": ((str,), "an absolute file path"),
+                 "coalesce_timeout": ((int, float), "seconds, more than 0")}
+        unknown = sorted(set(data) - set(hints))
+        if unknown:
+            raise ConfigError(f"unknown xenserver settings in {source}: {', '.join(unknown)} "
+                              f"(known: {', '.join(sorted(hints))})")
+        for key, value in data.items():
+            types, hint = hints[key]
+            ok = not isinstance(value, bool) and isinstance(value, types)
+            ok = ok and (value > 0 if key == "coalesce_timeout" else os.path.isabs(value))
+            if not ok:
+                raise ConfigError(f"bad xenserver setting {key} = {value!r} in {source}: expected {hint}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Where the agent listens and what it serves.
 
@@ -48,6 +84,7 @@ class AgentConfig:
     address: str = field(default_factory=lambda: os.uname().nodename)
     driver: str = "libvirt"
     driver_config: DriverConfig = field(default_factory=DriverConfig)
+    xenserver: XenServerSettings = field(default_factory=XenServerSettings)
 
     @classmethod
     def load(cls, path: str) -> "AgentConfig":
@@ -78,8 +115,12 @@ class AgentConfig:
         except (DriverError, TypeError) as e:
             raise ConfigError(str(e)) from None
         settings = {k: v for k, v in agent.items() if k not in ("token", "token_file")}
-        config = cls(token=_token(agent, source), driver_config=driver_config, **settings)
+        xenserver = XenServerSettings.from_dict(data.get("xenserver", {}), source)
+        config = cls(token=_token(agent, source), driver_config=driver_config, xenserver=xenserver, **settings)
         _check_values(config, source)
+        if config.driver == "xenserver" and not xenserver.sr_path:
+            raise ConfigError(f"{source}: driver = \"xenserver\" needs sr_path in [xenserver] "
+                              "(the SR directory of VHD files, e.g. \"/var/lib/coldferry/sr\")")
         return config
 
 

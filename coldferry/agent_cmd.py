@@ -29,9 +29,16 @@ configuration ([agent] table of the TOML file):
   token_file   a file holding it (one of the two is required)
   address      this host's address other hosts use to reach it over SSH
                when copying disks here (default: the host name)
-  driver       "libvirt" (default) or "memory" (an in-memory host for demos)
+  driver       "libvirt" (default), "memory" (an in-memory host for demos) or
+               "xenserver" (XenServer's VHD-chain migration over a STUBBED
+               session: VHD files in an SR directory, no XenServer is contacted)
 The [driver] table configures the libvirt driver (see driver/libvirt/config.py;
-'coldferry driver --help' shows how to call it by hand).
+'coldferry driver --help' shows how to call it by hand); its SSH and transfer
+settings also serve the xenserver driver's copies.
+[xenserver] table (driver = "xenserver" only):
+  sr_path            the SR directory, the same path on every host (required)
+  state_path         the stub's record file (default <sr_path>/.xapi-stub.json)
+  coalesce_timeout   seconds to wait for the SR to merge a leaf back (default 60)
 
 example /etc/coldferry/agent.toml:
   [agent]
@@ -56,15 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_driver(config: AgentConfig) -> ComputeDriver:
-    """The driver the configuration names.
+    """The driver the configuration names (agent/drivers.py).
 
     :raises DriverError: the libvirt driver's settings are unusable.
     """
-    if config.driver == "memory":
-        from driver.memory import MemoryDriver
-        return MemoryDriver(config.driver_config.host_name, address=config.address)
-    from driver.libvirt import LibvirtDriver
-    return LibvirtDriver(config.driver_config)
+    from agent.drivers import build_driver as build
+    return build(config)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,7 +43,9 @@ def _bytes(n: Any) -> str:
 # How the Field/Value table of a migration renders the byte counts and the copy's progress.
 MIGRATION_SHOWN: dict[str, Callable[[Any], Any]] = {
     "progress": output.describe_progress, "bytes_sent": _bytes, "bytes_skipped": _bytes,
+    "bytes_before_power_off": _bytes, "bytes_after_power_off": _bytes,
     "rate": lambda r: f"{format_size(r or 0)}/s",
+    "downtime_s": lambda d: "" if d is None else f"{d:.3f} s",
 }
 
 SERVER_HELP = """\
@@ -103,7 +105,9 @@ example:
 """
 
 MIGRATION_SHOW_HELP = """\
-Show one migration record: hosts, status, progress, bytes sent, digests, error.
+Show one migration record: hosts, status, progress, bytes sent (in all, and
+before and after the server's power-off when it was pre-copied), downtime,
+digests, error.
 
 example:
   coldferry server migration show 12

@@ -281,8 +281,11 @@ class Conductor:
         copies = result.get("copies", [])
         seconds = sum(c.get("seconds", 0.0) for c in copies)
         sent = sum(c.get("sent", 0) for c in copies)
+        before = result.get("bytes_before_power_off", 0)
         self._set(m, records.POST_MIGRATING, disk_info=result.get("disk_info", "[]"), dest_job=None,
                   powered_off_at=result.get("powered_off_at"), bytes_sent=sent,
+                  precopy=bool(result.get("precopy", False)), bytes_before_power_off=before,
+                  bytes_after_power_off=result.get("bytes_after_power_off", sent - before),
                   bytes_skipped=sum(c.get("skipped", 0) for c in copies), rate=sent / seconds if seconds else 0.0,
                   digests=[c["digest"] for c in copies if c.get("digest")], progress=None)
 

@@ -75,6 +75,10 @@ class MigrationRecord:
     rate: float = 0.0
     digests: list[str] = field(default_factory=list)
     downtime_s: float | None = None
+    # Cold migrations: data copied while the server still ran (pre-copy) and after its power-off.
+    precopy: bool = False
+    bytes_before_power_off: int = 0
+    bytes_after_power_off: int = 0
     error: str | None = None
     # Internal: what the conductor needs to pick a migration up again after a restart.
     disk_info: str | None = None

@@ -89,6 +89,9 @@ _migrations = sa.Table(
     sa.Column("rate", sa.Float, nullable=False),
     sa.Column("digests", _JSONText, nullable=False),
     sa.Column("downtime_s", sa.Float),
+    sa.Column("precopy", sa.Boolean, nullable=False),
+    sa.Column("bytes_before_power_off", sa.BigInteger, nullable=False),
+    sa.Column("bytes_after_power_off", sa.BigInteger, nullable=False),
     sa.Column("error", sa.Text),
     sa.Column("disk_info", sa.Text),
     sa.Column("source_job", sa.String(64)),
@@ -133,8 +136,21 @@ _drain_rows = sa.Table(
 # its own transaction. A step spells out its own DDL (ALTER TABLE ... ADD ...): the tables above
 # describe only the newest version. To change the schema, change the tables, append a step and
 # raise SCHEMA_VERSION to its version.
-SCHEMA_VERSION = 1
-STEPS: list[tuple[int, str, Callable[[Connection], None]]] = []
+SCHEMA_VERSION = 2
+
+
+def _add_precopy_columns(conn: Connection) -> None:
+    # Old rows: no pre-copy, everything was copied after the power-off (bytes_sent).
+    for ddl in ("ALTER TABLE migrations ADD COLUMN precopy BOOLEAN NOT NULL DEFAULT FALSE",
+                "ALTER TABLE migrations ADD COLUMN bytes_before_power_off BIGINT NOT NULL DEFAULT 0",
+                "ALTER TABLE migrations ADD COLUMN bytes_after_power_off BIGINT NOT NULL DEFAULT 0"):
+        conn.exec_driver_sql(ddl)
+    conn.exec_driver_sql("UPDATE migrations SET bytes_after_power_off = bytes_sent WHERE migration_type = 'migration'")
+
+
+STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (2, "pre-copy and bytes before/after power-off on migrations", _add_precopy_columns),
+]
 
 _MIGRATION_FIELDS = frozenset(f.name for f in dataclasses.fields(MigrationRecord))
 _DRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(DrainRecord)) - {"rows"}

@@ -357,3 +357,29 @@ def test_live_migrate_without_driver_support_is_a_clear_job_error(cls, message):
     assert job["state"] == "error" and job["error"]["kind"] == "DriverError"
     assert message in job["error"]["message"]
     assert drv.get_instance(UUID).power_state == PowerState.RUNNING
+
+
+# -- copy figures in the migrate job's result ----------------------------------------------
+
+def test_migrate_result_without_precopy_counts_every_byte_after_the_power_off(cloud, gate):
+    src, _ = cloud
+    job = migrate(src, gate)
+    result = job["result"]
+    sent = sum(c["sent"] for c in result["copies"])
+    assert sent > 0 and result["precopy"] is False
+    assert (result["bytes_before_power_off"], result["bytes_after_power_off"]) == (0, sent)
+
+
+def test_migrate_result_carries_the_drivers_precopy_figures(cloud, gate, monkeypatch):
+    src, _ = cloud
+    real = src.driver.migrate_disk_and_power_off
+
+    def precopied(instance, *args, **kw):
+        disk_info = real(instance, *args, **kw)
+        src.driver.last_transfer[instance.uuid].update(precopy=True, bytes_before_power_off=10 * GiB,
+                                                       bytes_after_power_off=3 << 20)
+        return disk_info
+    monkeypatch.setattr(src.driver, "migrate_disk_and_power_off", precopied)
+    result = migrate(src, gate)["result"]
+    assert (result["precopy"], result["bytes_before_power_off"], result["bytes_after_power_off"]) == (
+        True, 10 * GiB, 3 << 20)

@@ -23,6 +23,7 @@ from controller.store import SCHEMA_VERSION, Store, StoreError
 
 PG_URL = os.environ.get("COLDFERRY_PG_URL")
 BASE_STEPS = list(store_module.STEPS)
+V = SCHEMA_VERSION
 T0 = dt.datetime(2026, 11, 23, 11, 40, tzinfo=dt.timezone.utc)
 
 
@@ -124,25 +125,25 @@ def test_upgrade_runs_the_missing_steps_in_order_and_keeps_records(url, clock, m
     ran: list[int] = []
 
     def add_note(conn) -> None:
-        ran.append(2)
+        ran.append(V + 1)
         conn.execute(sa.text("ALTER TABLE hosts ADD COLUMN note TEXT"))
 
     def fill_note(conn) -> None:
-        ran.append(3)
-        conn.execute(sa.text("UPDATE hosts SET note = 'from step 3'"))
+        ran.append(V + 2)
+        conn.execute(sa.text("UPDATE hosts SET note = 'from the second step'"))
 
-    with_steps(monkeypatch, (2, "host notes", add_note))
+    with_steps(monkeypatch, (V + 1, "host notes", add_note))
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == 2 and ran == [2]
-    with_steps(monkeypatch, (2, "host notes", add_note), (3, "fill notes", fill_note))
+        assert s.schema_version() == V + 1 and ran == [V + 1]
+    with_steps(monkeypatch, (V + 1, "host notes", add_note), (V + 2, "fill notes", fill_note))
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == 3 and ran == [2, 3]  # only the step it lacked
+        assert s.schema_version() == V + 2 and ran == [V + 1, V + 2]  # only the step it lacked
         assert s.get_migration(m.id) == m
         assert s.list_hosts() == [HostRecord("a", "http://a:8797", "198.18.0.1")]
         with s._read() as conn:
-            assert conn.execute(sa.text("SELECT note FROM hosts")).scalar_one() == "from step 3"
+            assert conn.execute(sa.text("SELECT note FROM hosts")).scalar_one() == "from the second step"
     Store(url, clock=clock).close()
-    assert ran == [2, 3]  # nothing left to do
+    assert ran == [V + 1, V + 2]  # nothing left to do
 
 
 def test_a_failed_step_leaves_the_version_before_it(url, monkeypatch):
@@ -152,14 +153,36 @@ def test_a_failed_step_leaves_the_version_before_it(url, monkeypatch):
         conn.execute(sa.text("ALTER TABLE hosts ADD COLUMN half_done TEXT"))
         raise RuntimeError("disk on fire")
 
-    with_steps(monkeypatch, (2, "fine", lambda conn: None), (3, "breaks", breaks))
+    with_steps(monkeypatch, (V + 1, "fine", lambda conn: None), (V + 2, "breaks", breaks))
     with pytest.raises(StoreError) as e:
         Store(url)
-    assert "upgrading the schema to version 3 (breaks) failed: disk on fire; it stays at version 2" in str(e.value)
+    assert f"upgrading the schema to version {V + 2} (breaks) failed: disk on fire; it stays at version {V + 1}" in str(e.value)
     assert "half_done" not in columns(url, "hosts")  # the step's own change was rolled back
-    with_steps(monkeypatch, (2, "fine", lambda conn: None))
+    with_steps(monkeypatch, (V + 1, "fine", lambda conn: None))
     with Store(url) as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == V + 1
+
+
+def test_upgrade_from_version_1_adds_the_precopy_figures(url, clock):
+    """A version-1 database (before pre-copy) gets the columns; old cold migrations copied
+    everything after the power-off, live ones nothing."""
+    with Store(url, clock=clock) as s:
+        cold = migration(s, bytes_sent=5000)
+        live = migration(s, server="uuid-2", migration_type=records.LIVE)
+        with s._write() as conn:
+            for column in ("precopy", "bytes_before_power_off", "bytes_after_power_off"):
+                conn.execute(sa.text(f"ALTER TABLE migrations DROP COLUMN {column}"))
+            conn.execute(sa.text("UPDATE schema_version SET version = 1"))
+    assert "precopy" not in columns(url, "migrations")
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == SCHEMA_VERSION == 2
+        got = s.get_migration(cold.id)
+        assert (got.precopy, got.bytes_before_power_off, got.bytes_after_power_off, got.bytes_sent) == (
+            False, 0, 5000, 5000)
+        assert s.get_migration(live.id).bytes_after_power_off == 0
+        moved = s.update_migration(cold.id, precopy=True, bytes_before_power_off=2**33, bytes_after_power_off=7)
+        assert (moved.precopy, moved.bytes_before_power_off, moved.bytes_after_power_off) == (True, 2**33, 7)
+        assert moved.to_api()["bytes_before_power_off"] == 2**33
 
 
 def test_newer_schema_is_refused(url, monkeypatch):
