@@ -10,8 +10,9 @@ Source side, in order:
 3. power off (clean, then forced), as without pre-copy;
 4. copy only the overlays: what the guest wrote during step 2;
 5. merge each overlay back into its disk (``qemu-img commit``), define the
-   domain again as it was, keep the directory as ``<dir>_resize`` and send
-   the domain XML.
+   domain again as it was and keep the directory as ``<dir>_resize``.
+
+The domain XML (as it was before the snapshot) goes with the bases in step 2.
 
 Downtime then grows with what the guest wrote during the copy, not with the
 disk's size. Every failure removes the partial copy on the target and merges
@@ -121,7 +122,9 @@ class PreCopy:
                 rfs.mkdir("_base")
             self._snapshot(dom)
             log.info("pre-copy of %s: copying %d disk(s) while it runs", self.uuid, len(self.disks))
-            self._count("bytes_before_power_off", self._copy_bases())
+            # The definition is the one from before the snapshot: it can go now, not during the downtime.
+            xml_file = os.path.join(self.inst_dir, "domain.xml")
+            self._count("bytes_before_power_off", [self._copy_file(xml_file, xml_file), *self._copy_bases()])
             self.drv.power_off(self.instance, timeout, retry_interval)
             self.stats["powered_off_at"] = time.time()
             self._count("bytes_after_power_off", [self._copy_file(overlay_path(d.path), overlay_path(d.path))
@@ -130,9 +133,6 @@ class PreCopy:
             self._merge_offline()
             self._define(self.xml)
             os.rename(self.inst_dir, self.resize_dir)
-            xml_file = os.path.join(self.inst_dir, "domain.xml")
-            self._count("bytes_after_power_off",
-                        [self._copy_file(os.path.join(self.resize_dir, "domain.xml"), xml_file)])
         except BaseException as e:
             log.exception("pre-copy migration of %s to %s failed; restoring the source", self.uuid, self.dest)
             restored = self.rollback(dom)

@@ -98,7 +98,7 @@ def test_writing_guest_moves_with_precopy_and_revert_finds_the_source_as_it_was(
     result = a.ok("migrate-disk-and-power-off", uuid=uuid, dest=b.host.ip, timeout=60, retry_interval=10)
     [info] = json.loads(result["disk_info"])
     assert info["overlay"] == disk + ".precopy"
-    base, overlay, xml = result["copies"]
+    xml, base, overlay = result["copies"]
     assert base["sent"] >= DATA and 0 < overlay["sent"] < 16 * MiB  # only what was written during the copy
     source_console = a.dir(uuid, "_resize") / "console.log"
     lines = guest.console_lines(source_console)

@@ -359,13 +359,14 @@ class Stack:
 
     def define_domain(self, host_name: str, *, name: str | None = None, disk_mib: int = 64,
                       disk_format: str = "raw", data: Sequence[tuple[int, int]] = (), mode: str = "check",
-                      start: bool = False, memory_mib: int = 128) -> Domain:
+                      start: bool = False, memory_mib: int = 128, interval: float | None = None) -> Domain:
         """Define a domain of the test guest on ``host_name`` in ``<instances>/<uuid>/``.
 
         disk_mib: virtual size of its disk (sparse); disk_format: raw or qcow2.
         data: (offset MiB, length MiB) runs of random data written into a raw disk, beyond
             the guest's record log, to give a copy work to do.
         mode: the guest's mode (check: verify only; write: append a record, see guest.py).
+        interval: seconds between records in mode writeloop.
         start: start it (it boots the test guest; wait for ``CFGUEST ready`` on its console).
         """
         node = self.nodes[host_name]
@@ -386,7 +387,7 @@ class Stack:
                         f.write(os.urandom(MiB))
         xml = guest.domain_xml(name, dom.disk_in_host, dom.console_in_host, self.image, uuid=uuid,
                                domain_type=self.domain_type, disk_format=disk_format, mode=mode,
-                               memory_mib=memory_mib)
+                               memory_mib=memory_mib, interval=interval)
         conn = self.lab.host(host_name).connect()
         try:
             virdom = conn.defineXML(xml)
