@@ -1,0 +1,45 @@
+"""scripts/bench-downtime end to end at a small scale: both rounds run, every guest verifies its records.
+
+Selected with ``-m benchmark``; kept out of the default run by pyproject's addopts.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench-downtime"
+
+
+def load_script():
+    loader = importlib.machinery.SourceFileLoader("bench_downtime", str(SCRIPT))
+    spec = importlib.util.spec_from_loader("bench_downtime", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.benchmark
+@pytest.mark.timeout(1800)
+def test_downtime_benchmark_runs_both_rounds_and_every_guest_verifies(tmp_path: Path) -> None:
+    status = load_script().main(["--sizes", "0.125,0.25", "--interval", "0.3", "--out", str(tmp_path)])
+
+    [report] = tmp_path.glob("downtime-*.json")
+    data = json.loads(report.read_text())
+    rows = data["rows"]
+    assert [(r["size_gib"], r["precopy"]) for r in rows] == [(0.125, True), (0.25, True), (0.125, False),
+                                                             (0.25, False)]
+    assert all(r["verified"] and r["status"] == "finished" for r in rows), rows
+    for r in rows:
+        assert r["downtime_s"] > 0 and r["bytes_sent"] == r["bytes_before_power_off"] + r["bytes_after_power_off"]
+        if r["precopy"]:  # the disk went before the power-off, only the overlay after
+            assert r["bytes_before_power_off"] > r["size_gib"] * (1 << 30) * 0.9 > r["bytes_after_power_off"]
+        else:
+            assert r["bytes_before_power_off"] == 0
+    assert status == 0
+    text = report.with_suffix(".md").read_text()
+    assert "| disk | pre-copy | downtime s |" in text and "## Targets" in text
