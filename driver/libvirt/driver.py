@@ -183,6 +183,7 @@ class LibvirtDriver(ComputeDriver):
                                        reason="resume it or shut it off before migrating")
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         disk_info = self._disk_info(xml, inst_dir)
+        precopy.refuse_leftover(disk_info)
         self._check_flavor(instance, flavor, disk_info)
         was_running = state == PowerState.RUNNING
         with self.remote_fs(self._endpoint(dest, "/"), self.config.instances_path) as rfs:

@@ -12,6 +12,7 @@ from types import FrameType
 
 import pytest
 
+from tests.support import guest
 from tests.support.lab import Lab
 
 log = logging.getLogger(__name__)
@@ -68,3 +69,15 @@ def lab() -> Iterator[Lab]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         teardown()
         atexit.unregister(teardown)
+
+
+@pytest.fixture(scope="session")
+def image() -> guest.GuestImage:
+    """The test guest, built once (scripts/make-test-guest)."""
+    return guest.ensure_built()
+
+
+@pytest.fixture(scope="session")
+def domain_type(image: guest.GuestImage) -> str:
+    """kvm where the guest boots under KVM here, else qemu (TCG)."""
+    return guest.detect_domain_type(image)

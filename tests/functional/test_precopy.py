@@ -31,16 +31,6 @@ DATA_AT, DATA = 256 * MiB, 96 * MiB   # past the records the guest writes in the
 SETTINGS = {"precopy": True, "precopy_threshold": 0, "transfer_bwlimit": 24 * MiB, "transfer_retries": 0}
 
 
-@pytest.fixture(scope="module")
-def image():
-    return guest.ensure_built()
-
-
-@pytest.fixture(scope="module")
-def domain_type(image):
-    return guest.detect_domain_type(image)
-
-
 @pytest.fixture
 def pair(lab, tmp_path):
     """(source, target) DriverNodes with pre-copy on; the instances made are removed afterwards."""

@@ -278,6 +278,17 @@ def test_a_leftover_overlay_file_is_refused_before_the_snapshot(env):
     assert (env.inst_dir / "disk.precopy").read_bytes() == b"old"  # not ours to remove
 
 
+def test_a_domain_left_on_an_overlay_is_refused_before_anything(env):
+    inst, dom, events = running(env)
+    leftover = str(env.inst_dir / "disk.precopy")
+    (env.inst_dir / "disk.precopy").write_bytes(OVERLAY_DATA)
+    env.qemu.add(leftover, "qcow2", GiB, len(OVERLAY_DATA), backing=str(env.inst_dir / "disk"), backing_format="qcow2")
+    dom._set_source("vda", leftover, "qcow2")
+    with pytest.raises(ImageError, match="pre-copy overlay left by an interrupted migration .*blockcommit"):
+        env.migrate(inst)
+    assert events == [] and dom.isActive() and env.target.sessions == []
+
+
 def test_a_failed_base_copy_merges_the_overlay_back_while_it_runs(env):
     inst, dom, events = running(env)
     original = dom.xml
