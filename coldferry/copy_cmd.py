@@ -21,8 +21,10 @@ The stream method (default) reads only allocated, non-zero data, sends it in
 checksummed chunks over several parallel streams and resumes an interrupted
 copy where it stopped; the target stays sparse. It logs in over SSH, starts
 'coldferry receive' on the remote host and then sends the data over a
-direct TLS connection (--channel tls, the default and fastest) or inside the
-SSH connection (--channel ssh, for when only port 22 is open).
+direct TCP connection on which every frame is sealed with AES-128-GCM under
+a one-time key handed over through SSH (--channel direct, the default and
+fastest), over a direct TLS connection (--channel tls) or inside the SSH
+connection (--channel ssh, for when only port 22 is open).
 
 The rsync method runs rsync over OpenSSH with --sparse, keeps partial files
 for resuming, and checks the result's image digest on both ends.
@@ -45,9 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="copier to use (default: %(default)s)")
     p.add_argument("--streams", type=int, default=2, metavar="N",
                    help="parallel data streams, stream method only (default: %(default)s)")
-    p.add_argument("--channel", choices=("tls", "ssh"), default="tls",
-                   help="where stream data flows: a direct TLS connection opened for this copy, "
-                        "or inside the SSH connection (default: %(default)s)")
+    p.add_argument("--channel", choices=("direct", "tls", "ssh"), default="direct",
+                   help="where stream data flows: a direct TCP connection opened for this copy with "
+                        "AES-GCM sealed frames, a direct TLS connection, or inside the SSH connection "
+                        "(default: %(default)s)")
     p.add_argument("--compress", choices=("off", "fast", "auto"), default="off",
                    help="per-chunk compression, stream method only: fast = zstd level 1 on every "
                         "chunk; auto = keep it only where it saves at least 10%% and back off on "
@@ -93,7 +96,7 @@ def run_copy(args: argparse.Namespace) -> int:
         if args.method == "rsync":
             stream_only = [flag for flag, used in (("--no-resume", args.no_resume), ("--fsync", args.fsync),
                                                    ("--compress", args.compress != "off"),
-                                                   ("--channel", args.channel != "tls"),
+                                                   ("--channel", args.channel != "direct"),
                                                    ("--streams", args.streams != 2)) if used]
             if stream_only:
                 raise transfer.InvalidArgument(what="option for --method rsync", value=" ".join(stream_only),

@@ -17,8 +17,6 @@ from typing import Iterator
 #: wherever the source has an aligned run of zeros at least this long.
 ZERO_GRAIN = 64 * 1024
 _ZERO_GRAIN_BYTES = bytes(ZERO_GRAIN)
-_PREFIX = 16
-_ZERO_PREFIX = bytes(_PREFIX)
 
 Segment = tuple[int, int]  # (offset relative to its block, length)
 
@@ -107,7 +105,6 @@ def nonzero_segments(buf: memoryview, segments: tuple[Segment, ...]) -> list[Seg
 
 
 def _is_zero(piece: memoryview) -> bool:
-    # A prefix test first: dense data almost never starts a grain with 16 zeros.
-    if piece[:_PREFIX] != _ZERO_PREFIX[:len(piece[:_PREFIX])]:
-        return False
-    return bytes(piece) == _ZERO_GRAIN_BYTES[:len(piece)]
+    # bytes.startswith takes the buffer as it is: one memcmp, no copy (a copy
+    # first made the 75%-zeros case spend more time copying than comparing).
+    return _ZERO_GRAIN_BYTES.startswith(piece)

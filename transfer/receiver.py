@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import IO, Any
 
-from . import tls, wire
+from . import seal, tls, wire
 from .compress import Decompressor
 from .digest import ImageDigest, block_count, block_hash
 from .errors import (ChunkCorrupted, DigestMismatch, InvalidArgument, NoSpace, ProtocolError,
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ACCEPT_TIMEOUT = 30.0
 MAX_BAD_CONNECTIONS = 8
 MAX_CHUNK = 64 * 1024 * 1024
+CHANNELS = ("direct", "tls", "ssh")
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -71,18 +72,21 @@ class Receiver:
         if self.size < 0 or not 0 < self.chunk <= MAX_CHUNK or self.chunk % ZERO_GRAIN:
             raise InvalidArgument(what="size or chunk size", value=(self.size, self.chunk),
                                   reason=f"chunk must be a multiple of {ZERO_GRAIN} up to {MAX_CHUNK}")
-        if not 1 <= self.streams <= 64 or self.channel not in ("tls", "ssh"):
+        if not 1 <= self.streams <= 64 or self.channel not in CHANNELS:
             raise InvalidArgument(what="streams or channel", value=(self.streams, self.channel),
-                                  reason="1-64 streams over tls or ssh")
-        self.bind = bind if self.channel == "tls" else "127.0.0.1"
+                                  reason="1-64 streams over direct, tls or ssh")
+        # The ssh channel arrives through the SSH server's port forwarding, from loopback.
+        self.bind = "127.0.0.1" if self.channel == "ssh" else bind
         self.target = Target.resolve(root, name)
         self.fd = -1
         self.journal: Journal | None = None
         self.token = secrets.token_bytes(wire.TOKEN_SIZE)
+        self.key = seal.new_key()
         self.errors: list[BaseException] = []
         self.frames = 0
         self.written = 0
         self._socks: list[socket.socket] = []
+        self._openers: list[seal.Opener | None] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self.on_error = lambda exc: None
@@ -118,6 +122,9 @@ class Receiver:
                                   "pid": os.getpid()}
         if self.channel == "tls":
             self.tls_ctx, fields["fingerprint"] = tls.server_context()
+        if self.channel == "direct":
+            fields["key"] = self.key.hex()
+            del fields["token"]  # the key itself guards the streams
         log.info("receiving %s (%s, %d blocks already here)", t.path, format_size(self.size), len(have))
         return fields
 
@@ -157,7 +164,7 @@ class Receiver:
                 except socket.timeout:
                     raise ProtocolError(reason=f"only {len(self._socks)} of {self.streams} streams "
                                                f"connected within {ACCEPT_TIMEOUT:.0f} s") from None
-                sock = self._admit(conn)
+                sock, opener = self._admit(conn)
                 if sock is None:
                     bad += 1
                     log.warning("refused a data connection from %s: bad token", addr)
@@ -165,33 +172,46 @@ class Receiver:
                         raise ProtocolError(reason="too many data connections with a bad token")
                     continue
                 self._socks.append(sock)
+                self._openers.append(opener)
         finally:
             self.listener.close()
-        for i, sock in enumerate(self._socks):
-            t = threading.Thread(target=self._stream, args=(sock,), name=f"recv-{i}", daemon=True)
+        for i, (sock, opener) in enumerate(zip(self._socks, self._openers)):
+            t = threading.Thread(target=self._stream, args=(sock, opener), name=f"recv-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
-    def _admit(self, conn: socket.socket) -> socket.socket | None:
+    def _admit(self, conn: socket.socket) -> tuple[socket.socket | None, seal.Opener | None]:
+        """The connection and its frame opener, or (None, None) for one without the token or key."""
         conn.settimeout(10)
+        opener = None
         try:
             sock = self.tls_ctx.wrap_socket(conn, server_side=True) if self.channel == "tls" else conn
-            hello = bytearray(wire.STREAM_HELLO.size)
-            recv_exact(sock, memoryview(hello))
-            token, _index = wire.STREAM_HELLO.unpack(hello)
+            if self.channel == "direct":
+                hello = bytearray(seal.HELLO.size)
+                recv_exact(sock, memoryview(hello))
+                index = seal.check_hello(self.key, hello)
+                taken = {o.index for o in self._openers if o}
+                ok = index is not None and index < self.streams and index not in taken
+                if ok:
+                    opener = seal.Opener(self.key, index)  # type: ignore[arg-type]
+            else:
+                hello = bytearray(wire.STREAM_HELLO.size)
+                recv_exact(sock, memoryview(hello))
+                token, _index = wire.STREAM_HELLO.unpack(hello)
+                ok = hmac.compare_digest(token, self.token)
         except (OSError, EOFError, ssl.SSLError):
             conn.close()
-            return None
-        if not hmac.compare_digest(token, self.token):
+            return None, None
+        if not ok:
             sock.close()
-            return None
+            return None, None
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        return sock
+        return sock, opener
 
-    def _stream(self, sock: socket.socket) -> None:
+    def _stream(self, sock: socket.socket, opener: seal.Opener | None) -> None:
         try:
-            self._receive(sock)
+            self._receive(sock, opener)
         except EOFError:
             self._fail(ProtocolError(reason="a data stream closed before its end frame"))
         except TransferError as e:
@@ -202,26 +222,39 @@ class Receiver:
             log.exception("receive stream failed")
             self._fail(TransferError(reason=f"receiver bug: {e!r}"))
 
-    def _receive(self, sock: socket.socket) -> None:
+    def _receive(self, sock: socket.socket, opener: seal.Opener | None) -> None:
         chunk = self.chunk
-        head = bytearray(wire.HEADER.size)
-        segtab = bytearray(wire.SEGMENT.size * (chunk // ZERO_GRAIN))
+        segmax = wire.SEGMENT.size * (chunk // ZERO_GRAIN)
+        # Header and segment table side by side: sealed frames authenticate them together.
+        headbuf = bytearray(wire.HEADER.size + segmax)
+        hview = memoryview(headbuf)
+        head, segtab = hview[:wire.HEADER.size], hview[wire.HEADER.size:]
         block = bytearray(chunk)
         wirebuf = bytearray(chunk + chunk // 128 + 65536)
+        sealed = memoryview(bytearray(len(wirebuf) + seal.TAG_SIZE)) if opener else None
         zero = bytes(chunk)
         bview, wview = memoryview(block), memoryview(wirebuf)
         decomp = Decompressor()
         while True:
-            recv_exact(sock, memoryview(head))
+            recv_exact(sock, head)
             f = wire.unpack_header(head)
             if f.kind == wire.KIND_END:
+                if opener and sealed is not None:
+                    recv_exact(sock, sealed[:seal.TAG_SIZE])
+                    opener.open(head, sealed[:seal.TAG_SIZE], bview[:0], f.offset)
                 return
             self._check_frame(f, len(wirebuf))
-            recv_exact(sock, memoryview(segtab)[:f.nseg * wire.SEGMENT.size])
+            seglen = f.nseg * wire.SEGMENT.size
+            recv_exact(sock, segtab[:seglen])
             segs = wire.unpack_segments(segtab, f.nseg, f.block_len)
             whole = f.nseg == 1 and segs[0] == (0, f.block_len) and not f.flags
             payload = bview[:f.wire_len] if whole else wview[:f.wire_len]
-            recv_exact(sock, payload)
+            if opener and sealed is not None:
+                recv_exact(sock, sealed[:f.wire_len + seal.TAG_SIZE])
+                opener.open(hview[:wire.HEADER.size + seglen], sealed[:f.wire_len + seal.TAG_SIZE],
+                            payload, f.offset)
+            else:
+                recv_exact(sock, payload)
             if f.flags & wire.FLAG_ZSTD and wire.payload_checksum(payload) != f.checksum:
                 raise ChunkCorrupted(offset=f.offset, length=f.block_len, reason="payload checksum mismatch")
             data = decomp.decompress(payload, f.flags, sum(n for _, n in segs), f.offset)

@@ -11,8 +11,11 @@ receiver's journal.
 from __future__ import annotations
 
 import base64
+import errno
+import functools
 import hmac
 import logging
+import mmap
 import os
 import socket
 import stat
@@ -23,7 +26,7 @@ from typing import Any, Callable
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from . import ssh, tls, wire
+from . import seal, ssh, tls, wire
 from .ssh import paramiko
 from .compress import Compressor
 from .digest import DEFAULT_CHUNK, ImageDigest, block_hash
@@ -39,8 +42,10 @@ log = logging.getLogger(__name__)
 
 #: Two streams keep both cores busy on a two-core host (measured, see README).
 DEFAULT_STREAMS = 2
-CHANNELS = ("tls", "ssh")
+#: direct: plain TCP with AES-GCM sealed frames (fastest); tls: a TLS connection; ssh: inside SSH.
+CHANNELS = ("direct", "tls", "ssh")
 ERROR_WAIT = 5.0
+DIRECT_ALIGN = 4096
 
 
 @dataclass
@@ -54,8 +59,10 @@ class Source:
     mode: int
     blocks: list[Block]
 
+    direct_fd: int = -1
+
     @classmethod
-    def open(cls, path: str, chunk: int) -> "Source":
+    def open(cls, path: str, chunk: int, direct: bool = False) -> "Source":
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -72,16 +79,56 @@ class Source:
         # A larger readahead window: measured 12% faster on a cold 2 GiB image.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         blocks = list(data_blocks(data_extents(fd, size), size, chunk))
-        return cls(path, fd, size, identity, stat.S_IMODE(st.st_mode), blocks)
+        source = cls(path, fd, size, identity, stat.S_IMODE(st.st_mode), blocks)
+        if direct:
+            try:
+                source.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError:  # a file system without O_DIRECT (tmpfs): read through the page cache
+                pass
+        return source
+
+    def read_block(self, block: Block, buf: memoryview) -> bool:
+        """Read ``block``'s data segments into the start of ``buf``, zeros elsewhere.
+
+        False if the file shrank. ``buf`` is page-aligned and DIRECT_ALIGN longer than a block.
+
+        Holes are never read. With O_DIRECT, aligned reads bypass the page cache, which saves
+        the kernel's copy; an unaligned piece, or a file system that refuses, falls back.
+        """
+        pos = 0
+        for off, n in block.segments:
+            if off > pos:
+                buf[pos:off] = _zeros(off - pos)
+            if not self._read(buf, off, n, block.offset + off):
+                return False
+            pos = off + n
+        if pos < block.length:
+            buf[pos:block.length] = _zeros(block.length - pos)
+        return True
+
+    def _read(self, buf: memoryview, off: int, n: int, at: int) -> bool:
+        if self.direct_fd >= 0 and not (off | at) % DIRECT_ALIGN:
+            want = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN  # whole sectors; a read at the end stops short
+            if off + want <= len(buf):
+                try:
+                    return os.preadv(self.direct_fd, [buf[off:off + want]], at) >= n
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    os.close(self.direct_fd)
+                    self.direct_fd = -1
+        return os.preadv(self.fd, [buf[off:off + n]], at) == n
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
 
 
 @dataclass
 class Options:
     streams: int = DEFAULT_STREAMS
-    channel: str = "tls"
+    channel: str = "direct"
     compress: str = "off"
     bwlimit: int | None = None
     chunk: int = DEFAULT_CHUNK
@@ -97,7 +144,7 @@ class Counters:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def stream_copy(src: str, dest: Endpoint, *, streams: int = DEFAULT_STREAMS, channel: str = "tls",
+def stream_copy(src: str, dest: Endpoint, *, streams: int = DEFAULT_STREAMS, channel: str = "direct",
                 compress: str = "off", bwlimit: int | None = None, chunk_size: int = DEFAULT_CHUNK,
                 overwrite: bool = False, resume: bool = True, fsync: bool = False, retries: int = 3,
                 progress: ProgressCallback | None = None,
@@ -107,8 +154,9 @@ def stream_copy(src: str, dest: Endpoint, *, streams: int = DEFAULT_STREAMS, cha
     """Copy local file ``src`` to ``dest`` with the streaming copier.
 
     :param streams: parallel data streams (1-16).
-    :param channel: ``tls`` (direct TLS connection to the receiver) or ``ssh``
-        (forwarded inside the SSH connection).
+    :param channel: ``direct`` (a TCP connection to the receiver, every frame sealed
+        with AES-128-GCM under a one-time key handed over through SSH), ``tls`` (a TLS
+        connection to the receiver) or ``ssh`` (forwarded inside the SSH connection).
     :param compress: ``off``, ``fast`` or ``auto``.
     :param bwlimit: bytes per second over all streams, or None.
     :param overwrite: replace an existing destination file.
@@ -120,10 +168,10 @@ def stream_copy(src: str, dest: Endpoint, *, streams: int = DEFAULT_STREAMS, cha
     if not 1 <= streams <= 16:
         raise InvalidArgument(what="streams", value=streams, reason="use 1 to 16")
     if channel not in CHANNELS:
-        raise InvalidArgument(what="channel", value=channel, reason="use tls or ssh")
+        raise InvalidArgument(what="channel", value=channel, reason="use direct, tls or ssh")
     Compressor(compress)  # validates the mode
     opts = Options(streams, channel, compress, bwlimit, chunk_size, overwrite, fsync)
-    source = Source.open(src, chunk_size)
+    source = Source.open(src, chunk_size, direct=os.environ.get("CF_EXP_DIRECT", "1") == "1")
     limiter = RateLimit(bwlimit, clock=clock, sleep=sleep) if bwlimit else None
     started = clock()
     attempts = 0
@@ -171,7 +219,7 @@ class Session:
     def run(self) -> Counters:
         client = self.connect(self.dest)
         remote = None
-        socks: list[Any] = []
+        socks: list[tuple[Any, seal.Sealer | None]] = []
         try:
             remote = ssh.RemoteProcess(client, self.dest.remote_command, self.dest.host)
             ready = self._handshake(remote)
@@ -190,7 +238,7 @@ class Session:
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise ConnectionLost(host=self.dest.host, reason=str(e) or type(e).__name__) from None
         finally:
-            for s in socks:
+            for s, _ in socks:
                 s.close()
             if remote:
                 remote.close()
@@ -216,22 +264,29 @@ class Session:
             raise from_remote(msg.get("kind", ""), msg.get("message", "?"), self.dest.host)
         return msg
 
-    def _open_stream(self, client: paramiko.SSHClient, ready: dict[str, Any], index: int) -> Any:
+    def _open_stream(self, client: paramiko.SSHClient, ready: dict[str, Any],
+                     index: int) -> tuple[Any, seal.Sealer | None]:
         port = int(ready["port"])
+        if self.opts.channel == "direct":
+            key = seal.parse_key(ready.get("key", ""))
+            sock: Any = ssh.plain_connect(self.dest.host, port)
+            sock.sendall(seal.hello(key, index))
+            return sock, seal.Sealer(key, index, self.opts.chunk + self.opts.chunk // 128 + 65536)
         if self.opts.channel == "ssh":
-            sock: Any = ssh.forward(client, port, self.dest.host)
+            sock = ssh.forward(client, port, self.dest.host)
         else:
             raw = ssh.plain_connect(self.dest.host, port)
             sock = tls.client_context().wrap_socket(raw)
             tls.check_peer(sock, ready["fingerprint"])
         sock.sendall(wire.STREAM_HELLO.pack(bytes.fromhex(ready["token"]), index))
-        return sock
+        return sock, None
 
-    def _send_all(self, socks: list[Any], have: bytes) -> None:
+    def _send_all(self, socks: list[tuple[Any, seal.Sealer | None]], have: bytes) -> None:
         total = sum(sum(n for _, n in b.segments) for b in self.source.blocks if not _has(have, b.index))
         meter = ProgressMeter(total, self.progress, clock=self.clock)
-        threads = [threading.Thread(target=self._stream, args=(s, have, meter), name=f"send-{i}", daemon=True)
-                   for i, s in enumerate(socks)]
+        threads = [threading.Thread(target=self._stream, args=(s, sealer, have, meter), name=f"send-{i}",
+                                    daemon=True)
+                   for i, (s, sealer) in enumerate(socks)]
         for t in threads:
             t.start()
         for t in threads:
@@ -243,17 +298,18 @@ class Session:
         with self._next_lock:
             return next(self._next, None)
 
-    def _stream(self, sock: Any, have: bytes, meter: ProgressMeter) -> None:
+    def _stream(self, sock: Any, sealer: seal.Sealer | None, have: bytes, meter: ProgressMeter) -> None:
         try:
-            self._send_blocks(sock, have, meter)
+            self._send_blocks(sock, sealer, have, meter)
         except TransferError as e:
             self._fail(e, sock)
         except (OSError, EOFError, paramiko.SSHException) as e:
             self._fail(ConnectionLost(host=self.dest.host, reason=str(e) or type(e).__name__), sock)
 
-    def _send_blocks(self, sock: Any, have: bytes, meter: ProgressMeter) -> None:
-        chunk, fd, c = self.opts.chunk, self.source.fd, self.counters
-        buf, gather = bytearray(chunk), bytearray(chunk)
+    def _send_blocks(self, sock: Any, sealer: seal.Sealer | None, have: bytes, meter: ProgressMeter) -> None:
+        chunk, c = self.opts.chunk, self.counters
+        # Page-aligned (mmap) so that the source may be read with O_DIRECT into it.
+        buf, gather = mmap.mmap(-1, chunk + DIRECT_ALIGN), bytearray(chunk)
         view, gview = memoryview(buf), memoryview(gather)
         comp = Compressor(self.opts.compress)
         frames = 0
@@ -262,7 +318,7 @@ class Session:
             if block is None:
                 break
             content = view[:block.length]
-            if os.preadv(fd, [content], block.offset) != block.length:
+            if not self.source.read_block(block, view):
                 raise SourceError(path=self.source.path, reason="the file shrank during the copy")
             digest = block_hash(content)
             self.digest.set(block.index, digest)
@@ -277,15 +333,19 @@ class Session:
                 packed, flags = comp.compress(payload)
                 if self.limiter:
                     self.limiter.take(len(packed))
-                sock.sendall(wire.pack_frame(flags, block.offset, block.length, digest, segs, packed))
-                sock.sendall(packed)
+                head = wire.pack_frame(flags, block.offset, block.length, digest, segs, packed)
+                sock.sendall(head)
+                sock.sendall(sealer.seal(head, packed) if sealer else packed)
                 frames += 1
                 with c.lock:
                     c.sent += len(payload)
                     c.wire += len(packed)
             meter.add(data_len)
         if not self.stop.is_set():
-            sock.sendall(wire.pack_end(frames))
+            end = wire.pack_end(frames)
+            sock.sendall(end)
+            if sealer:
+                sock.sendall(sealer.seal(end, b""))
 
     def _fail(self, exc: TransferError, sock: Any) -> None:
         self.errors.append(exc)
@@ -305,6 +365,17 @@ class Session:
         if msg.get("op") == "error":
             return from_remote(msg.get("kind", ""), msg.get("message", "?"), self.dest.host)
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_buffer(size: int) -> bytes:
+    return bytes(size)
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero bytes, from a shared buffer (no allocation per call)."""
+    size = 1 << max(16, (n - 1).bit_length())
+    return memoryview(_zero_buffer(size))[:n]
 
 
 def _gather(content: memoryview, segs: list[tuple[int, int]], out: memoryview) -> memoryview:

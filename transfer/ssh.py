@@ -105,7 +105,7 @@ def forward(client: paramiko.SSHClient, port: int, host: str) -> paramiko.Channe
                                       window_size=WINDOW, max_packet_size=MAX_PACKET, timeout=CONNECT_TIMEOUT)
     except (paramiko.SSHException, OSError) as e:
         raise ConnectionLost(host=host, reason=f"SSH forwarding to the receiver refused: {e} "
-                                               "(is AllowTcpForwarding off? use --channel tls)") from None
+                                               "(is AllowTcpForwarding off? use --channel direct)") from None
 
 
 def plain_connect(host: str, port: int) -> socket.socket:

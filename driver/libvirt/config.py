@@ -37,7 +37,7 @@ class DriverConfig:
     host_name: str = field(default_factory=lambda: os.uname().nodename)
     transfer_method: str = "stream"          # stream | rsync
     transfer_streams: int = 2
-    transfer_channel: str = "tls"             # tls | ssh
+    transfer_channel: str = "direct"          # direct | tls | ssh
     transfer_compress: str = "off"
     transfer_retries: int = 3
     transfer_fsync: bool = True
@@ -64,7 +64,7 @@ class DriverConfig:
                 raise DriverError(reason=f"bad driver setting {f.name} = {value!r}: expected {f.type}")
         checks = [
             (self.transfer_method in ("stream", "rsync"), "transfer_method", "use stream or rsync"),
-            (self.transfer_channel in ("tls", "ssh"), "transfer_channel", "use tls or ssh"),
+            (self.transfer_channel in ("direct", "tls", "ssh"), "transfer_channel", "use direct, tls or ssh"),
             (self.backing in ("send", "flatten"), "backing", "use send or flatten"),
             (os.path.isabs(self.instances_path), "instances_path", "must be an absolute path"),
             (self.transfer_bwlimit >= 0, "transfer_bwlimit", "bytes per second, 0 for no limit"),

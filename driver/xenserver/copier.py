@@ -57,7 +57,7 @@ class StreamCopier:
     ssh_known_hosts: str = field(default_factory=lambda: os.path.expanduser("~/.ssh/known_hosts"))
     remote_command: tuple[str, ...] = DEFAULT_REMOTE_COMMAND
     streams: int = 2
-    channel: str = "tls"
+    channel: str = "direct"
     compress: str = "off"
 
     def endpoint(self, dest: str, name: str) -> transfer.Endpoint:

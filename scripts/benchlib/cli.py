@@ -174,7 +174,7 @@ def benchmark(args: argparse.Namespace, work: Path,
         base = result.get(BASELINE)
         if key == "a" and not args.no_resume_check and base is not None:
             if base.unavailable or base.median is None:
-                check = ResumeCheck(verdict="n/a", note=f"coldferry stream (tls): {base.status}")
+                check = ResumeCheck(verdict="n/a", note=f"coldferry stream (direct): {base.status}")
             else:
                 log("resume check: interrupting a stream copy of case a ...")
                 check = resume.run(peer, source, result.source_digest, dst, drop_note is None,

@@ -10,7 +10,7 @@ from typing import Any
 from .results import RESUME_LIMIT, CaseResult, ResumeCheck, TargetCheck, ToolResult
 
 MiB = 1 << 20
-HEADER = ("tool", "median s", "MiB/s apparent", "MiB/s data", "vs stream (tls)",
+HEADER = ("tool", "median s", "MiB/s apparent", "MiB/s data", "vs stream",
           "target alloc MiB", "verified")
 
 
@@ -104,7 +104,7 @@ def render_text(meta: dict[str, Any], cases: list[CaseResult], baseline: str,
     for case in cases:
         out += [case_heading(case), text_table(case_rows(case, baseline)), *unavailable_notes(case), ""]
     if resume is not None:
-        out += ["resume check (case a, coldferry stream tls):", *("  " + ln for ln in resume_lines(resume)), ""]
+        out += ["resume check (case a, coldferry stream direct):", *("  " + ln for ln in resume_lines(resume)), ""]
     out += ["targets:", *("  " + ln for ln in target_lines(checks, resume))]
     return "\n".join(out)
 
@@ -131,7 +131,8 @@ def notes(meta: dict[str, Any]) -> list[str]:
         "timed: from starting the copier to its exit (qemu-nbd start and target truncate not timed; "
         "no sync after the copy)",
         f"OpenSSH cipher {s['cipher']} for ssh, scp and rsync -e ssh, all with strict host-key "
-        "checking; coldferry picks its own: TLS (AES-GCM) for stream/tls, paramiko's choice "
+        "checking; coldferry picks its own: AES-128-GCM sealed frames over TCP for stream/direct, "
+        "TLS 1.2 (AES-128-GCM) for stream/tls, paramiko's choice "
         "(aes128-ctr) for stream/ssh, OpenSSH's default for coldferry rsync; nbdcopy runs over "
         "plain TCP to qemu-nbd, unencrypted",
         "MiB/s data = non-zero data (64 KiB grains) per second; FULL = target fully allocated "

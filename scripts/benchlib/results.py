@@ -80,7 +80,7 @@ class CaseResult:
 
 @dataclass(frozen=True)
 class Target:
-    """Coldferry stream (tls) must be ``need`` times as fast as ``other`` on ``case``."""
+    """Coldferry stream (direct channel) must be ``need`` times as fast as ``other`` on ``case``."""
 
     case: str
     other: str

@@ -67,11 +67,11 @@ def interrupt(argv: list[str], dst_dir: Path, half: int, timeout: float,
 
 def run(peer: Peer, source: Source, source_digest: str | None, dst_dir: Path,
         drop_caches: bool, timeout: float) -> ResumeCheck:
-    """Interrupt a stream (tls) copy of ``source`` at about half its data, then rerun it."""
+    """Interrupt a stream (direct) copy of ``source`` at about half its data, then rerun it."""
     check = ResumeCheck(data=source.data)
     clean(dst_dir)
     target = dst_dir / source.path.name
-    argv = coldferry_copy(peer, source.path, target, *stream_options(peer, "tls"))
+    argv = coldferry_copy(peer, source.path, target, *stream_options(peer, "direct"))
     settle(drop_caches)
     if not interrupt(argv, dst_dir, source.data // 2, timeout, check):
         check.verdict = "n/a"

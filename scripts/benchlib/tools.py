@@ -170,6 +170,7 @@ def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 
 TOOLS: dict[str, Tool] = {t.name: t for t in (
+    Tool("cf-stream", "coldferry stream (direct)", (), _stream("direct"), coldferry=True),
     Tool("cf-stream-tls", "coldferry stream (tls)", (), _stream("tls"), coldferry=True),
     Tool("cf-stream-ssh", "coldferry stream (ssh)", (), _stream("ssh"), coldferry=True),
     Tool("cf-rsync", "coldferry rsync", ("rsync",), _coldferry_rsync, coldferry=True),
@@ -180,4 +181,4 @@ TOOLS: dict[str, Tool] = {t.name: t for t in (
          server=qemu_nbd),
     Tool("cp", "cp --sparse=always (local)", ("cp",), _cp),
 )}
-BASELINE = "cf-stream-tls"
+BASELINE = "cf-stream"

@@ -57,7 +57,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("channel", ["tls", "ssh"])
+@pytest.mark.parametrize("channel", ["direct", "tls", "ssh"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_sparse_layouts_copy_exactly_and_stay_sparse(sshd, tmp_path, layout, channel):
     size, data = LAYOUTS[layout]
@@ -183,9 +183,11 @@ def receiver_pids(sshd) -> list[int]:
     return [pid for pid, argv in descendants(sshd.proc.pid) if "receive" in argv]
 
 
-@pytest.mark.parametrize("channel", ["tls", "ssh"])
+@pytest.mark.parametrize("channel", ["direct", "tls", "ssh"])
 def test_connection_killed_mid_copy_resumes_automatically(sshd, tmp_path, channel):
-    size = 48 * MiB
+    # Up to two streams' socket buffers (some 8 MiB each) may be in flight, counted as
+    # sent but not yet written, when the receiver dies.
+    size = 96 * MiB
     src = make_file(tmp_path / "src.img", size, [(0, size)])
     dst = tmp_path / "dst.img"
     killed = []
@@ -197,11 +199,12 @@ def test_connection_killed_mid_copy_resumes_automatically(sshd, tmp_path, channe
                 os.kill(pid, signal.SIGKILL)
             killed.extend(pids)
 
-    result = transfer.stream_copy(str(src), endpoint(sshd, dst), channel=channel, bwlimit=32 * MiB,
+    result = transfer.stream_copy(str(src), endpoint(sshd, dst), channel=channel, bwlimit=64 * MiB,
                                   progress=kill_receiver_halfway, sleep=lambda s: None)
     assert killed, "the receiver was never killed"
     assert_same(src, dst)
-    assert result.resumed >= size // 4  # the second session skipped what had landed
+    assert result.resumed >= size // 8  # the second session skipped what had landed
+    assert result.sent + result.resumed == size
     assert result.digest == file_digest(str(dst))
     assert not list(tmp_path.glob(".dst.img.*"))
 
