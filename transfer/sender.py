@@ -171,7 +171,7 @@ def stream_copy(src: str, dest: Endpoint, *, streams: int = DEFAULT_STREAMS, cha
         raise InvalidArgument(what="channel", value=channel, reason="use direct, tls or ssh")
     Compressor(compress)  # validates the mode
     opts = Options(streams, channel, compress, bwlimit, chunk_size, overwrite, fsync)
-    source = Source.open(src, chunk_size, direct=os.environ.get("CF_EXP_DIRECT", "1") == "1")
+    source = Source.open(src, chunk_size, direct=True)
     limiter = RateLimit(bwlimit, clock=clock, sleep=sleep) if bwlimit else None
     started = clock()
     attempts = 0

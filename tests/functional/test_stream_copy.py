@@ -248,3 +248,22 @@ def test_cli_reports_failure_with_a_message_and_exit_code(sshd, tmp_path):
     ok = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("stream: sent 1.0 MiB") and "digest cf1:" in ok.stdout
+
+
+def test_unaligned_pieces_and_a_file_system_without_o_direct(sshd, tmp_path):
+    """Both ends use O_DIRECT where they can; unaligned data and tmpfs go through the page cache."""
+    mnt = tmp_path / "mem"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "coldferry-test", str(mnt)], check=True)
+    try:
+        for src_dir, dst_dir in ((tmp_path, mnt), (mnt, tmp_path)):
+            size = 9 * MiB + 1234  # the last block ends off any sector boundary
+            src = make_file(src_dir / "src.img", size, [(0, MiB), (4 * MiB + 4096, 512 * 1024), (9 * MiB, 1234)])
+            dst = dst_dir / "dst.img"
+            result = transfer.stream_copy(str(src), endpoint(sshd, dst))
+            assert_same(src, dst)
+            assert result.sent == MiB + 512 * 1024 + 1234
+            src.unlink()
+            dst.unlink()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
