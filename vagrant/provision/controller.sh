@@ -68,4 +68,4 @@ systemctl restart coldferry-controller.service
 say "waiting for the controller on port $PORT"
 wait_http "http://127.0.0.1:$PORT/v1/os-hypervisors" /etc/coldferry/controller.token \
     || { journalctl -u coldferry-controller -n 30 --no-pager; exit 1; }
-say "controller answers; hosts: $(coldferry host list 2>&1 | tr '\n' ' ')"
+say "controller answers (the hosts show as up once their agents run: coldferry host list)"
