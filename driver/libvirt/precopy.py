@@ -138,13 +138,16 @@ class PreCopy:
             xml_file = os.path.join(self.inst_dir, "domain.xml")
             self._count("bytes_before_power_off", [self._copy_file(xml_file, xml_file), *self._copy_bases()])
             self.drv.power_off(self.instance, timeout, retry_interval)
-            self.stats["powered_off_at"] = time.time()
+            self.stats["powered_off_at"] = off = time.time()
             self._count("bytes_after_power_off", [self._copy_file(overlay_path(d.path), overlay_path(d.path))
                                                   for d in self.overlays])
+            copied_at = time.time()
             copied = [replace(d, overlay=overlay_path(d.path)) for d in self.overlays]
             self._merge_offline()
             self._define(self.xml)
             os.rename(self.inst_dir, self.resize_dir)
+            log.info("pre-copy of %s after power-off: overlays copied in %.2f s, merged back in %.2f s", self.uuid,
+                     copied_at - off, time.time() - copied_at)
         except BaseException as e:
             log.exception("pre-copy migration of %s to %s failed; restoring the source", self.uuid, self.dest)
             restored = self.rollback(dom)

@@ -359,14 +359,15 @@ class Stack:
 
     def define_domain(self, host_name: str, *, name: str | None = None, disk_mib: int = 64,
                       disk_format: str = "raw", data: Sequence[tuple[int, int]] = (), mode: str = "check",
-                      start: bool = False, memory_mib: int = 128, interval: float | None = None) -> Domain:
+                      start: bool = False, memory_mib: int = 128, interval: float | None = None,
+                      stride: int | None = None) -> Domain:
         """Define a domain of the test guest on ``host_name`` in ``<instances>/<uuid>/``.
 
         disk_mib: virtual size of its disk (sparse); disk_format: raw or qcow2.
         data: (offset MiB, length MiB) runs of random data written into a raw disk, beyond
             the guest's record log, to give a copy work to do.
         mode: the guest's mode (check: verify only; write: append a record, see guest.py).
-        interval: seconds between records in mode writeloop.
+        interval: seconds between records in mode writeloop; stride: bytes between record slots.
         start: start it (it boots the test guest; wait for ``CFGUEST ready`` on its console).
         """
         node = self.nodes[host_name]
@@ -387,7 +388,7 @@ class Stack:
                         f.write(os.urandom(MiB))
         xml = guest.domain_xml(name, dom.disk_in_host, dom.console_in_host, self.image, uuid=uuid,
                                domain_type=self.domain_type, disk_format=disk_format, mode=mode,
-                               memory_mib=memory_mib, interval=interval)
+                               memory_mib=memory_mib, interval=interval, stride=stride)
         conn = self.lab.host(host_name).connect()
         try:
             virdom = conn.defineXML(xml)
