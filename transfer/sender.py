@@ -17,6 +17,7 @@ import hmac
 import logging
 import mmap
 import os
+import queue
 import socket
 import stat
 import threading
@@ -46,6 +47,8 @@ DEFAULT_STREAMS = 2
 CHANNELS = ("direct", "tls", "ssh")
 ERROR_WAIT = 5.0
 DIRECT_ALIGN = 4096
+#: Threads that read, hash and pack blocks; they share the streams.
+READERS = 4
 
 
 @dataclass
@@ -215,6 +218,7 @@ class Session:
         self.stop = threading.Event()
         self._next = iter(source.blocks)
         self._next_lock = threading.Lock()
+        self._streams: list[_Stream] = []
 
     def run(self) -> Counters:
         client = self.connect(self.dest)
@@ -282,15 +286,27 @@ class Session:
         return sock, None
 
     def _send_all(self, socks: list[tuple[Any, seal.Sealer | None]], have: bytes) -> None:
+        """Readers take blocks, read and pack them, then send each frame on whichever stream is free.
+
+        More readers than streams keep several reads in flight, which O_DIRECT reads (no
+        kernel readahead) need to keep the disk busy.
+        """
         total = sum(sum(n for _, n in b.segments) for b in self.source.blocks if not _has(have, b.index))
         meter = ProgressMeter(total, self.progress, clock=self.clock)
-        threads = [threading.Thread(target=self._stream, args=(s, sealer, have, meter), name=f"send-{i}",
-                                    daemon=True)
-                   for i, (s, sealer) in enumerate(socks)]
+        streams = [_Stream(sock, sealer) for sock, sealer in socks]
+        self._streams = streams
+        self._free: queue.SimpleQueue[_Stream] = queue.SimpleQueue()
+        for st in streams:
+            self._free.put(st)
+        readers = max(READERS, len(streams))
+        threads = [threading.Thread(target=self._reader, args=(have, meter), name=f"send-{i}", daemon=True)
+                   for i in range(readers)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if not self.errors:
+            self._guarded(self._send_ends)
         if not self.errors:
             meter.finish()
 
@@ -298,21 +314,23 @@ class Session:
         with self._next_lock:
             return next(self._next, None)
 
-    def _stream(self, sock: Any, sealer: seal.Sealer | None, have: bytes, meter: ProgressMeter) -> None:
-        try:
-            self._send_blocks(sock, sealer, have, meter)
-        except TransferError as e:
-            self._fail(e, sock)
-        except (OSError, EOFError, paramiko.SSHException) as e:
-            self._fail(ConnectionLost(host=self.dest.host, reason=str(e) or type(e).__name__), sock)
+    def _reader(self, have: bytes, meter: ProgressMeter) -> None:
+        self._guarded(lambda: self._send_blocks(have, meter))
 
-    def _send_blocks(self, sock: Any, sealer: seal.Sealer | None, have: bytes, meter: ProgressMeter) -> None:
+    def _guarded(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except TransferError as e:
+            self._fail(e)
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            self._fail(ConnectionLost(host=self.dest.host, reason=str(e) or type(e).__name__))
+
+    def _send_blocks(self, have: bytes, meter: ProgressMeter) -> None:
         chunk, c = self.opts.chunk, self.counters
         # Page-aligned (mmap) so that the source may be read with O_DIRECT into it.
         buf, gather = mmap.mmap(-1, chunk + DIRECT_ALIGN), bytearray(chunk)
         view, gview = memoryview(buf), memoryview(gather)
         comp = Compressor(self.opts.compress)
-        frames = 0
         while not self.stop.is_set():
             block = self._take()
             if block is None:
@@ -334,26 +352,28 @@ class Session:
                 if self.limiter:
                     self.limiter.take(len(packed))
                 head = wire.pack_frame(flags, block.offset, block.length, digest, segs, packed)
-                sock.sendall(head)
-                sock.sendall(sealer.seal(head, packed) if sealer else packed)
-                frames += 1
+                stream = self._free.get()
+                try:
+                    stream.send(head, packed)
+                finally:
+                    self._free.put(stream)
                 with c.lock:
                     c.sent += len(payload)
                     c.wire += len(packed)
             meter.add(data_len)
-        if not self.stop.is_set():
-            end = wire.pack_end(frames)
-            sock.sendall(end)
-            if sealer:
-                sock.sendall(sealer.seal(end, b""))
 
-    def _fail(self, exc: TransferError, sock: Any) -> None:
+    def _send_ends(self) -> None:
+        for stream in self._streams:
+            stream.end()
+
+    def _fail(self, exc: TransferError) -> None:
         self.errors.append(exc)
         self.stop.set()
-        try:
-            sock.close()
-        except OSError:
-            pass
+        for stream in self._streams:  # wakes readers blocked in a send
+            try:
+                stream.sock.close()
+            except OSError:
+                pass
 
     def _receiver_error(self, remote: ssh.RemoteProcess) -> TransferError | None:
         """The receiver's own account of a failure, when it sent one."""
@@ -387,6 +407,26 @@ def _gather(content: memoryview, segs: list[tuple[int, int]], out: memoryview) -
         out[pos:pos + n] = content[off:off + n]
         pos += n
     return out[:pos]
+
+
+class _Stream:
+    """One data connection: frames go out whole, sealed in order on the direct channel."""
+
+    def __init__(self, sock: Any, sealer: seal.Sealer | None) -> None:
+        self.sock = sock
+        self.sealer = sealer
+        self.frames = 0
+
+    def send(self, head: bytes, payload: bytes | memoryview) -> None:
+        self.sock.sendall(head)
+        self.sock.sendall(self.sealer.seal(head, payload) if self.sealer else payload)
+        self.frames += 1
+
+    def end(self) -> None:
+        end = wire.pack_end(self.frames)
+        self.sock.sendall(end)
+        if self.sealer:
+            self.sock.sendall(self.sealer.seal(end, b""))
 
 
 def _unbitmap(text: str) -> bytes:
