@@ -21,9 +21,10 @@ source /vagrant/provision/lib.sh
 
 say "libvirtd"
 systemctl enable --now libvirtd.service >/dev/null 2>&1
-# The guest domain type on this node: KVM only where the node itself offers /dev/kvm
-# (nested virtualization), TCG otherwise.
-if [[ -c /dev/kvm ]]; then echo kvm; else echo qemu; fi >/etc/coldferry/guest-domain-type
+# The guest domain type on this node: KVM only where the node's CPU has virtualization
+# extensions (nested virtualization), TCG otherwise. /dev/kvm itself is no sign: the
+# kernel's static device nodes create it whether or not KVM can load.
+if grep -qwE 'vmx|svm' /proc/cpuinfo; then echo kvm; else echo qemu; fi >/etc/coldferry/guest-domain-type
 say "guests will run as domain type $(</etc/coldferry/guest-domain-type)"
 
 say "bridge $BRIDGE for the lab's guests"
