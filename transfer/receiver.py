@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import base64
 import hmac
-import errno
 import logging
-import mmap
 import os
 import secrets
 import socket
@@ -38,7 +36,6 @@ log = logging.getLogger(__name__)
 ACCEPT_TIMEOUT = 30.0
 MAX_BAD_CONNECTIONS = 8
 MAX_CHUNK = 64 * 1024 * 1024
-DIRECT_ALIGN = 4096
 CHANNELS = ("direct", "tls", "ssh")
 
 
@@ -82,8 +79,6 @@ class Receiver:
         self.bind = "127.0.0.1" if self.channel == "ssh" else bind
         self.target = Target.resolve(root, name)
         self.fd = -1
-        self.direct_fd = -1
-        self._direct_opened = -1
         self.journal: Journal | None = None
         self.token = secrets.token_bytes(wire.TOKEN_SIZE)
         self.key = seal.new_key()
@@ -115,7 +110,6 @@ class Receiver:
             self.journal = Journal.open(t.journal, self.identity, t.path, restart=not resuming,
                                         dir_fd=t.dir_fd)
             self.fd = t.open_part(self.size, fresh=not resuming)
-            self.direct_fd = self._direct_opened = _reopen_direct(self.fd)
             have = self._verify_journal() if resuming else {}
         except OSError as e:
             raise TransferError(reason=f"cannot write {t.path}: {e.strerror or e}") from None
@@ -235,7 +229,7 @@ class Receiver:
         headbuf = bytearray(wire.HEADER.size + segmax)
         hview = memoryview(headbuf)
         head, segtab = hview[:wire.HEADER.size], hview[wire.HEADER.size:]
-        block = mmap.mmap(-1, chunk)  # page-aligned, for O_DIRECT writes
+        block = bytearray(chunk)
         wirebuf = bytearray(chunk + chunk // 128 + 65536)
         sealed = memoryview(bytearray(len(wirebuf) + seal.TAG_SIZE)) if opener else None
         zero = bytes(chunk)
@@ -286,17 +280,9 @@ class Receiver:
                 self.written += len(data)
 
     def _write(self, data: memoryview, at: int) -> None:
-        """Write at ``at``: with O_DIRECT when aligned (no page-cache copy), else through the cache."""
-        if self.direct_fd >= 0 and not (at | len(data)) % DIRECT_ALIGN:
-            try:
-                if os.pwrite(self.direct_fd, data, at) == len(data):
-                    return
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.direct_fd = -1  # closed in close(); unaligned memory or no O_DIRECT support
-        n = os.pwrite(self.fd, data, at)
-        if n != len(data):
+        # Through the page cache: O_DIRECT writes saved the receiver three quarters of its
+        # kernel time but made a 2 GiB copy wait on the disk (5.2-6.5 s against 4.1-5.2 s).
+        if os.pwrite(self.fd, data, at) != len(data):
             raise TransferError(reason=f"short write to {self.target.path} at {at}")
 
     def _check_frame(self, f: wire.Frame, maxwire: int) -> None:
@@ -349,9 +335,6 @@ class Receiver:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self._direct_opened >= 0:
-            os.close(self._direct_opened)
-            self._direct_opened = self.direct_fd = -1
         if self.journal:
             self.journal.close()
         self.target.close()
@@ -367,14 +350,6 @@ class _Control:
     def send(self, op: str, **fields: Any) -> None:
         with self._lock:
             wire.send_message(self._out, op, **fields)
-
-
-def _reopen_direct(fd: int) -> int:
-    """A second descriptor of the open part file with O_DIRECT, or -1 where that is refused."""
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return -1
 
 
 def _bitmap(indexes: dict[int, bytes], count: int) -> str:
