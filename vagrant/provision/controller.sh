@@ -62,10 +62,6 @@ RestartSec=3
 [Install]
 WantedBy=multi-user.target
 UNIT
-systemctl daemon-reload
-systemctl enable coldferry-controller.service >/dev/null 2>&1
-systemctl restart coldferry-controller.service
 say "waiting for the controller on port $PORT"
-wait_http "http://127.0.0.1:$PORT/v1/os-hypervisors" /etc/coldferry/controller.token \
-    || { journalctl -u coldferry-controller -n 30 --no-pager; exit 1; }
+start_service coldferry-controller "http://127.0.0.1:$PORT/v1/os-hypervisors" /etc/coldferry/controller.token
 say "controller answers (the hosts show as up once their agents run: coldferry host list)"

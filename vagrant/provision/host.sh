@@ -101,8 +101,5 @@ RestartSec=3
 [Install]
 WantedBy=multi-user.target
 UNIT
-systemctl daemon-reload
-systemctl enable coldferry-agent.service >/dev/null 2>&1
-systemctl restart coldferry-agent.service
-wait_http "http://$ip:$AGENT_PORT/v1/host" /etc/coldferry/agent.token || { journalctl -u coldferry-agent -n 30 --no-pager; exit 1; }
+start_service coldferry-agent "http://$ip:$AGENT_PORT/v1/host" /etc/coldferry/agent.token
 say "agent answers"

@@ -15,3 +15,13 @@ PY
     done
     return 1
 }
+
+# start_service UNIT URL TOKEN_FILE: (re)start UNIT.service, enabled at boot, and wait until
+# URL answers; on failure show the unit's last log lines and exit.
+start_service() {
+    local unit=$1 url=$2 token_file=$3
+    systemctl daemon-reload
+    systemctl enable "$unit.service" >/dev/null 2>&1
+    systemctl restart "$unit.service"
+    wait_http "$url" "$token_file" || { journalctl -u "$unit" -n 30 --no-pager; exit 1; }
+}
