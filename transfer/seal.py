@@ -25,7 +25,6 @@ frame in one call keeps both ends' CPU time near the cipher's own cost
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import struct
 
@@ -65,10 +64,10 @@ def check_hello(key: bytes, data: bytes | bytearray) -> int | None:
     """The stream index a hello proves, or None when it was not made with ``key``."""
     index, tag = HELLO.unpack(data)
     try:
-        got = AESGCM(key).decrypt(NONCE.pack(index, 0), tag, _HELLO_AD + bytes([index & 0xFF]))
+        AESGCM(key).decrypt(NONCE.pack(index, 0), tag, _HELLO_AD + bytes([index & 0xFF]))
     except InvalidTag:
         return None
-    return index if hmac.compare_digest(got, b"") else None
+    return index
 
 
 class Sealer:
