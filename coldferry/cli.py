@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Sequence
-
-from coldferry import agent_cmd, controller_cmd, copy_cmd, driver_cmd, host_cmd, server_cmd
 
 DESCRIPTION = """\
 coldferry cold-migrates KVM virtual machines between hosts with real disk transfer.
@@ -31,23 +30,38 @@ or set COLDFERRY_URL and COLDFERRY_TOKEN, or write them to
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The modules that register the subcommands, in the order --help lists them.
+MODULES = ("server_cmd", "host_cmd", "copy_cmd", "driver_cmd", "agent_cmd", "controller_cmd")
+#: Commands run once per disk copy, often on the far end of an SSH session: they load
+#: only their own module, not the HTTP client, the tables and the servers (about 0.3 s).
+LEAN = {"copy": "copy_cmd", "checksum": "copy_cmd", "receive": "copy_cmd", "remote-fs": "copy_cmd"}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or only the module of a lean command named in ``argv``."""
     parser = argparse.ArgumentParser(prog="coldferry", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more (-v: info, -vv: debug) to standard error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    server_cmd.register(sub)
-    host_cmd.register(sub)
-    copy_cmd.register(sub)
-    driver_cmd.register(sub)
-    agent_cmd.register(sub)
-    controller_cmd.register(sub)
+    command = _command(argv)
+    modules = (LEAN[command],) if command in LEAN else MODULES
+    for name in modules:
+        importlib.import_module(f"coldferry.{name}").register(sub)
     return parser
 
 
+def _command(argv: Sequence[str] | None) -> str | None:
+    """The subcommand named in ``argv``: the first word that is not an option."""
+    for word in argv or ():
+        if not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr,

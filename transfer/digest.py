@@ -24,12 +24,41 @@ HASH_SIZE = 16
 PREFIX = "cf1:"
 
 block_hash = xxhash.xxh3_128_digest
+_ZEROS = memoryview(bytes(1 << 20))
 
 
 @functools.lru_cache(maxsize=8)
 def zero_hash(length: int) -> bytes:
     """Hash of a block of ``length`` zero bytes."""
     return block_hash(bytes(length))
+
+
+def sparse_hash(pieces: list[tuple[int, bytes | memoryview]], length: int) -> bytes:
+    """``block_hash`` of a ``length``-byte block that is zero outside ``pieces``.
+
+    ``pieces`` are (offset in the block, data), in order and not overlapping. The
+    block is never put together: the hash is fed the pieces and shared zeros, which
+    saves filling and copying a whole block around a short run of data.
+    """
+    if not pieces:
+        return zero_hash(length)
+    if len(pieces) == 1 and pieces[0][0] == 0 and len(pieces[0][1]) == length:
+        return block_hash(pieces[0][1])
+    h = xxhash.xxh3_128()
+    pos = 0
+    for off, data in pieces:
+        _hash_zeros(h, off - pos)
+        h.update(data)
+        pos = off + len(data)
+    _hash_zeros(h, length - pos)
+    return h.digest()
+
+
+def _hash_zeros(h: "xxhash.xxh3_128", n: int) -> None:
+    while n > 0:
+        step = min(n, len(_ZEROS))
+        h.update(_ZEROS[:step])
+        n -= step
 
 
 def block_count(size: int, chunk: int) -> int:

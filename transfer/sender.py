@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import functools
 import hmac
 import logging
 import mmap
@@ -27,10 +26,10 @@ from typing import Any, Callable
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from . import seal, ssh, tls, wire
+from . import seal, ssh, wire
 from .ssh import paramiko
 from .compress import Compressor
-from .digest import DEFAULT_CHUNK, ImageDigest, block_hash
+from .digest import DEFAULT_CHUNK, ImageDigest, sparse_hash
 from .endpoint import Endpoint
 from .errors import (ConnectionLost, DigestMismatch, InvalidArgument, ProtocolError, SourceError,
                      TransferError, from_remote)
@@ -91,22 +90,18 @@ class Source:
         return source
 
     def read_block(self, block: Block, buf: memoryview) -> bool:
-        """Read ``block``'s data segments into the start of ``buf``, zeros elsewhere.
+        """Read ``block``'s data segments into ``buf`` at their offsets in the block.
 
-        False if the file shrank. ``buf`` is page-aligned and DIRECT_ALIGN longer than a block.
+        False if the file shrank. ``buf`` is page-aligned and DIRECT_ALIGN longer than a
+        block. What lies between the segments is left as it was: holes are never read
+        (and never filled in: the block hash feeds zeros for them).
 
-        Holes are never read. With O_DIRECT, aligned reads bypass the page cache, which saves
-        the kernel's copy; an unaligned piece, or a file system that refuses, falls back.
+        With O_DIRECT, aligned reads bypass the page cache, which saves the kernel's
+        copy; an unaligned piece, or a file system that refuses, falls back.
         """
-        pos = 0
         for off, n in block.segments:
-            if off > pos:
-                buf[pos:off] = _zeros(off - pos)
             if not self._read(buf, off, n, block.offset + off):
                 return False
-            pos = off + n
-        if pos < block.length:
-            buf[pos:block.length] = _zeros(block.length - pos)
         return True
 
     def _read(self, buf: memoryview, off: int, n: int, at: int) -> bool:
@@ -279,6 +274,7 @@ class Session:
         if self.opts.channel == "ssh":
             sock = ssh.forward(client, port, self.dest.host)
         else:
+            from . import tls  # loaded only for this channel
             raw = ssh.plain_connect(self.dest.host, port)
             sock = tls.client_context().wrap_socket(raw)
             tls.check_peer(sock, ready["fingerprint"])
@@ -338,14 +334,14 @@ class Session:
             content = view[:block.length]
             if not self.source.read_block(block, view):
                 raise SourceError(path=self.source.path, reason="the file shrank during the copy")
-            digest = block_hash(content)
+            segs = nonzero_segments(content, block.segments)
+            digest = sparse_hash([(off, content[off:off + n]) for off, n in segs], block.length)
             self.digest.set(block.index, digest)
             data_len = sum(n for _, n in block.segments)
             if _has(have, block.index):
                 with c.lock:
                     c.resumed += data_len
                 continue
-            segs = nonzero_segments(content, block.segments)
             if segs:
                 payload = _gather(content, segs, gview)
                 packed, flags = comp.compress(payload)
@@ -385,17 +381,6 @@ class Session:
         if msg.get("op") == "error":
             return from_remote(msg.get("kind", ""), msg.get("message", "?"), self.dest.host)
         return None
-
-
-@functools.lru_cache(maxsize=4)
-def _zero_buffer(size: int) -> bytes:
-    return bytes(size)
-
-
-def _zeros(n: int) -> memoryview:
-    """``n`` zero bytes, from a shared buffer (no allocation per call)."""
-    size = 1 << max(16, (n - 1).bit_length())
-    return memoryview(_zero_buffer(size))[:n]
 
 
 def _gather(content: memoryview, segs: list[tuple[int, int]], out: memoryview) -> memoryview:

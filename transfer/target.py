@@ -102,6 +102,20 @@ class Target:
         os.ftruncate(fd, size)
         return fd
 
+    def open_direct(self, fd: int) -> int:
+        """A second, O_DIRECT descriptor of the part file open as ``fd``; -1 where the
+        file system has no O_DIRECT (tmpfs) or the name no longer leads to that file."""
+        try:
+            dfd = os.open(self.part, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECT,
+                          dir_fd=self.dir_fd)
+        except OSError:
+            return -1
+        a, b = os.fstat(fd), os.fstat(dfd)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            os.close(dfd)
+            return -1
+        return dfd
+
     def free_bytes(self) -> int:
         st = os.fstatvfs(self.dir_fd)
         return st.f_bavail * st.f_frsize

@@ -271,3 +271,79 @@ def test_listens_on_ipv6_when_ssh_came_in_over_ipv6(tmp_path):
     finally:
         recv.listener.close()
         recv.close()
+
+
+def _direct(fd: int) -> bool:
+    import fcntl
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def test_aligned_pieces_bypass_the_page_cache_and_the_rest_go_through_it(tmp_path, monkeypatch):
+    """Whole 4 KiB-aligned pieces are written with O_DIRECT; the file's ragged end is not."""
+    size = 2 * CHUNK + 1000  # the last block ends off a 4 KiB boundary
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{tmp_path} has no O_DIRECT (tmpfs?)")
+    os.unlink(tmp_path / "probe")
+    writes: list[tuple[int, int, bool]] = []
+    real = os.pwrite
+
+    def pwrite(fd, data, at):
+        writes.append((at, len(data), _direct(fd)))
+        return real(fd, data, at)
+
+    monkeypatch.setattr("transfer.receiver.os.pwrite", pwrite)
+    blocks = {0: os.urandom(CHUNK), 2: os.urandom(1000)}
+    peer = Peer(hello(tmp_path, size=size))
+    try:
+        sock = peer.connect(peer.read())
+        for i, data in blocks.items():
+            send_block(sock, i * CHUNK, data)
+        sock.sendall(wire.pack_end(len(blocks)))
+        expected = ImageDigest(size, CHUNK)
+        for i, data in blocks.items():
+            expected.set(i, block_hash(data))
+        wire.send_message(peer.to_recv, "finish", digest=expected.hexdigest())
+        assert peer.read()["op"] == "done"
+        sock.close()
+    finally:
+        peer.close()
+    assert (tmp_path / "disk.img").read_bytes() == blocks[0] + bytes(CHUNK) + blocks[2]
+    assert sorted(writes) == [(0, CHUNK, True), (2 * CHUNK, 1000, False)]
+
+
+def test_a_failed_write_is_reported_and_the_blocks_written_before_it_are_kept(tmp_path, monkeypatch):
+    import errno
+    real = os.pwrite
+
+    def pwrite(fd, data, at):
+        if at >= 2 * CHUNK:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, at)
+
+    monkeypatch.setattr("transfer.receiver.os.pwrite", pwrite)
+    first = os.urandom(CHUNK)
+    peer = Peer(hello(tmp_path))
+    try:
+        sock = peer.connect(peer.read())
+        send_block(sock, 0, first)
+        send_block(sock, 2 * CHUNK, os.urandom(CHUNK))
+        err = peer.read()
+        assert err["op"] == "error" and "No space left on device" in err["message"]
+        assert str(tmp_path / "disk.img") in err["message"]
+        sock.close()
+    finally:
+        peer.close()
+    assert peer.status == [1]
+    monkeypatch.undo()
+    peer = Peer(hello(tmp_path))  # the next attempt resumes: block 0 is there, block 2 is not
+    try:
+        import base64
+        ready = peer.read()
+        bits = base64.b64decode(ready["have"])
+        assert bits[0] & 1 and not bits[0] & 4
+        peer.connect(ready).close()  # lets the receiver stop waiting for its stream
+        assert peer.read()["kind"] == "ProtocolError"
+    finally:
+        peer.close()
