@@ -1,0 +1,42 @@
+"""Commands run once per disk copy start without the controller client's imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from coldferry.cli import build_parser
+
+PROBE = """
+import sys
+from coldferry.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print(sorted(m for m in ("httpx", "rich.table", "fastapi", "sqlalchemy", "paramiko") if m in sys.modules))
+"""
+
+
+def loaded(argv: list[str]) -> str:
+    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [["receive", "--help"], ["copy", "--help"], ["-v", "checksum", "--help"]])
+def test_copy_commands_load_no_controller_client(argv):
+    assert loaded(argv) == "[]"
+
+
+def test_other_commands_still_load_everything():
+    assert "httpx" in loaded(["server", "--help"])
+
+
+def test_a_lean_command_has_the_same_options_as_in_the_full_parser():
+    lean = build_parser(["copy"])._subparsers._group_actions[0].choices["copy"]
+    full = build_parser([])._subparsers._group_actions[0].choices["copy"]
+    assert lean.format_help() == full.format_help()
+    assert set(build_parser([])._subparsers._group_actions[0].choices) >= {"server", "host", "agent", "copy"}
