@@ -10,7 +10,7 @@ import struct
 import pytest
 import xxhash
 
-from transfer.digest import PREFIX, ImageDigest, block_count, file_digest, zero_hash
+from transfer.digest import PREFIX, ImageDigest, block_count, file_digest, sparse_hash, zero_hash
 
 CHUNK = 256 * 1024
 SIZE = 5 * CHUNK + 1234  # the last block is partial
@@ -138,3 +138,20 @@ class TestImageDigest:
         assert block_count(1, CHUNK) == 1
         assert block_count(CHUNK, CHUNK) == 1
         assert block_count(CHUNK + 1, CHUNK) == 2
+
+
+@pytest.mark.parametrize("length", [CHUNK, 3 * 1024 * 1024 + 17])
+def test_sparse_hash_equals_the_hash_of_the_assembled_block(length):
+    """Pieces fed with zeros between them hash like the whole block (zero runs past 1 MiB too)."""
+    import random
+    rng = random.Random(length)
+    for _ in range(50):
+        block, pieces, pos = bytearray(length), [], rng.randrange(0, 2 * 1024 * 1024)
+        while pos < length:
+            n = min(length - pos, rng.randrange(1, 300_000))
+            data = os.urandom(n)
+            block[pos:pos + n] = data
+            pieces.append((pos, memoryview(data)))
+            pos += n + rng.choice([0, 1, 4096, 1_500_000])
+        assert sparse_hash(pieces, length) == xxhash.xxh3_128_digest(bytes(block))
+    assert sparse_hash([], length) == zero_hash(length) == xxhash.xxh3_128_digest(bytes(length))

@@ -1,0 +1,82 @@
+"""The sender's source reads: data segments only, prefetched blocks through the page cache."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+from transfer.digest import block_hash, sparse_hash
+from transfer.extents import nonzero_segments
+from transfer.sender import DIRECT_ALIGN, Source
+
+CHUNK = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    """4 blocks: data at the start of block 0, a hole in block 1, a run from block 2 into
+    block 3, and 8 KiB at the very end."""
+    path = tmp_path / "disk.raw"
+    runs = {0: os.urandom(256 * 1024), 2 * CHUNK + 64 * 1024: os.urandom(CHUNK), 4 * CHUNK - 8192: os.urandom(8192)}
+    with open(path, "wb") as f:
+        f.truncate(4 * CHUNK)
+        for at, data in runs.items():
+            f.seek(at)
+            f.write(data)
+    return path, path.read_bytes()
+
+
+def read_all(source: Source) -> dict[int, bytes]:
+    buf = mmap.mmap(-1, CHUNK + DIRECT_ALIGN)
+    view = memoryview(buf)
+    out = {}
+    for block in source.blocks:
+        assert source.read_block(block, view)
+        pieces = [(off, bytes(view[off:off + n])) for off, n in nonzero_segments(view[:block.length], block.segments)]
+        out[block.index] = sparse_hash(pieces, block.length)
+    return out
+
+
+def test_prefetched_blocks_go_through_the_page_cache_and_the_rest_direct(image, monkeypatch):
+    path, content = image
+    source = Source.open(str(path), CHUNK, direct=True)
+    if source.direct_fd < 0:
+        source.close()
+        pytest.skip("no O_DIRECT on this file system")
+    used: list[tuple[int, int]] = []
+    real = os.preadv
+
+    def preadv(fd, bufs, at):
+        used.append((at, fd))
+        return real(fd, bufs, at)
+
+    monkeypatch.setattr("transfer.sender.os.preadv", preadv)
+    try:
+        source.prefetch(300 * 1024)  # block 0's 256 KiB and then block 2, whose data passes the limit
+        assert source.cached_until == 2
+        hashes = read_all(source)
+    finally:
+        source.close()
+    for index, h in hashes.items():
+        assert h == block_hash(content[index * CHUNK:(index + 1) * CHUNK])
+    assert sorted(used) == [(0, source.fd), (2 * CHUNK + 64 * 1024, source.fd),
+                            (3 * CHUNK, source.direct_fd), (4 * CHUNK - 8192, source.direct_fd)]
+
+
+def test_without_prefetch_every_aligned_read_is_direct(image, monkeypatch):
+    path, content = image
+    source = Source.open(str(path), CHUNK, direct=True)
+    if source.direct_fd < 0:
+        source.close()
+        pytest.skip("no O_DIRECT on this file system")
+    fds = set()
+    real = os.preadv
+    monkeypatch.setattr("transfer.sender.os.preadv", lambda fd, bufs, at: fds.add(fd) or real(fd, bufs, at))
+    try:
+        hashes = read_all(source)
+    finally:
+        source.close()
+    assert fds == {source.direct_fd}
+    assert all(h == block_hash(content[i * CHUNK:(i + 1) * CHUNK]) for i, h in hashes.items())
