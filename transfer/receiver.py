@@ -236,13 +236,8 @@ class Receiver:
             self._receive(sock, opener)
         except EOFError:
             self._fail(ProtocolError(reason="a data stream closed before its end frame"))
-        except TransferError as e:
-            self._fail(e)
-        except OSError as e:
-            self._fail(TransferError(reason=f"writing {self.target.path}: {e.strerror or e}"))
-        except BaseException as e:  # noqa: BLE001 - reported to the sender, then logged
-            log.exception("receive stream failed")
-            self._fail(TransferError(reason=f"receiver bug: {e!r}"))
+        except BaseException as e:  # noqa: BLE001 - reported to the sender
+            self._fail_on(e, "receiving data for")
 
     def _receive(self, sock: socket.socket, opener: seal.Opener | None) -> None:
         """Receive, check and hand over frames; writer threads write them while the next arrives."""
@@ -312,15 +307,20 @@ class Receiver:
                 with self._lock:
                     self.frames += 1
                     self.written += sum(len(p) for _, p, _ in job.pieces)
-            except TransferError as e:
-                self._fail(e)
-            except OSError as e:
-                self._fail(TransferError(reason=f"writing {self.target.path}: {e.strerror or e}"))
-            except BaseException as e:  # noqa: BLE001 - reported to the sender, then logged
-                log.exception("receive writer failed")
-                self._fail(TransferError(reason=f"receiver bug: {e!r}"))
+            except BaseException as e:  # noqa: BLE001 - reported to the sender
+                self._fail_on(e, "writing")
             finally:
                 job.release()
+
+    def _fail_on(self, e: BaseException, doing: str) -> None:
+        """Fail the copy with ``e`` as the sender should see it; anything unforeseen is logged."""
+        if isinstance(e, TransferError):
+            self._fail(e)
+        elif isinstance(e, OSError):
+            self._fail(TransferError(reason=f"{doing} {self.target.path}: {e.strerror or e}"))
+        else:
+            log.exception("receiver thread failed")
+            self._fail(TransferError(reason=f"receiver bug: {e!r}"))
 
     def _write(self, data: memoryview, at: int, aligned: bool) -> None:
         # Aligned pieces skip the page cache: on a two-core host the kernel's copy into

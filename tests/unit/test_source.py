@@ -39,8 +39,10 @@ def read_all(source: Source) -> dict[int, bytes]:
     return out
 
 
-def test_prefetched_blocks_go_through_the_page_cache_and_the_rest_direct(image, monkeypatch):
-    path, content = image
+@pytest.fixture
+def reads(image, monkeypatch):
+    """The image opened for direct reads, and the (offset, descriptor) of every read made."""
+    path, _ = image
     source = Source.open(str(path), CHUNK, direct=True)
     if source.direct_fd < 0:
         source.close()
@@ -53,30 +55,24 @@ def test_prefetched_blocks_go_through_the_page_cache_and_the_rest_direct(image, 
         return real(fd, bufs, at)
 
     monkeypatch.setattr("transfer.sender.os.preadv", preadv)
-    try:
-        source.prefetch(300 * 1024)  # block 0's 256 KiB and then block 2, whose data passes the limit
-        assert source.cached_until == 2
-        hashes = read_all(source)
-    finally:
-        source.close()
-    for index, h in hashes.items():
-        assert h == block_hash(content[index * CHUNK:(index + 1) * CHUNK])
+    yield source, used
+    source.close()
+
+
+def check(hashes: dict[int, bytes], content: bytes) -> None:
+    assert hashes and all(h == block_hash(content[i * CHUNK:(i + 1) * CHUNK]) for i, h in hashes.items())
+
+
+def test_prefetched_blocks_go_through_the_page_cache_and_the_rest_direct(image, reads):
+    source, used = reads
+    source.prefetch(300 * 1024)  # block 0's 256 KiB and then block 2, whose data passes the limit
+    assert source.cached_until == 2
+    check(read_all(source), image[1])
     assert sorted(used) == [(0, source.fd), (2 * CHUNK + 64 * 1024, source.fd),
                             (3 * CHUNK, source.direct_fd), (4 * CHUNK - 8192, source.direct_fd)]
 
 
-def test_without_prefetch_every_aligned_read_is_direct(image, monkeypatch):
-    path, content = image
-    source = Source.open(str(path), CHUNK, direct=True)
-    if source.direct_fd < 0:
-        source.close()
-        pytest.skip("no O_DIRECT on this file system")
-    fds = set()
-    real = os.preadv
-    monkeypatch.setattr("transfer.sender.os.preadv", lambda fd, bufs, at: fds.add(fd) or real(fd, bufs, at))
-    try:
-        hashes = read_all(source)
-    finally:
-        source.close()
-    assert fds == {source.direct_fd}
-    assert all(h == block_hash(content[i * CHUNK:(i + 1) * CHUNK]) for i, h in hashes.items())
+def test_without_prefetch_every_aligned_read_is_direct(image, reads):
+    source, used = reads
+    check(read_all(source), image[1])
+    assert {fd for _, fd in used} == {source.direct_fd}
