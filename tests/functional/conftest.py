@@ -28,9 +28,10 @@ class _Teardown:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.done = False
+        self.pid = os.getpid()
 
     def __call__(self) -> None:
-        if self.done:
+        if self.done or os.getpid() != self.pid:  # a forked child's atexit: not its lab
             return
         self.done = True
         try:
@@ -40,7 +41,15 @@ class _Teardown:
         self.lab.down()
 
 
+_PYTEST_PID = os.getpid()
+
+
 def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
+    # pyroute2 forks helpers from this process and ends them with SIGTERM. One caught
+    # before it resets the handler must just end: as KeyboardInterrupt it would unwind
+    # a copy of the test session and tear down the lab under the real one.
+    if os.getpid() != _PYTEST_PID:
+        os._exit(128 + signum)
     # A CI job's timeout sends SIGTERM; as KeyboardInterrupt it runs fixture teardown.
     raise KeyboardInterrupt(f"signal {signum}")
 

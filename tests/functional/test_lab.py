@@ -237,3 +237,23 @@ def test_session_fixture_and_cli_status(lab: Lab) -> None:
     refused = subprocess.run([*cli, "up", "2", "--slot", str(lab.slot)], capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 1 and "is up" in refused.stderr
+
+
+def test_a_forked_helper_ended_by_sigterm_leaves_the_session_lab_alone(lab):
+    """pyroute2 forks helpers from the test process and ends them with SIGTERM; one that
+    still has the session's handler must end, not unwind a copy of the session."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the helper: the session's SIGTERM handler is still installed here
+        os.write(ready_w, b"x")
+        time.sleep(30)
+        os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"x"  # past the fork (a signal that early is dropped)
+    os.close(ready_r)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
+    for host in lab.hosts:  # the session's lab still stands
+        assert host.connect().getHostname() == host.name
