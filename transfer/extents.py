@@ -17,6 +17,9 @@ from typing import Iterator
 #: wherever the source has an aligned run of zeros at least this long.
 ZERO_GRAIN = 64 * 1024
 _ZERO_GRAIN_BYTES = bytes(ZERO_GRAIN)
+#: What O_DIRECT reads and writes are aligned to (offset, length, buffer); anything
+#: else goes through the page cache.
+DIRECT_ALIGN = 4096
 
 Segment = tuple[int, int]  # (offset relative to its block, length)
 

@@ -31,7 +31,7 @@ from .compress import Decompressor
 from .digest import ImageDigest, block_count, block_hash, sparse_hash
 from .errors import (ChunkCorrupted, DigestMismatch, InvalidArgument, NoSpace, ProtocolError,
                      TransferError)
-from .extents import ZERO_GRAIN, data_extents
+from .extents import DIRECT_ALIGN, ZERO_GRAIN, data_extents
 from .journal import Journal
 from .target import Target, punch_hole
 from .units import format_size
@@ -47,7 +47,6 @@ BUFFERS_PER_STREAM = 3
 #: Threads writing received data. Writes bypass the page cache (O_DIRECT) where
 #: aligned; several in flight keep the disk busy while the streams receive.
 WRITERS = 4
-DIRECT_ALIGN = 4096
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -278,10 +277,11 @@ class Receiver:
                 if f.flags & wire.FLAG_ZSTD and wire.payload_checksum(payload) != f.checksum:
                     raise ChunkCorrupted(offset=f.offset, length=f.block_len,
                                          reason="payload checksum mismatch")
-                out = decomp.decompress(payload, f.flags, sum(n for _, n in segs), f.offset)
+                data_len = sum(n for _, n in segs)
+                out = decomp.decompress(payload, f.flags, data_len, f.offset)
                 raw = out is payload  # in the aligned buffer, not a decompressor's bytes
                 data = memoryview(out)
-                if len(data) != sum(n for _, n in segs):
+                if len(data) != data_len:
                     raise ProtocolError(reason=f"frame at {f.offset}: payload does not match its segments")
                 pieces, pos = [], 0
                 for off, n in segs:

@@ -33,7 +33,7 @@ from .digest import DEFAULT_CHUNK, ImageDigest, sparse_hash
 from .endpoint import Endpoint
 from .errors import (ConnectionLost, DigestMismatch, InvalidArgument, ProtocolError, SourceError,
                      TransferError, from_remote)
-from .extents import Block, data_blocks, data_extents, nonzero_segments
+from .extents import DIRECT_ALIGN, Block, data_blocks, data_extents, nonzero_segments
 from .progress import ProgressCallback, ProgressMeter
 from .ratelimit import RateLimit
 from .result import CopyResult
@@ -45,7 +45,6 @@ DEFAULT_STREAMS = 2
 #: direct: plain TCP with AES-GCM sealed frames (fastest); tls: a TLS connection; ssh: inside SSH.
 CHANNELS = ("direct", "tls", "ssh")
 ERROR_WAIT = 5.0
-DIRECT_ALIGN = 4096
 #: Threads that read, hash and pack blocks; they share the streams.
 READERS = 4
 #: Data asked of the disk ahead (through the page cache) while the SSH login and the

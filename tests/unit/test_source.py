@@ -8,8 +8,8 @@ import os
 import pytest
 
 from transfer.digest import block_hash, sparse_hash
-from transfer.extents import nonzero_segments
-from transfer.sender import DIRECT_ALIGN, Source
+from transfer.extents import DIRECT_ALIGN, nonzero_segments
+from transfer.sender import Source
 
 CHUNK = 1 << 20
 
