@@ -8,8 +8,10 @@ import shlex
 import sys
 
 import transfer
+from transfer.digest import DEFAULT_CHUNK
 from transfer.endpoint import DEFAULT_REMOTE_COMMAND, Endpoint
 from transfer.errors import TransferError
+from transfer.source import Source
 from transfer.units import parse_size
 
 from coldferry.progress_bar import progress_bar
@@ -110,11 +112,15 @@ def run_copy(args: argparse.Namespace) -> int:
                 result = transfer.rsync_copy(args.src, dest, bwlimit=bwlimit, progress=on_progress,
                                              overwrite=args.overwrite)
             else:
-                result = transfer.stream_copy(args.src, dest, streams=args.streams,
-                                              channel=args.channel, compress=args.compress,
-                                              bwlimit=bwlimit, overwrite=args.overwrite,
-                                              resume=not args.no_resume, fsync=args.fsync,
-                                              progress=on_progress)
+                # The source is opened and its first data asked of the disk before the
+                # sender and its SSH client are even loaded: the disk works meanwhile.
+                with Source.open(args.src, DEFAULT_CHUNK, direct=True) as source:
+                    source.prefetch()
+                    result = transfer.stream_copy(source, dest, streams=args.streams,
+                                                  channel=args.channel, compress=args.compress,
+                                                  bwlimit=bwlimit, overwrite=args.overwrite,
+                                                  resume=not args.no_resume, fsync=args.fsync,
+                                                  progress=on_progress)
     except TransferError as e:
         print(f"coldferry copy: error: {e}", file=sys.stderr)
         return 1

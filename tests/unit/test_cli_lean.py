@@ -40,3 +40,31 @@ def test_a_lean_command_has_the_same_options_as_in_the_full_parser():
     full = build_parser([])._subparsers._group_actions[0].choices["copy"]
     assert lean.format_help() == full.format_help()
     assert set(build_parser([])._subparsers._group_actions[0].choices) >= {"server", "host", "agent", "copy"}
+
+
+COPY_PROBE = """
+import socket, sys
+from coldferry.cli import main
+from transfer.source import Source
+seen = []
+real = Source.prefetch
+def prefetch(self, *a, **k):
+    seen.append(("paramiko" in sys.modules, self.path))
+    return real(self, *a, **k)
+Source.prefetch = prefetch
+port = socket.socket(); port.bind(("127.0.0.1", 0))  # bound, never listening: the login is refused
+rc = main(["copy", "--no-progress", "--ssh-port", str(port.getsockname()[1]), "--known-hosts", {kh!r},
+           {src!r}, "root@127.0.0.1:/srv/copy.raw"])
+print(rc, seen)
+"""
+
+
+def test_copy_asks_the_disk_for_data_before_loading_the_ssh_client(tmp_path):
+    src = tmp_path / "disk.raw"
+    src.write_bytes(b"x" * 65536)
+    kh = tmp_path / "known_hosts"
+    kh.write_text("")
+    out = subprocess.run([sys.executable, "-c", COPY_PROBE.format(src=str(src), kh=str(kh))],
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == f"1 [(False, {str(src)!r})]"
+    assert "error" in out.stderr

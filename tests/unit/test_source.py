@@ -9,7 +9,7 @@ import pytest
 
 from transfer.digest import block_hash, sparse_hash
 from transfer.extents import DIRECT_ALIGN, nonzero_segments
-from transfer.sender import Source
+from transfer.source import Source
 
 CHUNK = 1 << 20
 
@@ -54,7 +54,7 @@ def reads(image, monkeypatch):
         used.append((at, fd))
         return real(fd, bufs, at)
 
-    monkeypatch.setattr("transfer.sender.os.preadv", preadv)
+    monkeypatch.setattr("transfer.source.os.preadv", preadv)
     yield source, used
     source.close()
 
@@ -66,6 +66,7 @@ def check(hashes: dict[int, bytes], content: bytes) -> None:
 def test_prefetched_blocks_go_through_the_page_cache_and_the_rest_direct(image, reads):
     source, used = reads
     source.prefetch(300 * 1024)  # block 0's 256 KiB and then block 2, whose data passes the limit
+    source.end_prefetch(stop=False)
     assert source.cached_until == 2
     check(read_all(source), image[1])
     assert sorted(used) == [(0, source.fd), (2 * CHUNK + 64 * 1024, source.fd),
@@ -76,3 +77,43 @@ def test_without_prefetch_every_aligned_read_is_direct(image, reads):
     source, used = reads
     check(read_all(source), image[1])
     assert {fd for _, fd in used} == {source.direct_fd}
+
+
+def test_a_stopped_prefetch_fixes_which_blocks_are_read_through_the_cache(image, reads, monkeypatch):
+    source, used = reads
+    asked: list[int] = []
+    real = os.posix_fadvise
+
+    def fadvise(fd, at, n, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            asked.append(at)
+            if len(asked) == 1:
+                source._prefetch_stop.set()  # the data phase starts while block 0 is asked for
+        return real(fd, at, n, advice)
+
+    monkeypatch.setattr("transfer.source.os.posix_fadvise", fadvise)
+    source.prefetch()
+    source.end_prefetch()
+    assert asked == [0] and source.cached_until == 0
+    check(read_all(source), image[1])
+    assert [fd for at, fd in sorted(used)] == [source.fd] + [source.direct_fd] * 3
+
+
+def test_prefetch_asks_for_at_most_an_eighth_of_the_available_memory(image, reads, monkeypatch):
+    source, _ = reads
+    monkeypatch.setattr("transfer.source.available_memory", lambda: 8 * 200 * 1024)
+    source.prefetch()  # 200 KiB allowed: block 0's 256 KiB passes it
+    source.end_prefetch(stop=False)
+    assert source.cached_until == 0
+
+
+def test_stream_copy_refuses_a_source_opened_with_other_blocks(image, tmp_path):
+    from transfer.endpoint import Endpoint
+    from transfer.errors import InvalidArgument
+    from transfer.sender import stream_copy
+    (tmp_path / "known_hosts").write_text("")
+    dest = Endpoint.parse("host:/srv/disk.raw", known_hosts=str(tmp_path / "known_hosts"))
+    with Source.open(str(image[0]), CHUNK) as source:
+        with pytest.raises(InvalidArgument, match="opened with 1048576-byte blocks"):
+            stream_copy(source, dest, chunk_size=4 * CHUNK)
+        assert source.fd >= 0  # the caller's to close

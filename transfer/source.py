@@ -1,0 +1,164 @@
+"""The sending end's source file: its allocation map, its reads and its read-ahead.
+
+Loaded without the SSH client, so that ``coldferry copy`` can open the source
+and set the disk to work before paramiko is even imported.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+
+from .errors import SourceError
+from .extents import DIRECT_ALIGN, Block, data_blocks, data_extents
+from .units import available_memory
+
+#: The most data asked of the disk ahead, through the page cache, while the copy
+#: loads its SSH client, logs in and waits for the remote receiver to start. The
+#: read-ahead stops as soon as the data streams are open, so on a fast login far
+#: less is read; it never takes more than an eighth of the memory available.
+PREFETCH = 1024 * 1024 * 1024
+#: The read-ahead's request size; one is in flight at a time.
+PREFETCH_STEP = 1024 * 1024
+
+
+@dataclass
+class Source:
+    """An open source file and its allocation map."""
+
+    path: str
+    fd: int
+    size: int
+    identity: str
+    mode: int
+    chunk: int
+    blocks: list[Block]
+
+    direct_fd: int = -1
+    #: Blocks up to this index are read through the page cache (they were prefetched).
+    #: Fixed once ``end_prefetch`` returns.
+    cached_until: int = -1
+    _direct: bool = False
+    _prefetcher: threading.Thread | None = None
+    _prefetch_stop: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def open(cls, path: str, chunk: int, direct: bool = False) -> "Source":
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceError(path=path, reason=e.strerror or str(e)) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                size = st.st_size
+            elif stat.S_ISBLK(st.st_mode):
+                size = os.lseek(fd, 0, os.SEEK_END)
+            else:
+                raise SourceError(path=path, reason="not a regular file or block device")
+            identity = f"{os.path.abspath(path)}:{size}:{st.st_mtime_ns}:{st.st_ino}"
+            # A larger readahead window: measured 12% faster on a cold 2 GiB image.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            blocks = list(data_blocks(data_extents(fd, size), size, chunk))
+        except BaseException:
+            os.close(fd)
+            raise
+        source = cls(path, fd, size, identity, stat.S_IMODE(st.st_mode), chunk, blocks)
+        if direct:
+            try:
+                source.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                source._direct = True
+            except OSError:  # a file system without O_DIRECT (tmpfs): read through the page cache
+                pass
+        return source
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def prefetch(self, limit: int = PREFETCH) -> None:
+        """Have the kernel read data ahead, block by block, until ``end_prefetch``.
+
+        At most ``limit`` bytes (and an eighth of the available memory) are asked
+        for. The blocks asked for are then read through the page cache (and dropped
+        from it once read); the rest with O_DIRECT. The disk works while the copy is
+        still logging in.
+        """
+        if self._prefetcher or not self.blocks:
+            return
+        limit = min(limit, available_memory() // 8)
+        self._prefetcher = threading.Thread(target=self._willneed, args=(limit,),
+                                            name="prefetch", daemon=True)
+        self._prefetcher.start()
+
+    def _willneed(self, limit: int) -> None:
+        # One piece of at most PREFETCH_STEP at a time, each waited for (by reading
+        # its last byte) before the next is asked for. Asked for all at once, the
+        # kernel queues hundreds of MiB in 4 MiB requests, and every other read on
+        # the host (the SSH client's and sshd's and the receiver's own files) waits
+        # behind them: measured here, an SSH login took 0.8-4.4 s instead of 0.1 s.
+        # One 1 MiB request at a time reads as fast (877 against 892 MB/s) and leaves
+        # the login at 0.10-0.13 s.
+        total = 0
+        for block in self.blocks:
+            if total >= limit or self._prefetch_stop.is_set():
+                return
+            self.cached_until = block.index  # before the call: a block is never read direct and cached
+            for off, n in block.segments:
+                for at in range(block.offset + off, block.offset + off + n, PREFETCH_STEP):
+                    step = min(PREFETCH_STEP, block.offset + off + n - at)
+                    os.posix_fadvise(self.fd, at, step, os.POSIX_FADV_WILLNEED)
+                    os.pread(self.fd, 1, at + step - 1)
+                total += n
+
+    def end_prefetch(self, stop: bool = True) -> None:
+        """Stop asking for more (or, with ``stop=False``, wait for all of it)."""
+        if self._prefetcher:
+            if stop:
+                self._prefetch_stop.set()
+            self._prefetcher.join()
+
+    def read_block(self, block: Block, buf: memoryview) -> bool:
+        """Read ``block``'s data segments into ``buf`` at their offsets in the block.
+
+        False if the file shrank. ``buf`` is page-aligned and DIRECT_ALIGN longer than a
+        block. What lies between the segments is left as it was: holes are never read
+        (and never filled in: the block hash feeds zeros for them).
+
+        With O_DIRECT, aligned reads bypass the page cache, which saves the kernel's
+        copy; an unaligned piece, or a file system that refuses, falls back.
+        """
+        cached = block.index <= self.cached_until
+        for off, n in block.segments:
+            if not self._read(buf, off, n, block.offset + off, cached):
+                return False
+            if cached:
+                os.posix_fadvise(self.fd, block.offset + off, n, os.POSIX_FADV_DONTNEED)
+        return True
+
+    def _read(self, buf: memoryview, off: int, n: int, at: int, cached: bool) -> bool:
+        if self._direct and not cached and not (off | at) % DIRECT_ALIGN:
+            want = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN  # whole sectors; a read at the end stops short
+            if off + want <= len(buf):
+                try:
+                    return os.preadv(self.direct_fd, [buf[off:off + want]], at) >= n
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._direct = False  # closed in close(): other readers may be using it
+        return os.preadv(self.fd, [buf[off:off + n]], at) == n
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.end_prefetch()  # it uses fd
+        os.close(self.fd)
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+        self.fd = self.direct_fd = -1
+
