@@ -7,7 +7,7 @@ again, so incompressible data costs almost nothing.
 
 from __future__ import annotations
 
-import zstandard
+from typing import Any
 
 from .errors import ChunkCorrupted, InvalidArgument
 from .wire import FLAG_ZSTD
@@ -24,7 +24,10 @@ class Compressor:
         if mode not in MODES:
             raise InvalidArgument(what="compression", value=mode, reason="use off, fast or auto")
         self.mode = mode
-        self._zstd = zstandard.ZstdCompressor(level=1) if mode != "off" else None
+        self._zstd = None
+        if mode != "off":
+            import zstandard  # loaded only when compressing
+            self._zstd = zstandard.ZstdCompressor(level=1)
         self._skip = 0
         self._backoff = 1
 
@@ -46,11 +49,14 @@ class Compressor:
 
 class Decompressor:
     def __init__(self) -> None:
-        self._zstd = zstandard.ZstdDecompressor()
+        self._zstd: Any = None  # loaded with the first compressed frame
 
     def decompress(self, payload: memoryview, flags: int, expected: int, offset: int) -> bytes | memoryview:
         if not flags & FLAG_ZSTD:
             return payload
+        import zstandard
+        if self._zstd is None:
+            self._zstd = zstandard.ZstdDecompressor()
         try:
             data = self._zstd.decompress(payload, max_output_size=expected)
         except zstandard.ZstdError as e:

@@ -20,7 +20,6 @@ import os
 import queue
 import secrets
 import socket
-import ssl
 import sys
 import threading
 from dataclasses import dataclass
@@ -220,7 +219,7 @@ class Receiver:
                 recv_exact(sock, memoryview(hello))
                 token, _index = wire.STREAM_HELLO.unpack(hello)
                 ok = hmac.compare_digest(token, self.token)
-        except (OSError, EOFError, ssl.SSLError):
+        except (OSError, EOFError):  # ssl.SSLError is an OSError
             conn.close()
             return None, None
         if not ok:

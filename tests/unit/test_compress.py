@@ -30,7 +30,7 @@ def zstd_calls(monkeypatch):
             calls.append(len(data))
             return self._inner.compress(data)
 
-    monkeypatch.setattr(compress.zstandard, "ZstdCompressor", Counting)
+    monkeypatch.setattr(zstandard, "ZstdCompressor", Counting)
     return calls
 
 
