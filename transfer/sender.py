@@ -76,8 +76,9 @@ def stream_copy(src: str | Source, dest: Endpoint, *, streams: int = DEFAULT_STR
                 clock: Callable[[], float] = time.monotonic) -> CopyResult:
     """Copy local file ``src`` to ``dest`` with the streaming copier.
 
-    ``src`` is a path, or a ``Source`` the caller opened (and closes) itself, e.g. to
-    start its read-ahead before this module and its SSH client are loaded.
+    ``src`` is a path, or a ``Source`` the caller opened itself, e.g. to start its
+    read-ahead before this module and its SSH client are loaded. The caller closes
+    it, also when this fails: closing is what stops its read-ahead.
 
     :param streams: parallel data streams (1-16).
     :param channel: ``direct`` (a TCP connection to the receiver, every frame sealed

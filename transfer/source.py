@@ -7,6 +7,7 @@ and set the disk to work before paramiko is even imported.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import threading
@@ -16,6 +17,8 @@ from .errors import SourceError
 from .extents import DIRECT_ALIGN, Block, data_blocks, data_extents
 from .units import available_memory
 
+log = logging.getLogger(__name__)
+
 #: The most data asked of the disk ahead, through the page cache, while the copy
 #: loads its SSH client, logs in and waits for the remote receiver to start. The
 #: read-ahead stops as soon as the data streams are open, so on a fast login far
@@ -23,6 +26,9 @@ from .units import available_memory
 PREFETCH = 1024 * 1024 * 1024
 #: The read-ahead's request size; one is in flight at a time.
 PREFETCH_STEP = 1024 * 1024
+#: The most asked of the kernel in one call (the smallest read-ahead window it is
+#: likely to have; a call asking for more than the window is cut to it).
+PREFETCH_CALL = 128 * 1024
 
 
 @dataclass
@@ -63,6 +69,9 @@ class Source:
             # A larger readahead window: measured 12% faster on a cold 2 GiB image.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             blocks = list(data_blocks(data_extents(fd, size), size, chunk))
+        except OSError as e:
+            os.close(fd)
+            raise SourceError(path=path, reason=e.strerror or str(e)) from None
         except BaseException:
             os.close(fd)
             raise
@@ -103,21 +112,32 @@ class Source:
         # the host (the SSH client's and sshd's and the receiver's own files) waits
         # behind them: measured here, an SSH login took 0.8-4.4 s instead of 0.1 s.
         # One 1 MiB request at a time reads as fast (877 against 892 MB/s) and leaves
-        # the login at 0.10-0.13 s.
+        # the login at 0.10-0.13 s. A piece is asked for in PREFETCH_CALL calls: the
+        # kernel cuts one call to the device's read-ahead window, which may be smaller.
         total = 0
-        for block in self.blocks:
-            if total >= limit or self._prefetch_stop.is_set():
-                return
-            self.cached_until = block.index  # before the call: a block is never read direct and cached
-            for off, n in block.segments:
-                for at in range(block.offset + off, block.offset + off + n, PREFETCH_STEP):
-                    step = min(PREFETCH_STEP, block.offset + off + n - at)
-                    os.posix_fadvise(self.fd, at, step, os.POSIX_FADV_WILLNEED)
-                    os.pread(self.fd, 1, at + step - 1)
-                total += n
+        try:
+            for block in self.blocks:
+                if total >= limit or self._prefetch_stop.is_set():
+                    return
+                self.cached_until = block.index  # before asking: never read both direct and cached
+                for off, n in block.segments:
+                    end = block.offset + off + n
+                    for at in range(block.offset + off, end, PREFETCH_STEP):
+                        if self._prefetch_stop.is_set():
+                            return
+                        step = min(PREFETCH_STEP, end - at)
+                        for sub in range(at, at + step, PREFETCH_CALL):
+                            os.posix_fadvise(self.fd, sub, min(PREFETCH_CALL, at + step - sub),
+                                             os.POSIX_FADV_WILLNEED)
+                        os.pread(self.fd, 1, at + step - 1)
+                    total += n
+        except OSError as e:  # only an optimisation: the readers meet a real read error themselves
+            log.debug("read-ahead of %s stopped: %s", self.path, e)
 
     def end_prefetch(self, stop: bool = True) -> None:
-        """Stop asking for more (or, with ``stop=False``, wait for all of it)."""
+        """Stop asking for more (or, with ``stop=False``, wait for all of it).
+
+        Returns once the read-ahead thread has ended (at most one piece later)."""
         if self._prefetcher:
             if stop:
                 self._prefetch_stop.set()

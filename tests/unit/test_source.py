@@ -93,8 +93,8 @@ def test_a_stopped_prefetch_fixes_which_blocks_are_read_through_the_cache(image,
 
     monkeypatch.setattr("transfer.source.os.posix_fadvise", fadvise)
     source.prefetch()
-    source.end_prefetch()
-    assert asked == [0] and source.cached_until == 0
+    source.end_prefetch(stop=False)  # the patched call stops it; no race with the thread's start
+    assert asked == [0, 128 * 1024] and source.cached_until == 0  # block 0 in 128 KiB calls
     check(read_all(source), image[1])
     assert [fd for at, fd in sorted(used)] == [source.fd] + [source.direct_fd] * 3
 
@@ -117,3 +117,18 @@ def test_stream_copy_refuses_a_source_opened_with_other_blocks(image, tmp_path):
         with pytest.raises(InvalidArgument, match="opened with 1048576-byte blocks"):
             stream_copy(source, dest, chunk_size=4 * CHUNK)
         assert source.fd >= 0  # the caller's to close
+
+
+def test_a_failing_read_ahead_ends_quietly_and_the_copy_reads_on(image, reads, monkeypatch, capsys):
+    source, used = reads
+
+    def fadvise(fd, at, n, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("transfer.source.os.posix_fadvise", fadvise)
+    source.prefetch()
+    source.end_prefetch(stop=False)
+    assert "Traceback" not in capsys.readouterr().err
+    assert source.cached_until == 0  # the block asked for is read through the cache
+    check(read_all(source), image[1])
