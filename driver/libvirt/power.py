@@ -1,8 +1,10 @@
 """Clean shutdown the way an operator would do it by hand.
 
-Ask the guest to shut down (ACPI), poll once a second, ask again every
-``retry_interval`` seconds, and report whether it stopped within
-``timeout`` seconds. The caller destroys it if not.
+Ask the guest to shut down (ACPI), look four times a second whether it
+stopped, ask again every ``retry_interval`` seconds, and report whether it
+stopped within ``timeout`` seconds. The caller destroys it if not. A
+migration's downtime is counted from the moment the guest is seen off, so
+it misses at most one poll (0.25 s).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two looks at the guest; a power of two, so that the ticks add up exactly.
+POLL = 0.25
+TICKS = 4  # per second
+
 
 def clean_shutdown(is_off: Callable[[], bool], signal: Callable[[], None], timeout: int, retry_interval: int,
                    sleep: Callable[[float], None] = time.sleep) -> bool:
@@ -20,14 +26,11 @@ def clean_shutdown(is_off: Callable[[], bool], signal: Callable[[], None], timeo
     if is_off():
         return True
     signal()
-    countdown = retry_interval
-    for second in range(timeout):
+    for tick in range(timeout * TICKS):
         if is_off():
-            log.info("guest shut down cleanly after %d s", second)
+            log.info("guest shut down cleanly after %.2f s", tick * POLL)
             return True
-        if retry_interval and countdown <= 0:
+        if retry_interval and tick and tick % (retry_interval * TICKS) == 0:
             signal()
-            countdown = retry_interval
-        countdown -= 1
-        sleep(1)
+        sleep(POLL)
     return is_off()

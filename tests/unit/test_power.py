@@ -1,4 +1,4 @@
-"""Clean shutdown: signal, poll once a second, signal again every retry_interval, give up at timeout."""
+"""Clean shutdown: signal, poll four times a second, signal again every retry_interval, give up at timeout."""
 
 from __future__ import annotations
 
@@ -45,11 +45,17 @@ def test_guest_that_stops_at_once():
     assert g.signals == [0.0] and g.sleeps == []
 
 
-def test_guest_that_stops_after_a_while_polls_once_a_second():
+def test_guest_that_stops_after_a_while_polls_four_times_a_second():
     g = Guest(takes=4)
     assert g.shutdown(60, 0) is True
     assert g.signals == [0.0]
-    assert g.sleeps == [1, 1, 1, 1]
+    assert g.sleeps == [0.25] * 16
+
+
+def test_a_guest_is_seen_off_within_a_quarter_second():
+    g = Guest(takes=2.1)
+    assert g.shutdown(60, 0) is True
+    assert g.now == 2.25
 
 
 @pytest.mark.parametrize("retry_interval, signals", [
