@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from driver.base import ComputeDriver
+from driver.base import ComputeDriver, copy_figures
 from driver.errors import DriverError, InstanceNotFound, InvalidInstanceState
 from driver.model import Flavor, Instance, Migration, PowerState
 from transfer.progress import Progress
@@ -208,7 +208,7 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
         def work() -> dict[str, Any]:
             disk_info = driver.migrate_disk_and_power_off(inst, body.dest, flavor, s.vifs(body.network_info),
                                                           None, timeout, retry)
-            return {"disk_info": disk_info, **_copy_figures(getattr(driver, "last_transfer", {}).get(uuid, {})),
+            return {"disk_info": disk_info, **copy_figures(getattr(driver, "last_transfer", {}).get(uuid, {})),
                     "was_running": inst.power_state == PowerState.RUNNING}
         return start("migrate-disk-and-power-off", uuid, work, copies=True)
 
@@ -248,19 +248,6 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
         def work() -> dict[str, Any]:
             return {"downtime_s": _live_migration(driver, inst, body.dest).get("downtime_s")}
         return start("live-migrate", uuid, work, copies=True)
-
-
-def _copy_figures(stats: dict[str, Any]) -> dict[str, Any]:
-    """What a driver's ``last_transfer`` says of a cold migration's copies, for the job's result.
-
-    A driver that does not split its bytes at the power-off copied everything after it.
-    """
-    copies = [asdict(c) for c in stats.get("copies", [])]
-    sent = sum(c.get("sent", 0) for c in copies)
-    before = stats.get("bytes_before_power_off", 0)
-    return {"shared": stats.get("shared", False), "precopy": stats.get("precopy", False), "copies": copies,
-            "powered_off_at": stats.get("powered_off_at"), "bytes_before_power_off": before,
-            "bytes_after_power_off": stats.get("bytes_after_power_off", sent - before)}
 
 
 def _live_migration(driver: ComputeDriver, instance: Instance, dest: str) -> dict:

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
+from driver.base import copy_figures
 from driver.errors import DriverError
 from driver.model import Flavor, Instance, Migration, Vif
 from transfer.errors import TransferError
@@ -32,6 +33,8 @@ calls and their arguments:
   power-on                         {"uuid"}
   power-off                        {"uuid", "timeout"?, "retry_interval"?}
   migrate-disk-and-power-off       {"uuid", "dest", "flavor"?, "network_info"?, "timeout"?, "retry_interval"?}
+      copy the disks to host "dest" and power off; prints {"disk_info", "copies",
+      "precopy", "powered_off_at", "bytes_before_power_off", "bytes_after_power_off"}
   finish-migration                 {"uuid", "name", "flavor", "disk_info", "migration"?, "resize_instance"?, "power_on"?}
   confirm-migration                {"uuid"}
   finish-revert-migration          {"uuid", "power_on"?}
@@ -85,9 +88,7 @@ def _migrate(drv: LibvirtDriver, a: dict[str, Any]) -> Any:
     flavor = Flavor.from_dict(a["flavor"]) if "flavor" in a else inst.flavor
     timeout, retry = _shutdown(drv, a)
     disk_info = drv.migrate_disk_and_power_off(inst, a["dest"], flavor, _vifs(a), None, timeout, retry)
-    stats = drv.last_transfer.get(inst.uuid, {})
-    return {"disk_info": disk_info, "shared": stats.get("shared", False),
-            "copies": [dataclasses.asdict(c) for c in stats.get("copies", [])]}
+    return {"disk_info": disk_info, **copy_figures(drv.last_transfer.get(inst.uuid, {}))}
 
 
 CALLS: dict[str, Callable[[LibvirtDriver, dict[str, Any]], Any]] = {

@@ -9,6 +9,8 @@ on revert, ``destroy``.
 from __future__ import annotations
 
 import abc
+from dataclasses import asdict
+from typing import Any
 
 from .errors import DriverError
 from .model import DiskInfo, Flavor, HostResources, Instance, Migration, PowerState, Vif
@@ -96,3 +98,16 @@ class ComputeDriver(abc.ABC):
 
 RUNNING_STATES = {PowerState.RUNNING}
 STOPPED_STATES = {PowerState.SHUTDOWN, PowerState.CRASHED, PowerState.NOSTATE}
+
+
+def copy_figures(stats: dict[str, Any]) -> dict[str, Any]:
+    """What a driver's ``last_transfer`` says of a cold migration's copies, for the job's result.
+
+    A driver that does not split its bytes at the power-off copied everything after it.
+    """
+    copies = [asdict(c) for c in stats.get("copies", [])]
+    sent = sum(c.get("sent", 0) for c in copies)
+    before = stats.get("bytes_before_power_off", 0)
+    return {"shared": stats.get("shared", False), "precopy": stats.get("precopy", False), "copies": copies,
+            "powered_off_at": stats.get("powered_off_at"), "bytes_before_power_off": before,
+            "bytes_after_power_off": stats.get("bytes_after_power_off", sent - before)}

@@ -120,9 +120,10 @@ def test_power_off_with_timeout(drv, run):
     the(drv).power_off.assert_called_once_with(INST, 30, 5)
 
 
-def test_migrate_passes_arguments_and_reports_the_copies(drv, run):
+def test_migrate_passes_arguments_and_reports_the_copies_and_precopy_figures(drv, run):
     def migrate(inst, dest, flavor, vifs, bdi, timeout, retry):
-        the(drv).last_transfer[inst.uuid] = {"shared": False, "copies": [
+        the(drv).last_transfer[inst.uuid] = {"shared": False, "precopy": True, "powered_off_at": 1700000000.5,
+                                              "bytes_before_power_off": 7, "copies": [
             CopyResult("stream", 10, 8, 6, 2, 0, 0.5, "xxh3:abc")]}
         return '[{"path": "/i/disk"}]'
     driver.libvirt.LibvirtDriver.side_effect = _with(drv, migrate_disk_and_power_off=migrate)
@@ -131,9 +132,10 @@ def test_migrate_passes_arguments_and_reports_the_copies(drv, run):
         "flavor": {"name": "big", "vcpus": 2, "memory_mb": 2048, "root_gb": 20},
         "network_info": [{"address": "52:54:00:00:00:01", "bridge": "br0"}]})
     assert rc == 0
-    assert out["result"] == {"disk_info": '[{"path": "/i/disk"}]', "shared": False, "copies": [
+    assert out["result"] == {"disk_info": '[{"path": "/i/disk"}]', "shared": False, "precopy": True, "copies": [
         {"method": "stream", "size": 10, "sent": 8, "wire": 6, "skipped": 2, "resumed": 0, "seconds": 0.5,
-         "digest": "xxh3:abc"}]}
+         "digest": "xxh3:abc"}], "powered_off_at": 1700000000.5, "bytes_before_power_off": 7,
+        "bytes_after_power_off": 1}
     args = the(drv).migrate_disk_and_power_off.call_args.args
     assert args == (INST, "h2", Flavor("big", 2, 2048, 20, 0), [Vif("52:54:00:00:00:01", "bridge", "br0")],
                     None, 60, 10)
@@ -154,7 +156,9 @@ def _with(drv, **methods: Any):
 def test_migrate_keeps_the_flavor_without_one(drv, run):
     driver.libvirt.LibvirtDriver.side_effect = _with(drv, migrate_disk_and_power_off=lambda *a: "[]")
     rc, out = run("migrate-disk-and-power-off", {"uuid": UUID, "dest": "h2"})
-    assert rc == 0 and out["result"] == {"disk_info": "[]", "shared": False, "copies": []}
+    assert rc == 0 and out["result"] == {"disk_info": "[]", "shared": False, "precopy": False, "copies": [],
+                                         "powered_off_at": None, "bytes_before_power_off": 0,
+                                         "bytes_after_power_off": 0}
     assert the(drv).migrate_disk_and_power_off.call_args.args[2] == SMALL
 
 
