@@ -46,6 +46,9 @@ CHANNELS = ("direct", "tls", "ssh")
 ERROR_WAIT = 5.0
 #: Threads that read, hash and pack blocks; they share the streams.
 READERS = 4
+#: Blocks whose data runs on from one to the next are read with one request of up to
+#: this many blocks: 4 readers of 16 MiB read this disk at 1.23 GB/s, of 4 MiB at 0.84.
+READ_BATCH = 4
 
 
 @dataclass
@@ -148,7 +151,7 @@ class Session:
         self.counters = Counters()
         self.errors: list[TransferError] = []
         self.stop = threading.Event()
-        self._next = iter(source.blocks)
+        self._next = 0  # index into source.blocks
         self._next_lock = threading.Lock()
         self._streams: list[_Stream] = []
 
@@ -244,9 +247,16 @@ class Session:
         if not self.errors:
             meter.finish()
 
-    def _take(self) -> Block | None:
+    def _take(self) -> list[Block]:
+        """The next block, with up to READ_BATCH - 1 more whose data continues it (one read)."""
+        blocks, src = self.source.blocks, self.source
         with self._next_lock:
-            return next(self._next, None)
+            end = self._next
+            while (end < len(blocks) and end - self._next < READ_BATCH
+                   and (end == self._next or src.joins(blocks[end - 1], blocks[end]))):
+                end += 1
+            taken, self._next = blocks[self._next:end], end
+        return taken
 
     def _reader(self, have: bytes, meter: ProgressMeter) -> None:
         self._guarded(lambda: self._send_blocks(have, meter))
@@ -260,41 +270,48 @@ class Session:
             self._fail(ConnectionLost(host=self.dest.host, reason=str(e) or type(e).__name__))
 
     def _send_blocks(self, have: bytes, meter: ProgressMeter) -> None:
-        chunk, c = self.opts.chunk, self.counters
+        chunk = self.opts.chunk
         # Page-aligned (mmap) so that the source may be read with O_DIRECT into it.
-        buf, gather = mmap.mmap(-1, chunk + DIRECT_ALIGN), bytearray(chunk)
+        buf, gather = mmap.mmap(-1, READ_BATCH * chunk + DIRECT_ALIGN), bytearray(chunk)
         view, gview = memoryview(buf), memoryview(gather)
         comp = Compressor(self.opts.compress)
         while not self.stop.is_set():
-            block = self._take()
-            if block is None:
+            taken = self._take()
+            if not taken:
                 break
-            content = view[:block.length]
-            if not self.source.read_block(block, view):
+            if not self.source.read_blocks(taken, view):
                 raise SourceError(path=self.source.path, reason="the file shrank during the copy")
-            segs = nonzero_segments(content, block.segments)
-            digest = sparse_hash([(off, content[off:off + n]) for off, n in segs], block.length)
-            self.digest.set(block.index, digest)
-            data_len = sum(n for _, n in block.segments)
-            if _has(have, block.index):
-                with c.lock:
-                    c.resumed += data_len
-                continue
-            if segs:
-                payload = _gather(content, segs, gview)
-                packed, flags = comp.compress(payload)
-                if self.limiter:
-                    self.limiter.take(len(packed))
-                head = wire.pack_frame(flags, block.offset, block.length, digest, segs, packed)
-                stream = self._free.get()
-                try:
-                    stream.send(head, packed)
-                finally:
-                    self._free.put(stream)
-                with c.lock:
-                    c.sent += len(payload)
-                    c.wire += len(packed)
-            meter.add(data_len)
+            for k, block in enumerate(taken):
+                if self.stop.is_set():
+                    return
+                self._send_block(block, view[k * chunk:k * chunk + block.length], have, meter, comp, gview)
+
+    def _send_block(self, block: Block, content: memoryview, have: bytes, meter: ProgressMeter,
+                    comp: Compressor, gview: memoryview) -> None:
+        c = self.counters
+        segs = nonzero_segments(content, block.segments)
+        digest = sparse_hash([(off, content[off:off + n]) for off, n in segs], block.length)
+        self.digest.set(block.index, digest)
+        data_len = sum(n for _, n in block.segments)
+        if _has(have, block.index):
+            with c.lock:
+                c.resumed += data_len
+            return
+        if segs:
+            payload = _gather(content, segs, gview)
+            packed, flags = comp.compress(payload)
+            if self.limiter:
+                self.limiter.take(len(packed))
+            head = wire.pack_frame(flags, block.offset, block.length, digest, segs, packed)
+            stream = self._free.get()
+            try:
+                stream.send(head, packed)
+            finally:
+                self._free.put(stream)
+            with c.lock:
+                c.sent += len(payload)
+                c.wire += len(packed)
+        meter.add(data_len)
 
     def _send_ends(self) -> None:
         for stream in self._streams:

@@ -143,6 +143,29 @@ class Source:
                 self._prefetch_stop.set()
             self._prefetcher.join()
 
+    def joins(self, a: Block, b: Block) -> bool:
+        """True when ``b``'s data runs on from ``a``'s, so that one read can cover both;
+        never across the end of what was read ahead (that part goes through the cache)."""
+        last_off, last_len = a.segments[-1]
+        return (b.index == a.index + 1 and last_off + last_len == a.length and b.segments[0][0] == 0
+                and (a.index <= self.cached_until) == (b.index <= self.cached_until))
+
+    def read_blocks(self, blocks: list[Block], buf: memoryview) -> bool:
+        """Read consecutive blocks that ``joins`` links with one request: block k's data
+        lands at ``k * chunk`` in ``buf`` (which is that much longer). A hole inside a block
+        in the middle is read as the zeros it is. False if the file shrank."""
+        if len(blocks) == 1:
+            return self.read_block(blocks[0], buf)
+        first, last = blocks[0], blocks[-1]
+        start = first.segments[0][0]
+        end = (len(blocks) - 1) * self.chunk + last.segments[-1][0] + last.segments[-1][1]
+        cached = first.index <= self.cached_until
+        if not self._read(buf, start, end - start, first.offset + start, cached):
+            return False
+        if cached:
+            os.posix_fadvise(self.fd, first.offset + start, end - start, os.POSIX_FADV_DONTNEED)
+        return True
+
     def read_block(self, block: Block, buf: memoryview) -> bool:
         """Read ``block``'s data segments into ``buf`` at their offsets in the block.
 

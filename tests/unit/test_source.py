@@ -132,3 +132,25 @@ def test_a_failing_read_ahead_ends_quietly_and_the_copy_reads_on(image, reads, m
     assert "Traceback" not in capsys.readouterr().err
     assert source.cached_until == 0  # the block asked for is read through the cache
     check(read_all(source), image[1])
+
+
+def test_blocks_whose_data_runs_on_are_read_with_one_request(image, reads):
+    source, used = reads
+    b0, b2, b3 = source.blocks
+    assert not source.joins(b0, b2)  # block 0's data stops short of its end; block 1 is a hole
+    assert source.joins(b2, b3)      # block 2's run goes on into block 3
+    view = memoryview(mmap.mmap(-1, 2 * CHUNK + DIRECT_ALIGN))
+    assert source.read_blocks([b2, b3], view)
+    assert used == [(2 * CHUNK + 64 * 1024, source.direct_fd)]  # one request, hole in block 3 included
+    content = image[1]
+    for k, block in enumerate((b2, b3)):
+        got = view[k * CHUNK:(k + 1) * CHUNK]
+        pieces = [(off, bytes(got[off:off + n])) for off, n in nonzero_segments(got, block.segments)]
+        assert sparse_hash(pieces, block.length) == block_hash(content[block.offset:block.offset + CHUNK])
+
+
+def test_no_read_spans_the_end_of_what_was_read_ahead(image, reads):
+    source, _ = reads
+    _, b2, b3 = source.blocks
+    source.cached_until = 2  # block 2 through the cache, block 3 direct
+    assert not source.joins(b2, b3)
