@@ -154,3 +154,16 @@ def test_no_read_spans_the_end_of_what_was_read_ahead(image, reads):
     _, b2, b3 = source.blocks
     source.cached_until = 2  # block 2 through the cache, block 3 direct
     assert not source.joins(b2, b3)
+
+
+def test_a_failing_allocation_map_is_a_clear_error_and_leaves_no_descriptor(image, monkeypatch):
+    from transfer.errors import SourceError
+
+    def fail(fd, size):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("transfer.source.data_extents", fail)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(SourceError, match="disk.raw: Input/output error"):
+        Source.open(str(image[0]), CHUNK, direct=True)
+    assert set(os.listdir("/proc/self/fd")) == before
