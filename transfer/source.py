@@ -69,11 +69,10 @@ class Source:
             # A larger readahead window: measured 12% faster on a cold 2 GiB image.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             blocks = list(data_blocks(data_extents(fd, size), size, chunk))
-        except OSError as e:
+        except BaseException as e:
             os.close(fd)
-            raise SourceError(path=path, reason=e.strerror or str(e)) from None
-        except BaseException:
-            os.close(fd)
+            if isinstance(e, OSError):
+                raise SourceError(path=path, reason=e.strerror or str(e)) from None
             raise
         source = cls(path, fd, size, identity, stat.S_IMODE(st.st_mode), chunk, blocks)
         if direct:
