@@ -107,15 +107,18 @@ def run_copy(args: argparse.Namespace) -> int:
                               known_hosts=args.known_hosts,
                               remote_command=tuple(shlex.split(args.remote_command)))
         show = not args.no_progress and sys.stderr.isatty()
-        with progress_bar(enabled=show, label=os.path.basename(args.src)) as on_progress:
-            if args.method == "rsync":
+        label = os.path.basename(args.src)
+        if args.method == "rsync":
+            with progress_bar(enabled=show, label=label) as on_progress:
                 result = transfer.rsync_copy(args.src, dest, bwlimit=bwlimit, progress=on_progress,
                                              overwrite=args.overwrite)
-            else:
-                # The source is opened and its first data asked of the disk before the
-                # sender and its SSH client are even loaded: the disk works meanwhile.
-                with Source.open(args.src, DEFAULT_CHUNK, direct=True) as source:
-                    source.prefetch()
+        else:
+            # The source is opened and its first data asked of the disk before the
+            # sender, its SSH client and the progress bar (a thread) are loaded: the
+            # disk works meanwhile, and the read-ahead can run in a child process.
+            with Source.open(args.src, DEFAULT_CHUNK, direct=True) as source:
+                source.prefetch()
+                with progress_bar(enabled=show, label=label) as on_progress:
                     result = transfer.stream_copy(source, dest, streams=args.streams,
                                                   channel=args.channel, compress=args.compress,
                                                   bwlimit=bwlimit, overwrite=args.overwrite,

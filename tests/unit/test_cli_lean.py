@@ -49,8 +49,9 @@ from transfer.source import Source
 seen = []
 real = Source.prefetch
 def prefetch(self, *a, **k):
-    seen.append(("paramiko" in sys.modules, self.path))
-    return real(self, *a, **k)
+    loaded = "paramiko" in sys.modules
+    real(self, *a, **k)
+    seen.append((loaded, self.path, self._prefetch_pid != 0))  # read ahead by a child process
 Source.prefetch = prefetch
 port = socket.socket(); port.bind(("127.0.0.1", 0))  # bound, never listening: the login is refused
 rc = main(["copy", "--no-progress", "--ssh-port", str(port.getsockname()[1]), "--known-hosts", {kh!r},
@@ -59,12 +60,12 @@ print(rc, seen)
 """
 
 
-def test_copy_asks_the_disk_for_data_before_loading_the_ssh_client(tmp_path):
+def test_copy_reads_ahead_in_a_child_before_loading_the_ssh_client(tmp_path):
     src = tmp_path / "disk.raw"
     src.write_bytes(b"x" * 65536)
     kh = tmp_path / "known_hosts"
     kh.write_text("")
     out = subprocess.run([sys.executable, "-c", COPY_PROBE.format(src=str(src), kh=str(kh))],
                          capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip().splitlines()[-1] == f"1 [(False, {str(src)!r})]"
+    assert out.stdout.strip().splitlines()[-1] == f"1 [(False, {str(src)!r}, True)]"
     assert "error" in out.stderr

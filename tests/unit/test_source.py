@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,7 @@ from transfer.extents import DIRECT_ALIGN, nonzero_segments
 from transfer.source import Source
 
 CHUNK = 1 << 20
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @pytest.fixture
@@ -88,11 +92,11 @@ def test_a_stopped_prefetch_fixes_which_blocks_are_read_through_the_cache(image,
         if advice == os.POSIX_FADV_WILLNEED:
             asked.append(at)
             if len(asked) == 1:
-                source._prefetch_stop.set()  # the data phase starts while block 0 is asked for
+                source.stop_prefetch()  # the data phase starts while block 0 is asked for
         return real(fd, at, n, advice)
 
     monkeypatch.setattr("transfer.source.os.posix_fadvise", fadvise)
-    source.prefetch()
+    source.prefetch(fork=False)  # in this process, where the calls are seen
     source.end_prefetch(stop=False)  # the patched call stops it; no race with the thread's start
     assert asked == [0, 128 * 1024] and source.cached_until == 0  # block 0 in 128 KiB calls
     check(read_all(source), image[1])
@@ -127,7 +131,7 @@ def test_a_failing_read_ahead_ends_quietly_and_the_copy_reads_on(image, reads, m
             raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("transfer.source.os.posix_fadvise", fadvise)
-    source.prefetch()
+    source.prefetch(fork=False)  # the thread's log is this process's
     source.end_prefetch(stop=False)
     assert "Traceback" not in capsys.readouterr().err
     assert source.cached_until == 0  # the block asked for is read through the cache
@@ -167,3 +171,95 @@ def test_a_failing_allocation_map_is_a_clear_error_and_leaves_no_descriptor(imag
     with pytest.raises(SourceError, match="disk.raw: Input/output error"):
         Source.open(str(image[0]), CHUNK, direct=True)
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+# The read-ahead in a child process. Each case runs in a fresh interpreter, which has
+# no other thread (as in `coldferry copy`); the test session itself may have some.
+FORK_PROBE = """
+import os, sys, threading
+from transfer.source import Source
+path, mode = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDONLY)
+os.fsync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # nothing of the file in the page cache
+
+def cached(at, n):
+    try:
+        return os.preadv(fd, [bytearray(n)], at, os.RWF_NOWAIT) == n
+    except BlockingIOError:
+        return False
+
+source = Source.open(path, 1 << 20, direct=True)
+if mode == "busy":  # another thread is running: the read-ahead must not fork
+    threading.Thread(target=threading.Event().wait, args=(5,), daemon=True).start()
+before = [cached(b.offset + off, n) for b in source.blocks for off, n in b.segments]
+source.prefetch()
+pid, thread = source._prefetch_pid, source._prefetcher is not None
+source.end_prefetch(stop=False)
+after = [cached(b.offset + off, n) for b in source.blocks for off, n in b.segments]
+try:
+    os.waitpid(pid, os.WNOHANG)
+    reaped = False
+except ChildProcessError:
+    reaped = pid != 0
+print(before, after, pid not in (0, os.getpid()), thread, reaped, source.cached_until)
+"""
+
+
+def probe(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_the_read_ahead_runs_in_a_child_process_and_fills_the_page_cache(image):
+    result = probe(FORK_PROBE, str(image[0]), "alone")
+    if result.startswith("[True"):
+        pytest.skip("this file system keeps the file in memory")
+    # every data segment read ahead, by a child that was reaped, and no thread
+    assert result == "[False, False, False, False] [True, True, True, True] True False True 3"
+
+
+def test_with_another_thread_running_the_read_ahead_is_a_thread(image):
+    result = probe(FORK_PROBE, str(image[0]), "busy")
+    if result.startswith("[True"):
+        pytest.skip("this file system keeps the file in memory")
+    assert result == "[False, False, False, False] [True, True, True, True] False True False 3"
+
+
+ORPHAN_PROBE = """
+import os, sys, time
+import transfer.source as source_mod
+path, log = sys.argv[1], sys.argv[2]
+real = os.pread
+
+def slow(fd, n, at):  # every piece takes a while, and leaves a mark
+    with open(log, "a") as f:
+        f.write(f"{at}\\n")
+    time.sleep(0.2)
+    return real(fd, n, at)
+
+source_mod.os.pread = slow
+source = source_mod.Source.open(path, 1 << 20, direct=True)
+source.prefetch()
+print(source._prefetch_pid, flush=True)
+for _ in range(100):  # until the child has asked for its first piece
+    if os.path.exists(log):
+        break
+    time.sleep(0.1)
+os._exit(0)  # the copy dies without stopping its read-ahead
+"""
+
+
+def test_the_read_ahead_child_stops_when_the_copy_is_gone(tmp_path):
+    path = tmp_path / "big.raw"
+    with open(path, "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(1 << 20))
+    log = tmp_path / "asked.log"
+    # The child keeps the output pipe open, so this returns once the child has ended too.
+    pid = int(probe(ORPHAN_PROBE, str(path), str(log)))
+    assert pid > 0
+    asked = log.read_text().split()
+    assert 1 <= len(asked) < 32  # it left after a piece or two, not at the end of the file
