@@ -116,14 +116,18 @@ class Source:
         self._shared_set(-1)
         if fork and hasattr(os, "fork") and threading.active_count() == 1:
             parent = os.getpid()
-            pid = os.fork()
-            if pid == 0:  # the child: ask, then leave without running any of the parent's exit code
-                try:
-                    self._willneed(limit, parent)
-                finally:
-                    os._exit(0)
-            self._prefetch_pid = pid
-            return
+            try:
+                pid = os.fork()
+            except OSError as e:  # no process to spare: a thread does the same, a little slower
+                log.debug("read-ahead in a thread: cannot fork (%s)", e)
+            else:
+                if pid == 0:  # the child: ask, then leave without running the parent's exit code
+                    try:
+                        self._willneed(limit, parent)
+                    finally:
+                        os._exit(0)
+                self._prefetch_pid = pid
+                return
         self._prefetcher = threading.Thread(target=self._willneed, args=(limit, 0),
                                             name="prefetch", daemon=True)
         self._prefetcher.start()

@@ -263,3 +263,18 @@ def test_the_read_ahead_child_stops_when_the_copy_is_gone(tmp_path):
     assert pid > 0
     asked = log.read_text().split()
     assert 1 <= len(asked) < 32  # it left after a piece or two, not at the end of the file
+
+
+def test_when_no_process_can_be_forked_a_thread_reads_ahead(image, reads, monkeypatch):
+    source, _ = reads
+
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr("transfer.source.threading.active_count", lambda: 1)
+    monkeypatch.setattr("transfer.source.os.fork", no_fork)
+    source.prefetch()
+    assert source._prefetcher is not None and source._prefetch_pid == 0
+    source.end_prefetch(stop=False)
+    assert source.cached_until == 3
+    check(read_all(source), image[1])
