@@ -108,11 +108,12 @@ def stream_copy(src: str | Source, dest: Endpoint, *, streams: int = DEFAULT_STR
         source, owned = src, False
     else:
         source, owned = Source.open(src, chunk_size, direct=True), True
-        source.prefetch()
     limiter = RateLimit(bwlimit, clock=clock, sleep=sleep) if bwlimit else None
     started = clock()
     attempts = 0
     try:
+        if owned:
+            source.prefetch()
         retrying = Retrying(stop=stop_after_attempt(retries + 1), reraise=True, sleep=sleep,
                             retry=retry_if_exception(lambda e: getattr(e, "retryable", False)),
                             wait=wait_exponential(multiplier=0.5, max=8),

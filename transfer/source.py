@@ -10,9 +10,11 @@ import errno
 import logging
 import mmap
 import os
+import signal
 import stat
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import SourceError
@@ -107,30 +109,32 @@ class Source:
         after every call, and meanwhile the main thread imports the SSH client and
         paramiko's own thread logs in. Side by side here (18 pairs, 8 GiB sparse
         image), the whole copy took 2.59 s (median) with a child, 2.76 s with a
-        thread. A process that already runs threads (the agent) is not forked.
+        thread. A process that already runs threads (the agent; threads started
+        by C libraries count too) is not forked. Where neither a process nor a
+        thread can be started, there is no read-ahead: it only saves time.
         """
         if self._shared is not None or not self.blocks:
             return
         limit = min(limit, available_memory() // 8)
         self._shared = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous and shared: a child sees it too
         self._shared_set(-1)
-        if fork and hasattr(os, "fork") and threading.active_count() == 1:
-            parent = os.getpid()
+        if fork and hasattr(os, "fork") and threading.current_thread() is threading.main_thread() \
+                and _only_thread():
             try:
-                pid = os.fork()
-            except OSError as e:  # no process to spare: a thread does the same, a little slower
-                log.debug("read-ahead in a thread: cannot fork (%s)", e)
-            else:
-                if pid == 0:  # the child: ask, then leave without running the parent's exit code
-                    try:
-                        self._willneed(limit, parent)
-                    finally:
-                        os._exit(0)
-                self._prefetch_pid = pid
+                _fork_child(lambda parent: self._willneed(limit, parent), self._forked)
                 return
-        self._prefetcher = threading.Thread(target=self._willneed, args=(limit, 0),
-                                            name="prefetch", daemon=True)
-        self._prefetcher.start()
+            except OSError as e:  # no process to spare: try a thread
+                log.debug("read-ahead in a thread: cannot fork (%s)", e)
+        thread = threading.Thread(target=self._willneed, args=(limit, 0), name="prefetch", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as e:  # no thread either (the same limit counts both)
+            log.debug("no read-ahead: %s", e)
+            return
+        self._prefetcher = thread
+
+    def _forked(self, pid: int) -> None:
+        self._prefetch_pid = pid
 
     def _shared_set(self, index: int) -> None:
         assert self._shared is not None
@@ -252,9 +256,45 @@ class Source:
     def close(self) -> None:
         if self.fd < 0:
             return
-        self.end_prefetch()  # it uses fd
-        os.close(self.fd)
-        if self.direct_fd >= 0:
-            os.close(self.direct_fd)
-        self.fd = self.direct_fd = -1
+        try:
+            self.end_prefetch()  # it uses fd
+        finally:
+            os.close(self.fd)
+            if self.direct_fd >= 0:
+                os.close(self.direct_fd)
+            self.fd = self.direct_fd = -1
 
+
+def _only_thread() -> bool:
+    """True when this process runs one thread, counting threads Python did not start."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return threading.active_count() == 1
+
+
+def _fork_child(work: Callable[[int], None], started: Callable[[int], None]) -> None:
+    """Run ``work(parent_pid)`` in a forked child; ``started(pid)`` in the parent.
+
+    The child leaves with ``os._exit`` whatever happens: no exit handlers, no
+    flushing of the parent's buffers. Interrupts are held back while forking, so
+    that the parent has recorded the pid (and can wait for the child) before an
+    interrupt is raised; the child then takes the default action for them (it
+    ends at once, and no Python code runs).
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for sig in held:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                work(parent)
+            finally:
+                os._exit(0)
+        started(pid)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)

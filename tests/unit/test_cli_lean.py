@@ -53,6 +53,12 @@ def prefetch(self, *a, **k):
     real(self, *a, **k)
     seen.append((loaded, self.path, self._prefetch_pid != 0))  # read ahead by a child process
 Source.prefetch = prefetch
+import coldferry.copy_cmd as copy_cmd
+real_bar = copy_cmd.progress_bar
+def bar(*a, **k):  # rich's progress bar starts a thread: the read-ahead must come first
+    seen.append("bar")
+    return real_bar(*a, **k)
+copy_cmd.progress_bar = bar
 port = socket.socket(); port.bind(("127.0.0.1", 0))  # bound, never listening: the login is refused
 rc = main(["copy", "--no-progress", "--ssh-port", str(port.getsockname()[1]), "--known-hosts", {kh!r},
            {src!r}, "root@127.0.0.1:/srv/copy.raw"])
@@ -67,5 +73,5 @@ def test_copy_reads_ahead_in_a_child_before_loading_the_ssh_client(tmp_path):
     kh.write_text("")
     out = subprocess.run([sys.executable, "-c", COPY_PROBE.format(src=str(src), kh=str(kh))],
                          capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip().splitlines()[-1] == f"1 [(False, {str(src)!r}, True)]"
+    assert out.stdout.strip().splitlines()[-1] == f"1 [(False, {str(src)!r}, True), 'bar']"
     assert "error" in out.stderr

@@ -69,7 +69,7 @@ def check(hashes: dict[int, bytes], content: bytes) -> None:
 
 def test_prefetched_blocks_go_through_the_page_cache_and_the_rest_direct(image, reads):
     source, used = reads
-    source.prefetch(300 * 1024)  # block 0's 256 KiB and then block 2, whose data passes the limit
+    source.prefetch(300 * 1024, fork=False)  # block 0's 256 KiB, then block 2, whose data passes the limit
     source.end_prefetch(stop=False)
     assert source.cached_until == 2
     check(read_all(source), image[1])
@@ -106,7 +106,7 @@ def test_a_stopped_prefetch_fixes_which_blocks_are_read_through_the_cache(image,
 def test_prefetch_asks_for_at_most_an_eighth_of_the_available_memory(image, reads, monkeypatch):
     source, _ = reads
     monkeypatch.setattr("transfer.source.available_memory", lambda: 8 * 200 * 1024)
-    source.prefetch()  # 200 KiB allowed: block 0's 256 KiB passes it
+    source.prefetch(fork=False)  # 200 KiB allowed: block 0's 256 KiB passes it
     source.end_prefetch(stop=False)
     assert source.cached_until == 0
 
@@ -271,10 +271,85 @@ def test_when_no_process_can_be_forked_a_thread_reads_ahead(image, reads, monkey
     def no_fork():
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr("transfer.source.threading.active_count", lambda: 1)
+    monkeypatch.setattr("transfer.source._only_thread", lambda: True)
     monkeypatch.setattr("transfer.source.os.fork", no_fork)
     source.prefetch()
     assert source._prefetcher is not None and source._prefetch_pid == 0
     source.end_prefetch(stop=False)
     assert source.cached_until == 3
     check(read_all(source), image[1])
+
+
+def test_when_neither_a_process_nor_a_thread_can_start_there_is_no_read_ahead(image, reads, monkeypatch):
+    source, used = reads
+
+    class NoThread:
+        def __init__(self, *a, **k):
+            pass
+
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr("transfer.source.os.fork", lambda: (_ for _ in ()).throw(BlockingIOError(11, "no")))
+    monkeypatch.setattr("transfer.source._only_thread", lambda: True)
+    monkeypatch.setattr("transfer.source.threading.Thread", NoThread)
+    source.prefetch()  # no error: the read-ahead only saves time
+    source.end_prefetch()
+    assert source.cached_until == -1
+    check(read_all(source), image[1])
+    assert {fd for _, fd in used} == {source.direct_fd}  # every block read directly
+    fds = source.fd, source.direct_fd
+    source.close()
+    assert not any(os.path.exists(f"/proc/self/fd/{fd}") for fd in fds)
+
+
+STOP_PROBE = """
+import os, signal, sys, time
+import transfer.source as source_mod
+path, log, how = sys.argv[1], sys.argv[2], sys.argv[3]
+real = os.pread
+
+def slow(fd, n, at):  # every piece takes a while, and leaves a mark
+    with open(log, "a") as f:
+        f.write(f"{at}\\n")
+    time.sleep(0.2)
+    return real(fd, n, at)
+
+source_mod.os.pread = slow
+source = source_mod.Source.open(path, 1 << 20, direct=True)
+source.prefetch()
+pid = source._prefetch_pid
+for _ in range(100):  # until the child has asked for its first piece
+    if os.path.exists(log):
+        break
+    time.sleep(0.1)
+if how == "interrupt":  # Ctrl-C reaches the child too: it ends at once, running no Python code
+    os.kill(pid, signal.SIGINT)
+    _, status = os.waitpid(pid, 0)
+    print(pid > 0, os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT)
+else:
+    source.end_prefetch()  # the data streams are open: stop after the piece being asked for
+    asked = len(open(log).read().split())
+    time.sleep(0.5)
+    print(pid > 0, asked, len(open(log).read().split()), source.cached_until)
+source.close()
+"""
+
+
+def test_a_read_ahead_child_stops_after_its_piece_when_asked(tmp_path):
+    path = tmp_path / "big.raw"
+    with open(path, "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(1 << 20))
+    pid_ok, asked, later, cached_until = probe(STOP_PROBE, str(path), str(tmp_path / "asked.log"), "stop").split()
+    assert pid_ok == "True"
+    assert 1 <= int(asked) < 32 and later == asked  # stopped well before the end, and nothing after
+    assert int(cached_until) == int(asked) - 1  # one piece per 1 MiB block: the block being asked for
+
+
+def test_an_interrupt_ends_the_read_ahead_child_at_once(tmp_path):
+    path = tmp_path / "big.raw"
+    with open(path, "wb") as f:
+        for _ in range(8):
+            f.write(os.urandom(1 << 20))
+    assert probe(STOP_PROBE, str(path), str(tmp_path / "asked.log"), "interrupt") == "True True"
