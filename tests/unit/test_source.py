@@ -228,43 +228,6 @@ def test_with_another_thread_running_the_read_ahead_is_a_thread(image):
     assert result == "[False, False, False, False] [True, True, True, True] False True False 3"
 
 
-ORPHAN_PROBE = """
-import os, sys, time
-import transfer.source as source_mod
-path, log = sys.argv[1], sys.argv[2]
-real = os.pread
-
-def slow(fd, n, at):  # every piece takes a while, and leaves a mark
-    with open(log, "a") as f:
-        f.write(f"{at}\\n")
-    time.sleep(0.2)
-    return real(fd, n, at)
-
-source_mod.os.pread = slow
-source = source_mod.Source.open(path, 1 << 20, direct=True)
-source.prefetch()
-print(source._prefetch_pid, flush=True)
-for _ in range(100):  # until the child has asked for its first piece
-    if os.path.exists(log):
-        break
-    time.sleep(0.1)
-os._exit(0)  # the copy dies without stopping its read-ahead
-"""
-
-
-def test_the_read_ahead_child_stops_when_the_copy_is_gone(tmp_path):
-    path = tmp_path / "big.raw"
-    with open(path, "wb") as f:
-        for _ in range(32):
-            f.write(os.urandom(1 << 20))
-    log = tmp_path / "asked.log"
-    # The child keeps the output pipe open, so this returns once the child has ended too.
-    pid = int(probe(ORPHAN_PROBE, str(path), str(log)))
-    assert pid > 0
-    asked = log.read_text().split()
-    assert 1 <= len(asked) < 32  # it left after a piece or two, not at the end of the file
-
-
 def test_when_no_process_can_be_forked_a_thread_reads_ahead(image, reads, monkeypatch):
     source, _ = reads
 
@@ -303,7 +266,7 @@ def test_when_neither_a_process_nor_a_thread_can_start_there_is_no_read_ahead(im
     assert not any(os.path.exists(f"/proc/self/fd/{fd}") for fd in fds)
 
 
-STOP_PROBE = """
+SLOW_PROBE = """
 import os, signal, sys, time
 import transfer.source as source_mod
 path, log, how = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -323,6 +286,9 @@ for _ in range(100):  # until the child has asked for its first piece
     if os.path.exists(log):
         break
     time.sleep(0.1)
+if how == "orphan":
+    print(pid, flush=True)
+    os._exit(0)  # the copy dies without stopping its read-ahead
 if how == "interrupt":  # Ctrl-C reaches the child too: it ends at once, running no Python code
     os.kill(pid, signal.SIGINT)
     _, status = os.waitpid(pid, 0)
@@ -336,20 +302,31 @@ source.close()
 """
 
 
-def test_a_read_ahead_child_stops_after_its_piece_when_asked(tmp_path):
+@pytest.fixture
+def big(tmp_path):
+    """32 blocks of 1 MiB, all data: one read-ahead piece per block."""
     path = tmp_path / "big.raw"
     with open(path, "wb") as f:
         for _ in range(32):
             f.write(os.urandom(1 << 20))
-    pid_ok, asked, later, cached_until = probe(STOP_PROBE, str(path), str(tmp_path / "asked.log"), "stop").split()
+    return path
+
+
+def test_a_read_ahead_child_stops_after_its_piece_when_asked(big, tmp_path):
+    pid_ok, asked, later, cached_until = probe(SLOW_PROBE, str(big), str(tmp_path / "asked.log"), "stop").split()
     assert pid_ok == "True"
     assert 1 <= int(asked) < 32 and later == asked  # stopped well before the end, and nothing after
     assert int(cached_until) == int(asked) - 1  # one piece per 1 MiB block: the block being asked for
 
 
-def test_an_interrupt_ends_the_read_ahead_child_at_once(tmp_path):
-    path = tmp_path / "big.raw"
-    with open(path, "wb") as f:
-        for _ in range(8):
-            f.write(os.urandom(1 << 20))
-    assert probe(STOP_PROBE, str(path), str(tmp_path / "asked.log"), "interrupt") == "True True"
+def test_an_interrupt_ends_the_read_ahead_child_at_once(big, tmp_path):
+    assert probe(SLOW_PROBE, str(big), str(tmp_path / "asked.log"), "interrupt") == "True True"
+
+
+def test_the_read_ahead_child_stops_when_the_copy_is_gone(big, tmp_path):
+    log = tmp_path / "asked.log"
+    # The child keeps the output pipe open, so this returns once the child has ended too.
+    pid = int(probe(SLOW_PROBE, str(big), str(log), "orphan"))
+    assert pid > 0
+    asked = log.read_text().split()
+    assert 1 <= len(asked) < 32  # it left after a piece or two, not at the end of the file
