@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the guest; a power of two, so that the ticks add up exactly.
 POLL = 0.25
-TICKS = 4  # per second
+TICKS = round(1 / POLL)  # looks per second
 
 
 def clean_shutdown(is_off: Callable[[], bool], signal: Callable[[], None], timeout: int, retry_interval: int,

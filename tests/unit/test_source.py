@@ -228,12 +228,12 @@ def test_with_another_thread_running_the_read_ahead_is_a_thread(image):
     assert result == "[False, False, False, False] [True, True, True, True] False True False 3"
 
 
+def no_fork():
+    raise BlockingIOError(11, "Resource temporarily unavailable")
+
+
 def test_when_no_process_can_be_forked_a_thread_reads_ahead(image, reads, monkeypatch):
     source, _ = reads
-
-    def no_fork():
-        raise BlockingIOError(11, "Resource temporarily unavailable")
-
     monkeypatch.setattr("transfer.source._only_thread", lambda: True)
     monkeypatch.setattr("transfer.source.os.fork", no_fork)
     source.prefetch()
@@ -253,7 +253,7 @@ def test_when_neither_a_process_nor_a_thread_can_start_there_is_no_read_ahead(im
         def start(self):
             raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr("transfer.source.os.fork", lambda: (_ for _ in ()).throw(BlockingIOError(11, "no")))
+    monkeypatch.setattr("transfer.source.os.fork", no_fork)
     monkeypatch.setattr("transfer.source._only_thread", lambda: True)
     monkeypatch.setattr("transfer.source.threading.Thread", NoThread)
     source.prefetch()  # no error: the read-ahead only saves time
