@@ -12,7 +12,9 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from driver.model import Flavor, HostResources, Instance, Migration, Vif
+from driver.model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
+                          Migration, Vif)
+from transfer.result import CopyResult
 
 
 class _Request(BaseModel):
@@ -149,6 +151,83 @@ class ProgressOut(_Response):
     rate: float
     eta: float | None
     fraction: float
+
+
+# -- job results: what a driver call returned, as the agent serializes it and the controller parses it --
+
+class CopyOut(_Response):
+    """One finished copy (transfer.CopyResult)."""
+
+    method: str
+    size: int
+    sent: int
+    wire: int
+    skipped: int
+    resumed: int
+    seconds: float
+    digest: str
+
+    @classmethod
+    def of(cls, c: CopyResult) -> "CopyOut":
+        return cls(method=c.method, size=c.size, sent=c.sent, wire=c.wire, skipped=c.skipped, resumed=c.resumed,
+                   seconds=c.seconds, digest=c.digest)
+
+
+class MigrateResult(_Response):
+    """migrate-disk-and-power-off's result (driver.model.MigrateOutcome), totals summed once here."""
+
+    disk_info: str = Field(description="JSON list of the disks as the destination has them (Nova's disk_info)")
+    copies: list[CopyOut]
+    shared: bool = Field(description="the instance directory is on storage both hosts see: "
+                                     "neither side may delete it on a revert or rollback")
+    precopy: bool
+    was_running: bool
+    powered_off_at: float | None
+    bytes_before_power_off: int
+    bytes_after_power_off: int
+    bytes_sent: int
+    bytes_skipped: int
+    rate: float
+    digests: list[str]
+
+    @classmethod
+    def of(cls, o: MigrateOutcome) -> "MigrateResult":
+        return cls(disk_info=DiskInfo.dumps(o.disk_info), copies=[CopyOut.of(c) for c in o.copies], shared=o.shared,
+                   precopy=o.precopy, was_running=o.was_running, powered_off_at=o.powered_off_at,
+                   bytes_before_power_off=o.bytes_before_power_off, bytes_after_power_off=o.bytes_after_power_off,
+                   bytes_sent=o.bytes_sent, bytes_skipped=o.bytes_skipped, rate=o.rate, digests=o.digests)
+
+
+class FinishResult(_Response):
+    """finish-migration's result (driver.model.FinishOutcome)."""
+
+    running_at: float | None
+
+    @classmethod
+    def of(cls, o: FinishOutcome) -> "FinishResult":
+        return cls(running_at=o.running_at)
+
+
+class LiveResult(_Response):
+    """live-migrate's result (driver.model.LiveOutcome)."""
+
+    downtime_s: float | None
+    shared: bool = False
+    job_s: float | None = None
+    memory_bytes: int | None = None
+    prepare_s: float = 0.0
+    migration_s: float = 0.0
+    flags: list[str] = []
+
+    @classmethod
+    def of(cls, o: LiveOutcome) -> "LiveResult":
+        return cls(downtime_s=o.downtime_s, shared=o.shared, job_s=o.job_s, memory_bytes=o.memory_bytes,
+                   prepare_s=o.prepare_s, migration_s=o.migration_s, flags=list(o.flags))
+
+
+#: The result model of each job operation that has one; the others' result is null.
+RESULTS: dict[str, type[_Response]] = {"migrate-disk-and-power-off": MigrateResult,
+                                       "finish-migration": FinishResult, "live-migrate": LiveResult}
 
 
 class JobErrorOut(_Response):

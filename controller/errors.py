@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from transfer.errors import TemplateError
 
-class ControllerError(Exception):
+
+class ControllerError(TemplateError):
     status = 500
     msg = "controller error: {reason}"
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.__dict__.update(kwargs)
-        super().__init__(self.msg.format(**kwargs))
 
 
 class BadRequest(ControllerError):

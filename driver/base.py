@@ -9,15 +9,20 @@ on revert, ``destroy``.
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict
-from typing import Any
 
 from .errors import DriverError
-from .model import DiskInfo, Flavor, HostResources, Instance, Migration, PowerState, Vif
+from .model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
+                    Migration, ProgressHook, Vif)
 
 
 class ComputeDriver(abc.ABC):
-    """One hypervisor host."""
+    """One hypervisor host.
+
+    Operations that copy disks take ``progress``, a ProgressHook called with
+    (file name, Progress) as each copy goes on, possibly from the copier's
+    own threads; None reports nothing. Every operation raises DriverError (a
+    subclass naming what failed) and nothing else for a failure it expects.
+    """
 
     #: The name hosts advertise to the scheduler (``QEMU``, ``xen``).
     hypervisor_type = ""
@@ -49,21 +54,26 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor,
                                    network_info: list[Vif], block_device_info: dict | None = None,
-                                   timeout: int = 0, retry_interval: int = 0) -> str:
+                                   timeout: int = 0, retry_interval: int = 0,
+                                   progress: ProgressHook | None = None) -> MigrateOutcome:
         """Power the instance off and copy its disks to host ``dest``.
 
         :param dest: the destination host's address for SSH.
         :param flavor: the flavor the instance will have on the destination.
-        :returns: disk_info, a JSON list of DiskInfo.
+        :param progress: called as the disks are copied.
+        :returns: the disks as the destination has them and every copy's figures.
         :raises DriverError: before power-off for a bad flavor or a full
             target; after it, MigrationFailed with the source restored.
         """
 
     @abc.abstractmethod
-    def finish_migration(self, migration: Migration, instance: Instance, disk_info: str,
+    def finish_migration(self, migration: Migration, instance: Instance, disk_info: list[DiskInfo],
                          network_info: list[Vif], image_meta: dict, resize_instance: bool,
-                         block_device_info: dict | None = None, power_on: bool = True) -> None:
-        """On the destination: grow disks, define the instance here and start it."""
+                         block_device_info: dict | None = None, power_on: bool = True) -> FinishOutcome:
+        """On the destination: grow disks, define the instance here and start it.
+
+        :param disk_info: the disks as migrate_disk_and_power_off reported them.
+        """
 
     @abc.abstractmethod
     def confirm_migration(self, migration: Migration, instance: Instance, network_info: list[Vif]) -> None:
@@ -80,34 +90,16 @@ class ComputeDriver(abc.ABC):
 
     # -- live migration (optional) -----------------------------------------------
 
-    def live_migration(self, instance: Instance, dest: str) -> dict:
+    def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None) -> LiveOutcome:
         """Move a running instance to host ``dest`` while it keeps running, disks included.
 
         Not abstract: a driver without live migration keeps this refusal.
 
         :param dest: the destination host's address (as for migrate_disk_and_power_off).
-        :returns: figures of the move, at least ``{"downtime_s": float | None}``
-            (None when the hypervisor does not report the pause).
+        :param progress: called as disks made ahead on the destination are copied.
         :raises InvalidInstanceState: the instance is not running.
         :raises MigrationFailed: with the instance still running here.
         :raises DriverError: this driver cannot live-migrate.
         """
         kind = self.hypervisor_type or type(self).__name__
-        raise DriverError(reason=f"live migration is not supported by the {kind} driver")
-
-
-RUNNING_STATES = {PowerState.RUNNING}
-STOPPED_STATES = {PowerState.SHUTDOWN, PowerState.CRASHED, PowerState.NOSTATE}
-
-
-def copy_figures(stats: dict[str, Any]) -> dict[str, Any]:
-    """What a driver's ``last_transfer`` says of a cold migration's copies, for the job's result.
-
-    A driver that does not split its bytes at the power-off copied everything after it.
-    """
-    copies = [asdict(c) for c in stats.get("copies", [])]
-    sent = sum(c.get("sent", 0) for c in copies)
-    before = stats.get("bytes_before_power_off", 0)
-    return {"shared": stats.get("shared", False), "precopy": stats.get("precopy", False), "copies": copies,
-            "powered_off_at": stats.get("powered_off_at"), "bytes_before_power_off": before,
-            "bytes_after_power_off": stats.get("bytes_after_power_off", sent - before)}
+        raise DriverError(reason=f"live migration is not supported by the {kind} driver; use a cold migration")

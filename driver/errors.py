@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from transfer.errors import TemplateError
 
 
-class DriverError(Exception):
+class DriverError(TemplateError):
     msg = "driver error: {reason}"
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.__dict__.update(kwargs)
-        super().__init__(self.msg.format(**kwargs))
 
 
 class InstanceNotFound(DriverError):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from transfer.progress import Progress
+from transfer.result import CopyResult
+
+#: Called with (file name, Progress) while an operation copies; from the copier's threads too.
+ProgressHook = Callable[[str, Progress], None]
 
 
 class PowerState(enum.IntEnum):
@@ -17,6 +23,15 @@ class PowerState(enum.IntEnum):
     SHUTDOWN = 4
     CRASHED = 6
     SUSPENDED = 7
+
+    @property
+    def label(self) -> str:
+        """The lower-case name the APIs show (``running``, ``shutdown``)."""
+        return self.name.lower()
+
+
+#: States a cold migration moves; a paused or suspended guest must be resumed or stopped first.
+MOVABLE_STATES = frozenset({PowerState.RUNNING, PowerState.SHUTDOWN, PowerState.CRASHED, PowerState.NOSTATE})
 
 
 @dataclass(frozen=True)
@@ -127,3 +142,77 @@ class HostResources:
     disk_gb_used: int
     instances: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- what the migration calls return ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrateOutcome:
+    """What ``migrate_disk_and_power_off`` did: the disks as the destination has them, every
+    copy made, and when the guest went off.
+
+    ``shared``: the instance directory is on storage both hosts see; nothing was
+    copied and neither side may delete that directory on a revert or rollback.
+    ``precopy``: the disks were copied while the guest ran, then only what it wrote
+    meanwhile. ``powered_off_at`` is epoch seconds (None when it never went off).
+    ``bytes_before_power_off`` is data sent while the guest still ran; the rest of
+    ``bytes_sent`` was sent during the downtime.
+    """
+
+    disk_info: list[DiskInfo]
+    copies: list[CopyResult] = field(default_factory=list)
+    shared: bool = False
+    precopy: bool = False
+    was_running: bool = False
+    powered_off_at: float | None = None
+    bytes_before_power_off: int = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(c.sent for c in self.copies)
+
+    @property
+    def bytes_after_power_off(self) -> int:
+        return self.bytes_sent - self.bytes_before_power_off
+
+    @property
+    def bytes_skipped(self) -> int:
+        return sum(c.skipped for c in self.copies)
+
+    @property
+    def rate(self) -> float:
+        """Data bytes per second over all copies (0.0 with none)."""
+        seconds = sum(c.seconds for c in self.copies)
+        return self.bytes_sent / seconds if seconds > 0 else 0.0
+
+    @property
+    def digests(self) -> list[str]:
+        return [c.digest for c in self.copies if c.digest]
+
+
+@dataclass(frozen=True)
+class FinishOutcome:
+    """What ``finish_migration`` did: when the instance ran on the destination (epoch
+    seconds; None when it was not started, ``power_on=False``)."""
+
+    running_at: float | None = None
+
+
+@dataclass(frozen=True)
+class LiveOutcome:
+    """What ``live_migration`` did. Figures the hypervisor does not report are None.
+
+    ``downtime_s``: how long the guest was paused; ``job_s``: the hypervisor's job
+    time; ``prepare_s``: making the disks on the destination; ``migration_s``: the
+    migration itself; ``flags``: the hypervisor's migration flags, by name.
+    """
+
+    downtime_s: float | None = None
+    shared: bool = False
+    job_s: float | None = None
+    memory_bytes: int | None = None
+    prepare_s: float = 0.0
+    migration_s: float = 0.0
+    flags: list[str] = field(default_factory=list)
+    copies: list[CopyResult] = field(default_factory=list)

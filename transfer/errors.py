@@ -10,16 +10,39 @@ from __future__ import annotations
 from typing import Any
 
 
-class TransferError(Exception):
+class _Lenient(dict):
+    """Template fields the raise did not give show as ``<name?>`` instead of failing."""
+
+    def __missing__(self, key: str) -> str:
+        return f"<{key}?>"
+
+
+class TemplateError(Exception):
+    """Base of every coldferry error (transfer, driver, controller): a message template
+    filled from the error's own attributes.
+
+    A subclass sets ``msg``; a raise gives the template's fields as keywords,
+    which also become attributes. A field the raise left out shows as
+    ``<name?>``, so a mistake in a raise still gives a readable message.
+    """
+
+    msg = "{reason}"
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+        try:
+            text = self.msg.format_map(_Lenient(kwargs))
+        except (AttributeError, IndexError, KeyError, ValueError, TypeError):
+            text = f"{self.msg} ({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+        super().__init__(text)
+
+
+class TransferError(TemplateError):
     """Base of every transfer failure."""
 
     msg = "transfer failed: {reason}"
     #: Whether a retry after reconnecting may succeed (a dropped connection).
     retryable = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.__dict__.update(kwargs)
-        super().__init__(self.msg.format(**kwargs))
 
     def to_dict(self) -> dict[str, Any]:
         """The error as sent over the control channel."""
