@@ -14,8 +14,8 @@ storage; make the instance directory, the image cache entries and the blank
 images there; migrate; then drop the source's now stale files. Any failure
 leaves the guest running here and removes what was made on the destination.
 
-This module is the libvirt driver's own: it uses the driver's helpers for
-disks, the image cache, space checks and copies.
+It works through the host's libvirtd (host.py) and the copy plumbing
+(mover.py) the driver hands it.
 """
 
 from __future__ import annotations
@@ -24,26 +24,26 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import libvirt
 
 import transfer
 from transfer.remotefs import RemoteFS
+from transfer.result import CopyResult
 
 from ..errors import DriverError, ImageError, InstanceNotFound, InvalidInstanceState, MigrationFailed
-from ..model import DiskInfo, Instance, PowerState
+from ..model import DiskInfo, Instance, LiveOutcome, PowerState, ProgressHook
 from . import images
 from .config import DriverConfig
-
-if TYPE_CHECKING:  # the driver imports this module
-    from .driver import LibvirtDriver
+from .host import LibvirtHost, libvirt_reason
+from .layout import CACHE_DIR
+from .mover import DiskMover
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-CACHE_DIR = "_base"
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
 FORMATS = ("raw", "qcow2")
 # Defined and running on the destination, gone from here; qemu throttles a guest
@@ -115,7 +115,8 @@ def params(dest: str, disks: list[DiskInfo], shared: bool, bwlimit: int) -> dict
 
 
 def figures(stats: dict[str, Any]) -> dict[str, Any]:
-    """What a completed migration job reports, in seconds and bytes; missing figures are None."""
+    """What a completed migration job reports (LiveOutcome's fields), in seconds and bytes;
+    missing figures are None."""
     def seconds(key: str) -> float | None:
         return stats[key] / 1000 if key in stats else None
 
@@ -140,93 +141,153 @@ def make_blank(disk: DiskInfo, keep_backing: bool, out: str, runner: images.Runn
     runner([*argv, out, str(disk.virt_disk_size)])
 
 
-def prepare_dest(drv: LibvirtDriver, rfs: RemoteFS, dest: str, instance: Instance, disks: list[DiskInfo],
-                 keep_backing: bool, made: list[str]) -> None:
-    """Make the instance directory, missing image cache entries and blank images on ``dest``.
+class LiveMigration:
+    """One live migration of ``instance`` to ``dest``; ``run`` moves it or leaves it running here.
 
-    Every name made is added to ``made`` before it is made, so that a failure
-    midway removes partial files too.
+    :param host: this host's libvirtd.
+    :param mover: looks at and copies to the destination's instances directory.
+    :param progress: called as the image cache entries and blank images are copied.
     """
-    if rfs.exists(instance.uuid):
-        raise DriverError(reason=f"{drv.instance_dir(instance.uuid)} already exists on {dest}; "
-                                 "remove it there if it is a leftover")
-    cache_needed = drv._backing_to_send(rfs, disks) if keep_backing else []
-    drv._check_space(rfs, dest, instance, disks, cache_needed)
-    made.append(instance.uuid)
-    rfs.mkdir(instance.uuid)
-    if cache_needed:
-        rfs.mkdir(CACHE_DIR)
-    for path in cache_needed:
-        name = f"{CACHE_DIR}/{os.path.basename(path)}"
-        made.append(name)
-        drv._copy(path, dest, os.path.join(drv.config.instances_path, name))
-    # Made here and sent with the copier: coldferry runs no qemu-img on other hosts.
-    with tempfile.TemporaryDirectory(prefix=".coldferry-live-", dir=drv.config.instances_path) as tmp:
+
+    def __init__(self, host: LibvirtHost, mover: DiskMover, instance: Instance, dest: str,
+                 progress: ProgressHook | None = None) -> None:
+        self.host = host
+        self.mover = mover
+        self.config = host.config
+        self.instance = instance
+        self.uuid = instance.uuid
+        self.dest = dest
+        self.progress = progress
+        self.made: list[str] = []   # names made under instances_path on dest, for the clean-up
+        self.copies: list[CopyResult] = []
+
+    def run(self) -> LiveOutcome:
+        """Migrate (see the module docstring); the migration's figures.
+
+        Raises InvalidInstanceState unless it runs, ImageError for disks that
+        cannot move, MigrationFailed (it runs here still) for anything else.
+        """
+        host, uuid, dest = self.host, self.uuid, self.dest
+        dom = host.domain(uuid)
+        state = host.state(dom)
+        if state != PowerState.RUNNING:
+            hint = ("resume it before migrating it live" if state in (PowerState.PAUSED, PowerState.SUSPENDED)
+                    else "live migration moves running instances; migrate a stopped one cold")
+            raise InvalidInstanceState(uuid=uuid, state=state.label, reason=hint)
+        inst_dir = host.layout.instance_dir(uuid)
+        disks = host.disk_info(dom.XMLDesc(0), inst_dir)
         for disk in disks:
-            blank = os.path.join(tmp, os.path.basename(disk.path))
-            make_blank(disk, keep_backing, blank, drv.runner)
-            drv._copy(blank, dest, disk.path)
-
-
-# -- the migration ------------------------------------------------------------------
-
-
-def migrate(drv: LibvirtDriver, instance: Instance, dest: str) -> dict[str, Any]:
-    """Live-migrate ``instance`` to ``dest`` (see the module docstring); the migration's figures.
-
-    Raises InvalidInstanceState unless it runs, ImageError for disks that
-    cannot move, MigrationFailed (it runs here still) for anything else.
-    """
-    uuid = instance.uuid
-    dom = drv._domain(uuid)
-    state = drv._state(dom)
-    if state != PowerState.RUNNING:
-        hint = ("resume it before migrating it live" if state in (PowerState.PAUSED, PowerState.SUSPENDED)
-                else "live migration moves running instances; migrate a stopped one cold")
-        raise InvalidInstanceState(uuid=uuid, state=state.name.lower(), reason=hint)
-    inst_dir = drv.instance_dir(uuid)
-    disks = drv._disk_info(dom.XMLDesc(0), inst_dir)
-    for disk in disks:
-        if disk.type not in FORMATS:
-            raise ImageError(path=disk.path, reason=f"format {disk.type} cannot be live-migrated; raw and qcow2 can")
-    keep_backing = drv.config.backing == "send" and any(d.backing_file for d in disks)
-    started = drv.clock()
-    made: list[str] = []
-    log.info("live-migrating %s to %s", uuid, dest)
-    try:
-        dconn = _open(drv, dest)
+            if disk.type not in FORMATS:
+                raise ImageError(path=disk.path, reason=f"format {disk.type} cannot be live-migrated; "
+                                                        "raw and qcow2 can")
+        keep_backing = self.config.backing == "send" and any(d.backing_file for d in disks)
+        started = host.clock()
+        log.info("live-migrating %s to %s", uuid, dest)
         try:
-            with drv.remote_fs(drv._endpoint(dest, "/"), drv.config.instances_path) as rfs:
-                shared = drv._is_shared(rfs)
-                if not shared:
-                    _refuse_if_defined(dconn, uuid, dest)
-                    prepare_dest(drv, rfs, dest, instance, disks, keep_backing, made)
-            copied = drv.clock()
-            new_dom = _migrate(drv, dom, dconn, dest, disks, shared, keep_backing)
-            done = drv.clock()
-            result = {**figures(_job_stats(new_dom)), "shared": shared, "prepare_s": copied - started,
-                      "migration_s": done - copied, "flags": flag_names(flags(shared, keep_backing))}
-        finally:
-            _close(dconn)
-    except (DriverError, transfer.TransferError, libvirt.libvirtError, OSError) as e:
-        if isinstance(e, MigrationFailed):
+            dconn = self._open()
+            try:
+                with self.mover.remote(dest) as rfs:
+                    shared = self.mover.is_shared(rfs)
+                    if not shared:
+                        _refuse_if_defined(dconn, uuid, dest)
+                        self.prepare_dest(rfs, disks, keep_backing)
+                copied = host.clock()
+                new_dom = self._migrate(dom, dconn, disks, shared, keep_backing)
+                done = host.clock()
+                outcome = LiveOutcome(**figures(_job_stats(new_dom)), shared=shared, prepare_s=copied - started,
+                                      migration_s=done - copied, flags=flag_names(flags(shared, keep_backing)),
+                                      copies=self.copies)
+            finally:
+                _close(dconn)
+        except (DriverError, transfer.TransferError, libvirt.libvirtError, OSError) as e:
+            if isinstance(e, MigrationFailed):
+                raise
+            note = self.mover.remove_on_dest(dest, self.made) if self.made else ""
+            raise MigrationFailed(uuid=uuid, dest=dest, reason=libvirt_reason(e),
+                                  restored=f": it kept running on {self.config.host_name}{note}") from e
+        if not shared:
+            self._drop_source_files(inst_dir)
+        log.info("live-migrated %s to %s in %.1f s (downtime %s s)", uuid, dest, outcome.migration_s,
+                 outcome.downtime_s)
+        return outcome
+
+    def prepare_dest(self, rfs: RemoteFS, disks: list[DiskInfo], keep_backing: bool) -> None:
+        """Make the instance directory, missing image cache entries and blank images on the destination.
+
+        Every name made is added to ``made`` before it is made, so that a failure
+        midway removes partial files too.
+        """
+        uuid, dest, mover = self.uuid, self.dest, self.mover
+        if rfs.exists(uuid):
+            raise DriverError(reason=f"{self.host.layout.instance_dir(uuid)} already exists on {dest}; "
+                                     "remove it there if it is a leftover")
+        cache_needed = mover.backing_to_send(rfs, disks) if keep_backing else []
+        mover.check_space(rfs, dest, uuid, disks, cache_needed)
+        self.made.append(uuid)
+        rfs.mkdir(uuid)
+        if cache_needed:
+            rfs.mkdir(CACHE_DIR)
+        self.copies += mover.copy_cache(cache_needed, dest, self.made, self.progress)
+        # Made here and sent with the copier: coldferry runs no qemu-img on other hosts.
+        with tempfile.TemporaryDirectory(prefix=".coldferry-live-", dir=self.config.instances_path) as tmp:
+            for disk in disks:
+                blank = os.path.join(tmp, os.path.basename(disk.path))
+                make_blank(disk, keep_backing, blank, self.host.runner)
+                self.copies.append(mover.copy(blank, dest, disk.path, self.progress))
+
+    def _open(self) -> Any:
+        uri = dest_uri(self.config, self.dest)
+        try:
+            return self.host.connect(uri)
+        except libvirt.libvirtError as e:
+            raise DriverError(reason=f"cannot connect to libvirt on {self.dest} ({uri}): "
+                                     f"{e.get_error_message()}") from None
+
+    def _migrate(self, dom: Any, dconn: Any, disks: list[DiskInfo], shared: bool, keep_backing: bool) -> Any:
+        """Run the libvirt migration; the domain on the destination.
+
+        A failure that left the guest here (libvirt resumes it) is raised as
+        libvirtError for the caller's clean-up. One that left it running on
+        the destination after all is a MigrationFailed that keeps every file.
+        """
+        try:
+            return dom.migrate3(dconn, params(self.dest, disks, shared, self.config.copy_options.bwlimit),
+                                flags(shared, keep_backing))
+        except libvirt.libvirtError as e:
+            if _runs_on(dconn, dom.UUIDString()):
+                raise MigrationFailed(uuid=dom.UUIDString(), dest=self.dest, reason=libvirt_reason(e),
+                                      restored=f" NOT: it runs on {self.dest} now; check both hosts before "
+                                               "removing any files") from e
+            self._resume_if_paused(dom)
             raise
-        note = drv._remove_on_dest(dest, made) if made else ""
-        raise MigrationFailed(uuid=uuid, dest=dest, reason=_reason(e),
-                              restored=f": it kept running on {drv.config.host_name}{note}") from e
-    if not shared:
-        _drop_source_files(drv, uuid, inst_dir)
-    log.info("live-migrated %s to %s in %.1f s (downtime %s s)", uuid, dest, result["migration_s"],
-             result["downtime_s"])
-    return result
 
+    def _resume_if_paused(self, dom: Any) -> None:
+        """libvirt resumes a guest whose migration failed; make sure, since it must keep running here."""
+        try:
+            if self.host.state(dom) == PowerState.PAUSED:
+                log.warning("instance %s stayed paused after the failed migration; resuming it", dom.UUIDString())
+                dom.resume()
+        except libvirt.libvirtError as e:
+            log.error("could not resume %s after the failed migration: %s", dom.UUIDString(), e.get_error_message())
 
-def _open(drv: LibvirtDriver, dest: str) -> Any:
-    uri = dest_uri(drv.config, dest)
-    try:
-        return drv._connect(uri)
-    except libvirt.libvirtError as e:
-        raise DriverError(reason=f"cannot connect to libvirt on {dest} ({uri}): {e.get_error_message()}") from None
+    def _drop_source_files(self, inst_dir: str) -> None:
+        """Remove the instance directory here, now stale, once libvirt has undefined the domain here.
+
+        Failing at this is logged, not raised: the guest has moved.
+        """
+        try:
+            self.host.domain(self.uuid)
+            log.warning("instance %s is still defined here after moving; keeping %s", self.uuid, inst_dir)
+            return
+        except InstanceNotFound:
+            pass
+        except DriverError as e:
+            log.warning("cannot tell whether %s is still defined here (%s); keeping %s", self.uuid, e, inst_dir)
+            return
+        try:
+            shutil.rmtree(inst_dir)
+        except OSError as e:
+            log.error("could not remove %s after the live migration: %s", inst_dir, e)
 
 
 def _close(conn: Any) -> None:
@@ -246,41 +307,11 @@ def _refuse_if_defined(dconn: Any, uuid: str, dest: str) -> None:
     raise DriverError(reason=f"instance {uuid} is already defined on {dest}; undefine it there if it is a leftover")
 
 
-def _migrate(drv: LibvirtDriver, dom: Any, dconn: Any, dest: str, disks: list[DiskInfo], shared: bool,
-             keep_backing: bool) -> Any:
-    """Run the libvirt migration; the domain on ``dest``.
-
-    A failure that left the guest here (libvirt resumes it) is raised as
-    libvirtError for the caller's clean-up. One that left it running on
-    ``dest`` after all is a MigrationFailed that keeps every file.
-    """
-    try:
-        return dom.migrate3(dconn, params(dest, disks, shared, drv.config.transfer_bwlimit),
-                            flags(shared, keep_backing))
-    except libvirt.libvirtError as e:
-        if _runs_on(dconn, dom.UUIDString()):
-            raise MigrationFailed(uuid=dom.UUIDString(), dest=dest, reason=_reason(e),
-                                  restored=f" NOT: it runs on {dest} now; check both hosts before removing "
-                                           "any files") from e
-        _resume_if_paused(drv, dom)
-        raise
-
-
 def _runs_on(dconn: Any, uuid: str) -> bool:
     try:
         return bool(dconn.lookupByUUIDString(uuid).isActive())
     except libvirt.libvirtError:
         return False
-
-
-def _resume_if_paused(drv: LibvirtDriver, dom: Any) -> None:
-    """libvirt resumes a guest whose migration failed; make sure, since it must keep running here."""
-    try:
-        if drv._state(dom) == PowerState.PAUSED:
-            log.warning("instance %s stayed paused after the failed migration; resuming it", dom.UUIDString())
-            dom.resume()
-    except libvirt.libvirtError as e:
-        log.error("could not resume %s after the failed migration: %s", dom.UUIDString(), e.get_error_message())
 
 
 def _job_stats(dom: Any) -> dict[str, Any]:
@@ -290,29 +321,3 @@ def _job_stats(dom: Any) -> dict[str, Any]:
     except libvirt.libvirtError as e:
         log.warning("no statistics of the finished migration: %s", e.get_error_message())
         return {}
-
-
-def _drop_source_files(drv: LibvirtDriver, uuid: str, inst_dir: str) -> None:
-    """Remove the instance directory here, now stale, once libvirt has undefined the domain here.
-
-    Failing at this is logged, not raised: the guest has moved.
-    """
-    try:
-        drv._domain(uuid)
-        log.warning("instance %s is still defined here after moving; keeping %s", uuid, inst_dir)
-        return
-    except InstanceNotFound:
-        pass
-    except DriverError as e:
-        log.warning("cannot tell whether %s is still defined here (%s); keeping %s", uuid, e, inst_dir)
-        return
-    try:
-        shutil.rmtree(inst_dir)
-    except OSError as e:
-        log.error("could not remove %s after the live migration: %s", inst_dir, e)
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, libvirt.libvirtError):
-        return f"libvirt: {e.get_error_message()}"
-    return str(e) or type(e).__name__

@@ -33,18 +33,19 @@ import os
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import libvirt
 
 from transfer.result import CopyResult
 
 from ..errors import DriverError, ImageError, MigrationFailed
-from ..model import DiskInfo, Instance
+from ..model import DiskInfo, Instance, MigrateOutcome, ProgressHook
 from . import domain_xml, images
-
-if TYPE_CHECKING:  # the driver imports this module
-    from .driver import LibvirtDriver
+from .config import DriverConfig
+from .host import LibvirtHost, libvirt_reason
+from .layout import CACHE_DIR, write_atomic
+from .mover import DiskMover
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ def refuse_leftover(disks: list[DiskInfo]) -> None:
                                                  "--active --pivot --delete while it runs)")
 
 
-def applies(drv: LibvirtDriver, was_running: bool, shared: bool, disks: list[DiskInfo]) -> bool:
+def applies(config: DriverConfig, was_running: bool, shared: bool, disks: list[DiskInfo]) -> bool:
     """Whether to pre-copy: switched on, a running guest, local storage, enough data to matter."""
     data = sum(d.disk_size for d in disks)
-    return drv.config.precopy and was_running and not shared and bool(disks) and data >= drv.config.precopy_threshold
+    return config.precopy and was_running and not shared and bool(disks) and data >= config.precopy_threshold
 
 
 def snapshot_xml(disks: list[DiskInfo], domain: str) -> str:
@@ -99,48 +100,50 @@ def snapshot_xml(disks: list[DiskInfo], domain: str) -> str:
 class PreCopy:
     """One pre-copy migration of one running instance; ``run`` does it all or undoes it all.
 
-    :param drv: the source host's driver (its copier, remote clean-up and power calls).
+    :param host: the source host's libvirtd (domain, power, definitions).
+    :param mover: copies to ``dest`` and removes partial copies there.
     :param xml: the domain's inactive XML before the snapshot: defined again at the end.
-    :param stats: the driver's ``last_transfer`` entry to fill.
+    :param progress: called as files are copied.
     """
 
-    def __init__(self, drv: LibvirtDriver, instance: Instance, dest: str, disks: list[DiskInfo],
-                 cache_needed: list[str], xml: str, stats: dict[str, Any]) -> None:
-        self.drv = drv
+    def __init__(self, host: LibvirtHost, mover: DiskMover, instance: Instance, dest: str, disks: list[DiskInfo],
+                 cache_needed: list[str], xml: str, progress: ProgressHook | None = None) -> None:
+        self.host = host
+        self.mover = mover
         self.instance = instance
         self.uuid = instance.uuid
         self.dest = dest
         self.disks = disks
         self.cache_needed = cache_needed
         self.xml = xml
-        self.stats = stats
-        self.inst_dir = drv.instance_dir(instance.uuid)
-        self.resize_dir = self.inst_dir + "_resize"
+        self.progress = progress
+        self.definition = host.layout.definition(instance.uuid)
+        self.inst_dir = host.layout.instance_dir(instance.uuid)
+        self.resize_dir = host.layout.resize_dir(instance.uuid)
         self.sent: list[str] = []        # names under instances_path on the target, for the clean-up
         self.overlays: list[DiskInfo] = []  # disks whose overlay is in use and not merged back yet
 
     # -- the sequence --------------------------------------------------------------
 
-    def run(self, rfs: Any, timeout: int, retry_interval: int) -> list[DiskInfo]:
-        """Snapshot, copy bases, power off, copy overlays, merge back; disk_info for the target.
+    def run(self, rfs: Any, timeout: int, retry_interval: int) -> MigrateOutcome:
+        """Snapshot, copy bases, power off, copy overlays, merge back; the disks for the target
+        (each with its overlay) and the copies.
 
         :raises MigrationFailed: with the source restored (running on its own disks again).
         """
-        dom = self.drv._domain(self.uuid)
+        dom = self.host.domain(self.uuid)
         try:
-            self._write_definition()
+            write_atomic(self.definition, self.xml)
             rfs.mkdir(self.uuid)
             if self.cache_needed:
-                rfs.mkdir("_base")
+                rfs.mkdir(CACHE_DIR)
             self._snapshot(dom)
             log.info("pre-copy of %s: copying %d disk(s) while it runs", self.uuid, len(self.disks))
             # The definition is the one from before the snapshot: it can go now, not during the downtime.
-            xml_file = os.path.join(self.inst_dir, "domain.xml")
-            self._count("bytes_before_power_off", [self._copy_file(xml_file, xml_file), *self._copy_bases()])
-            self.drv.power_off(self.instance, timeout, retry_interval)
-            self.stats["powered_off_at"] = off = time.time()
-            self._count("bytes_after_power_off", [self._copy_file(overlay_path(d.path), overlay_path(d.path))
-                                                  for d in self.overlays])
+            before = [self._copy_file(self.definition), *self._copy_bases()]
+            self.host.power_off(self.instance, timeout, retry_interval)
+            off = time.time()
+            after = [self._copy_file(overlay_path(d.path)) for d in self.overlays]
             copied_at = time.time()
             copied = [replace(d, overlay=overlay_path(d.path)) for d in self.overlays]
             self._merge_offline()
@@ -153,15 +156,11 @@ class PreCopy:
             restored = self.rollback(dom)
             raise MigrationFailed(uuid=self.uuid, dest=self.dest, reason=str(e) or type(e).__name__,
                                   restored=restored) from e
+        outcome = MigrateOutcome(copied, before + after, shared=False, precopy=True, was_running=True,
+                                 powered_off_at=off, bytes_before_power_off=sum(c.sent for c in before))
         log.info("pre-copy of %s done: %d bytes before power-off, %d after", self.uuid,
-                 self.stats["bytes_before_power_off"], self.stats["bytes_after_power_off"])
-        return copied
-
-    def _write_definition(self) -> None:
-        tmp = os.path.join(self.inst_dir, "domain.xml.tmp")
-        with open(tmp, "w") as f:
-            f.write(self.xml)
-        os.replace(tmp, os.path.join(self.inst_dir, "domain.xml"))
+                 outcome.bytes_before_power_off, outcome.bytes_after_power_off)
+        return outcome
 
     def _snapshot(self, dom: Any) -> None:
         for d in self.disks:
@@ -180,22 +179,15 @@ class PreCopy:
         self.overlays = list(self.disks)
 
     def _copy_bases(self) -> list[CopyResult]:
-        out = []
-        for path in self.cache_needed:
-            name = f"_base/{os.path.basename(path)}"
-            self.sent.append(name)
-            out.append(self.drv._copy(path, self.dest, os.path.join(self.drv.config.instances_path, name)))
+        out = self.mover.copy_cache(self.cache_needed, self.dest, self.sent, self.progress)
         for d in self.disks:
-            out.append(self.drv._copy_disk(d.path, self.dest, d))
+            out.append(self.mover.copy_disk(d.path, self.dest, d, self.progress))
         return out
 
-    def _copy_file(self, src: str, dest_path: str) -> CopyResult:
-        self.sent.append(os.path.relpath(dest_path, self.drv.config.instances_path))
-        return self.drv._copy(src, self.dest, dest_path)
-
-    def _count(self, key: str, results: list[CopyResult]) -> None:
-        self.stats["copies"].extend(results)
-        self.stats[key] += sum(r.sent for r in results)
+    def _copy_file(self, path: str) -> CopyResult:
+        """Copy ``path`` to the same path on the target (it is under instances_path on both)."""
+        self.sent.append(self.host.layout.relative(path))
+        return self.mover.copy(path, self.dest, path, self.progress)
 
     # -- merging back ------------------------------------------------------------------
 
@@ -203,14 +195,14 @@ class PreCopy:
         """The guest is off: commit each overlay into its disk and remove it."""
         while self.overlays:
             d = self.overlays[0]
-            commit_offline(overlay_path(d.path), self.drv.runner)
+            commit_offline(overlay_path(d.path), self.host.runner)
             self.overlays.pop(0)
 
     def _merge_running(self, dom: Any) -> None:
         """The guest runs: libvirt commits each overlay into its disk and pivots back to it."""
         while self.overlays:
             d = self.overlays[0]
-            commit_active(self.drv, dom, d.target, self.drv.config.precopy_job_timeout)
+            commit_active(dom, d.target, self.host.config.precopy_job_timeout, self.host.clock, self.host.sleep)
             _unlink(overlay_path(d.path))
             self.overlays.pop(0)
         live = {x.target: x.path for x in domain_xml.disks(domain_xml.parse(dom.XMLDesc(0)))}
@@ -219,17 +211,13 @@ class PreCopy:
             raise DriverError(reason=f"after the block commit the domain still uses {', '.join(wrong)}")
 
     def _define(self, xml: str) -> None:
-        try:
-            self.drv.conn.defineXML(xml)
-        except libvirt.libvirtError as e:
-            raise DriverError(reason=f"could not define {self.uuid} again with its own disks: "
-                                     f"{e.get_error_message()}") from None
+        self.host.define(self.uuid, xml, "define it again with its own disks")
 
     # -- undoing --------------------------------------------------------------------
 
     def rollback(self, dom: Any) -> str:
         """Undo a failed pre-copy on both hosts; how the source was left, for the message."""
-        notes = [self.drv._remove_on_dest(self.dest, [self.uuid, *self.sent])]
+        notes = [self.mover.remove_on_dest(self.dest, [self.uuid, *self.sent])]
         if os.path.exists(self.resize_dir) and not os.path.exists(self.inst_dir):
             os.rename(self.resize_dir, self.inst_dir)
         merged = True
@@ -244,7 +232,7 @@ class PreCopy:
                 log.error("could not merge the pre-copy overlays of %s back: %s", self.uuid, e)
                 left = ", ".join(overlay_path(d.path) for d in self.overlays)
                 notes.append(f"; its disks still run on the overlays {left} (a consistent chain): merge them "
-                             f"back by hand ({_reason(e)})")
+                             f"back by hand ({libvirt_reason(e)})")
         if merged:
             try:
                 self._define(self.xml)
@@ -254,7 +242,7 @@ class PreCopy:
             notes.insert(0, " (it kept running)")
         else:  # pre-copy only runs for a running guest: it must run again
             try:
-                self.drv.power_on(self.instance)
+                self.host.power_on(self.instance)
                 notes.insert(0, " and started again")
             except DriverError as e:
                 notes.insert(0, f" but did not start again ({e})")
@@ -273,7 +261,8 @@ def commit_offline(overlay: str, runner: images.Runner) -> None:
     _unlink(overlay)
 
 
-def commit_active(drv: LibvirtDriver, dom: Any, target: str, timeout: float) -> None:
+def commit_active(dom: Any, target: str, timeout: float, clock: Callable[[], float],
+                  sleep: Callable[[float], None]) -> None:
     """Merge the active overlay of disk ``target`` into its backing file and pivot to it.
 
     The commit job copies the overlay down while the guest keeps writing; once it
@@ -286,7 +275,7 @@ def commit_active(drv: LibvirtDriver, dom: Any, target: str, timeout: float) -> 
         dom.blockCommit(target, None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
     except libvirt.libvirtError as e:
         raise DriverError(reason=f"block commit of {target} refused: {e.get_error_message()}") from None
-    deadline = drv.clock() + timeout
+    deadline = clock() + timeout
     while True:
         info = dom.blockJobInfo(target, 0)
         if not info:
@@ -298,14 +287,14 @@ def commit_active(drv: LibvirtDriver, dom: Any, target: str, timeout: float) -> 
             except libvirt.libvirtError as e:
                 if e.get_error_code() not in _NOT_READY:
                     raise DriverError(reason=f"pivot of {target} failed: {e.get_error_message()}") from None
-        if drv.clock() >= deadline:
+        if clock() >= deadline:
             try:
                 dom.blockJobAbort(target, 0)
             except libvirt.libvirtError as e:
                 log.error("could not cancel the block commit of %s: %s", target, e.get_error_message())
             raise DriverError(reason=f"the block commit of {target} was not ready within {timeout:.0f} s "
                                      "(precopy_job_timeout)")
-        drv.sleep(POLL)
+        sleep(POLL)
 
 
 # -- destination side -------------------------------------------------------------------
@@ -334,9 +323,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, libvirt.libvirtError):
-        return f"libvirt: {e.get_error_message()}"
-    return str(e) or type(e).__name__

@@ -20,6 +20,7 @@ from driver.errors import ImageError
 from transfer import remotefs
 from transfer.endpoint import Endpoint
 from transfer.errors import TransferError
+from transfer.options import CopyOptions
 from transfer.progress import Progress
 from transfer.remotefs import RemoteFS
 from transfer.result import CopyResult
@@ -300,7 +301,7 @@ class FakeRemoteFS(RemoteFS):
 
 
 class FakeCopier:
-    """stream_copy and rsync_copy: write ``ep.path`` (a path under ``instances_path``) into the target.
+    """transfer.copy: write ``ep.path`` (a path under ``instances_path``) into the target.
 
     ``fail_on``: base name of a source whose copy fails after writing a
     partial file where the real copier keeps one.
@@ -317,11 +318,9 @@ class FakeCopier:
     def dest_file(self, ep_path: str) -> str:
         return os.path.join(self.target.root, os.path.relpath(ep_path, self.instances_path))
 
-    def stream_copy(self, src: str, ep: Endpoint, **kw: Any) -> CopyResult:
-        return self._copy("stream", src, ep, kw)
-
-    def rsync_copy(self, src: str, ep: Endpoint, **kw: Any) -> CopyResult:
-        return self._copy("rsync", src, ep, kw)
+    def copy(self, src: str, ep: Endpoint, options: CopyOptions, **kw: Any) -> CopyResult:
+        """transfer.copy: the method is the options' (recorded with the options among the keywords)."""
+        return self._copy(options.method, src, ep, {"options": options, **kw})
 
     def sources(self) -> list[str]:
         return [src for _m, src, _ep, _kw in self.calls]

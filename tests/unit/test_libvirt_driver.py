@@ -23,7 +23,8 @@ from driver.errors import (BridgeMissing, DriverError, ImageError, InstanceNotFo
                            InvalidInstanceState, MigrationFailed, PowerOffFailed, ResizeDown, StartFailed)
 from driver.libvirt import DriverConfig, LibvirtDriver, bridges, domain_xml
 from driver.libvirt import driver as driver_mod
-from driver.model import DiskInfo, Flavor, Instance, Migration, PowerState, Vif
+from driver.model import DiskInfo, Flavor, Instance, MigrateOutcome, Migration, PowerState, Vif
+from transfer.options import CopyOptions
 from transfer.errors import ConnectionLost, TransferError
 
 from .fakes import GiB, FakeClock, FakeConn, FakeCopier, FakeDomain, FakeQemuImg, FakeTarget, libvirt_error
@@ -50,8 +51,7 @@ class Env:
         self.qemu = FakeQemuImg()
         self.target = FakeTarget(str(self.dst))
         self.copier = FakeCopier(str(self.src), self.target)
-        monkeypatch.setattr(transfer, "stream_copy", self.copier.stream_copy)
-        monkeypatch.setattr(transfer, "rsync_copy", self.copier.rsync_copy)
+        monkeypatch.setattr(transfer, "copy", self.copier.copy)
         self.config = DriverConfig(instances_path=str(self.src), host_name="hostA", **settings)
         self.connects: list[str] = []
         self.driver = LibvirtDriver(self.config, connect=self._connect, runner=self.qemu,
@@ -108,7 +108,7 @@ class Env:
     def target_files(self) -> set[str]:
         return {str(p.relative_to(self.dst)) for p in self.dst.rglob("*") if p.is_file()}
 
-    def migrate(self, instance: Instance, flavor: Flavor | None = None, **kw: Any) -> str:
+    def migrate(self, instance: Instance, flavor: Flavor | None = None, **kw: Any) -> MigrateOutcome:
         return self.driver.migrate_disk_and_power_off(instance, "hostB", flavor or instance.flavor, [], None, **kw)
 
 
@@ -146,7 +146,7 @@ def test_connection_failure_is_a_driver_error_naming_the_uri(env):
     def refuse(uri: str) -> Any:
         raise libvirt_error("Failed to connect socket to '/run/libvirt/libvirt-sock': No such file or directory",
                             libvirt.VIR_ERR_SYSTEM_ERROR)
-    env.driver._connect = refuse
+    env.driver.host.connect = refuse
     with pytest.raises(DriverError) as e:
         env.driver.list_instances()
     assert "qemu:///system" in str(e.value)
@@ -315,7 +315,7 @@ def test_power_on_starts_and_waits_until_running(env):
         env.clock.sleep(s)
         if env.clock.sleeps == [0.2] * 3:
             dom._state = libvirt.VIR_DOMAIN_RUNNING
-    env.driver.sleep = sleep
+    env.driver.host.sleep = sleep
     env.driver.power_on(inst)
     assert dom.calls == ["create"]
     assert env.clock.sleeps == [0.2] * 3
@@ -452,15 +452,15 @@ def test_migrate_power_off_failure_leaves_nothing_on_the_target(env):
 def test_migrate_shared_storage_copies_nothing(make_env):
     env = make_env(shared=True)
     inst, dom = env.add_instance()
-    disk_info = env.migrate(inst)
+    outcome = env.migrate(inst)
     assert env.copier.calls == []
     assert env.inst_dir.is_dir() and not env.resize_dir.exists()
     assert not dom.isActive()
     assert (env.inst_dir / "domain.xml").read_text() == dom.xml
     assert not [p for p in os.listdir(env.src) if p.startswith(".coldferry-shared")]
-    assert env.driver.last_transfer[UUID]["shared"] is True
+    assert outcome.shared is True
     assert "mkdir" not in [op for op, _ in env.target.calls]
-    assert [d.path for d in DiskInfo.loads(disk_info)] == [str(env.inst_dir / "disk")]
+    assert [d.path for d in outcome.disk_info] == [str(env.inst_dir / "disk")]
 
 
 def test_migrate_marker_is_removed_from_the_target(env):
@@ -477,7 +477,7 @@ def test_migrate_stream(make_env):
                    transfer_fsync=False, ssh_user="ferry", ssh_port=2222, ssh_identity="/keys/id",
                    ssh_known_hosts="/keys/known_hosts", remote_command=("/opt/cf/bin/coldferry", "receive"))
     inst, dom = env.add_instance(local_size=2 * GiB)
-    disk_info = env.migrate(inst, timeout=0)
+    outcome = env.migrate(inst, timeout=0)
 
     assert not dom.isActive() and UUID in env.conn.domains  # off, still defined
     assert not env.inst_dir.exists()
@@ -494,22 +494,22 @@ def test_migrate_stream(make_env):
     assert (ep.host, ep.path, ep.user, ep.port, ep.identity, ep.known_hosts, ep.remote_command) == (
         "hostB", str(env.inst_dir / "disk"), "ferry", 2222, "/keys/id", "/keys/known_hosts",
         ("/opt/cf/bin/coldferry", "receive"))
-    assert kw == {"streams": 4, "channel": "ssh", "compress": "fast", "retries": 7, "fsync": False,
-                  "bwlimit": None, "overwrite": True, "progress": None, "sleep": env.clock.sleep}
+    assert kw == {"options": CopyOptions(streams=4, channel="ssh", compress="fast", retries=7, fsync=False),
+                  "overwrite": True, "progress": None, "sleep": env.clock.sleep}
     [(rfs_ep, rfs_root)] = env.target.sessions
     assert (rfs_ep.host, rfs_ep.path, rfs_ep.user, rfs_root) == ("hostB", "/", "ferry", str(env.src))
     assert env.target.closed == 1
 
-    disks = json.loads(disk_info)
+    disks = json.loads(DiskInfo.dumps(outcome.disk_info))
     assert [set(d) >= {"type", "path", "virt_disk_size", "backing_file", "disk_size", "over_committed_disk_size"}
             for d in disks] == [True, True]
     assert disks[0] == {"type": "qcow2", "path": str(env.inst_dir / "disk"), "virt_disk_size": GiB,
                         "backing_file": "", "disk_size": len(ROOT_DATA),
                         "over_committed_disk_size": GiB - len(ROOT_DATA), "target": "vda"}
     assert (disks[1]["type"], disks[1]["virt_disk_size"], disks[1]["target"]) == ("raw", 2 * GiB, "vdb")
-    stats = env.driver.last_transfer[UUID]
-    assert stats["shared"] is False and len(stats["copies"]) == 3
-    assert stats["copies"][0].method == "stream"
+    assert outcome.shared is False and len(outcome.copies) == 3 and outcome.was_running
+    assert outcome.copies[0].method == "stream" and outcome.bytes_before_power_off == 0
+    assert outcome.bytes_sent == outcome.bytes_after_power_off == sum(c.sent for c in outcome.copies)
 
 
 def test_migrate_rsync(make_env):
@@ -517,15 +517,15 @@ def test_migrate_rsync(make_env):
     inst, _ = env.add_instance()
     env.migrate(inst)
     assert [m for m, *_ in env.copier.calls] == ["rsync", "rsync"]
-    assert env.copier.calls[0][3] == {"bwlimit": None, "progress": None, "overwrite": True}
+    assert env.copier.calls[0][3] == {"options": CopyOptions(method="rsync", fsync=True), "progress": None,
+                                      "overwrite": True, "sleep": env.clock.sleep}
     assert env.target_files() == {f"{UUID}/disk", f"{UUID}/domain.xml"}
 
 
 def test_migrate_reports_progress_per_file(env):
     inst, _ = env.add_instance()
     seen = []
-    env.driver.on_progress = lambda name, p: seen.append((name, p.total))
-    env.migrate(inst)
+    env.migrate(inst, progress=lambda name, p: seen.append((name, p.total)))
     assert seen == [("disk", len(ROOT_DATA)), ("domain.xml", len(env.conn.domains[UUID].xml))]
 
 
@@ -549,11 +549,11 @@ def test_migrate_of_a_stopped_instance(env):
 def test_backing_file_missing_on_the_target_is_sent_first(env):
     base = env.add_base()
     inst, _ = env.add_instance(backing=base)
-    disk_info = env.migrate(inst)
+    outcome = env.migrate(inst)
     assert env.copier.sources()[0] == base
     assert env.copier.calls[0][2].path == base  # same image cache path on the target
     assert (env.dst / "_base" / "base.img").read_bytes() == Path(base).read_bytes()
-    assert DiskInfo.loads(disk_info)[0].backing_file == base
+    assert outcome.disk_info[0].backing_file == base
 
 
 def test_backing_chain_is_sent_whole_and_once_for_two_disks(env):
@@ -644,7 +644,7 @@ def test_leftover_resize_dir_next_to_the_instance_dir_is_removed_first(env):
 def test_clear_leftover_renames_a_lone_resize_dir_back(env):
     env.resize_dir.mkdir()
     (env.resize_dir / "disk").write_bytes(ROOT_DATA)
-    env.driver._clear_leftover(str(env.inst_dir), str(env.resize_dir))
+    env.driver._clear_leftover(UUID)
     assert (env.inst_dir / "disk").read_bytes() == ROOT_DATA
     assert not env.resize_dir.exists()
 
@@ -752,7 +752,7 @@ def test_unreachable_target_during_cleanup_tells_to_remove_by_hand(env):
             env.target.sessions.append((ep, root))
             raise OSError(113, "No route to host")
         return real(ep, root)
-    env.driver.remote_fs = second_session_fails
+    env.driver.mover.remote_fs = second_session_fails
     with pytest.raises(MigrationFailed) as e:
         env.migrate(inst)
     assert "by hand" in str(e.value)
@@ -783,7 +783,7 @@ def test_failure_without_a_message_names_the_exception(env):
 def test_shared_storage_failure_only_restarts(make_env, mocker):
     env = make_env(shared=True)
     inst, dom = env.add_instance()
-    mocker.patch.object(driver_mod, "_write", side_effect=OSError(28, "No space left on device"))
+    mocker.patch.object(driver_mod, "write_atomic", side_effect=OSError(28, "No space left on device"))
     with pytest.raises(MigrationFailed) as e:
         env.migrate(inst)
     assert str(e.value).endswith("No space left on device. The source instance was restored and started again")
@@ -805,7 +805,7 @@ def dest(env, mocker):
                    bridges=[("52:54:00:aa:bb:01", "br-ext")])
     (env.inst_dir / "domain.xml").write_text(xml)
     env.ensure = mocker.patch.object(bridges, "ensure", return_value=[])
-    env.disk_info = DiskInfo.dumps([
+    env.disk_info = ([
         DiskInfo("qcow2", str(env.inst_dir / "disk"), GiB, "", len(ROOT_DATA), 0, "vda"),
         DiskInfo("raw", str(env.inst_dir / "disk.local"), GiB, "", len(LOCAL_DATA), 0, "vdb")])
     return env
@@ -857,7 +857,7 @@ def test_finish_passes_create_bridges(make_env, mocker):
     env.inst_dir.mkdir()
     (env.inst_dir / "domain.xml").write_text(make_xml(UUID, str(env.inst_dir), []))
     ensure = mocker.patch.object(bridges, "ensure", return_value=[])
-    env.driver.finish_migration(MIGRATION, Instance(UUID, "vm1", SMALL), "[]", [], {}, False, None, False)
+    env.driver.finish_migration(MIGRATION, Instance(UUID, "vm1", SMALL), [], [], {}, False, None, False)
     assert ensure.call_args.args[2] is True
 
 
@@ -879,7 +879,7 @@ def test_finish_libvirt_refusing_the_domain_is_a_driver_error(dest):
     dest.conn.define_error = libvirt_error("XML error: unknown OS type hvm2", libvirt.VIR_ERR_XML_ERROR)
     with pytest.raises(DriverError) as e:
         _finish(dest, SMALL)
-    assert "libvirt refused the domain" in str(e.value) and "unknown OS type" in str(e.value)
+    assert "could not define the migrated domain" in str(e.value) and "unknown OS type" in str(e.value)
 
 
 def test_finish_start_error_is_start_failed(dest, monkeypatch):
@@ -1031,7 +1031,7 @@ def test_destroy_without_a_domain_still_removes_disks(env):
 
 def test_failure_before_the_rename_leaves_the_directory_where_it_is(env, mocker):
     inst, dom = env.add_instance()
-    mocker.patch.object(driver_mod, "_write", side_effect=OSError(28, "No space left on device"))
+    mocker.patch.object(driver_mod, "write_atomic", side_effect=OSError(28, "No space left on device"))
     with pytest.raises(MigrationFailed) as e:
         env.migrate(inst)
     assert "No space left on device" in str(e.value) and "started again" in str(e.value)

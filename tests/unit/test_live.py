@@ -20,7 +20,7 @@ from coldferry import driver_cmd
 from driver.base import ComputeDriver
 from driver.errors import DriverError, ImageError, InvalidInstanceState, MigrationFailed
 from driver.libvirt import DriverConfig, LibvirtDriver, live
-from driver.model import DiskInfo, Flavor, Instance, PowerState
+from driver.model import DiskInfo, Flavor, Instance, LiveOutcome, PowerState
 
 from .fakes import FakeClock, FakeConn, FakeCopier, FakeDomain, FakeQemuImg, FakeTarget, libvirt_error
 from .fakes import domain_xml as make_xml
@@ -107,7 +107,7 @@ class Env:
         self.qemu = QemuImgThatCreates()
         self.target = FakeTarget(str(self.dst))
         self.copier = FakeCopier(str(self.src), self.target)
-        monkeypatch.setattr(transfer, "stream_copy", self.copier.stream_copy)
+        monkeypatch.setattr(transfer, "copy", self.copier.copy)
         self.config = DriverConfig(instances_path=str(self.src), host_name="hostA", ssh_identity="/keys/id",
                                    ssh_known_hosts="/keys/known_hosts", **settings)
         self.connects: list[str] = []
@@ -137,7 +137,7 @@ class Env:
             raise self.connect_error
         return self.dconn
 
-    def migrate(self) -> dict[str, Any]:
+    def migrate(self) -> LiveOutcome:
         return self.driver.live_migration(self.instance, DEST)
 
 
@@ -215,8 +215,8 @@ def test_figures_in_seconds_or_none():
 
 def test_running_instance_moves_with_blank_disks_made_first(env):
     result = env.migrate()
-    assert result["downtime_s"] == 0.104 and not result["shared"]
-    assert result["flags"] == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "AUTO_CONVERGE", "NON_SHARED_DISK"]
+    assert result.downtime_s == 0.104 and not result.shared
+    assert result.flags == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "AUTO_CONVERGE", "NON_SHARED_DISK"]
     params, flags = env.dom.migrations[0]
     assert params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] == ["vda"]
     assert flags == live.flags(False, False)
@@ -232,7 +232,7 @@ def test_running_instance_moves_with_blank_disks_made_first(env):
 def test_backing_file_is_sent_and_only_the_overlay_mirrored(tmp_path, monkeypatch):
     env = Env(tmp_path, monkeypatch, fmt="qcow2", with_base=True)
     result = env.migrate()
-    assert "NON_SHARED_INC" in result["flags"]
+    assert "NON_SHARED_INC" in result.flags
     assert (env.dst / "_base" / "base.raw").read_bytes() == (env.src / "_base" / "base.raw").read_bytes()
     create = env.qemu.commands("create")[0]
     assert create[create.index("-b") + 1] == str(env.src / "_base" / "base.raw") and "-F" in create
@@ -243,7 +243,7 @@ def test_backing_file_is_sent_and_only_the_overlay_mirrored(tmp_path, monkeypatc
 def test_flatten_mirrors_whole_disks_into_standalone_images(tmp_path, monkeypatch):
     env = Env(tmp_path, monkeypatch, fmt="qcow2", with_base=True, backing="flatten")
     result = env.migrate()
-    assert "NON_SHARED_DISK" in result["flags"]
+    assert "NON_SHARED_DISK" in result.flags
     assert "-b" not in env.qemu.commands("create")[0]
     assert not (env.dst / "_base").exists()
 
@@ -251,7 +251,7 @@ def test_flatten_mirrors_whole_disks_into_standalone_images(tmp_path, monkeypatc
 def test_shared_storage_copies_nothing_and_keeps_the_files(tmp_path, monkeypatch):
     env = Env(tmp_path, monkeypatch, shared=True)
     result = env.migrate()
-    assert result["shared"] and "NON_SHARED_DISK" not in result["flags"]
+    assert result.shared and "NON_SHARED_DISK" not in result.flags
     assert libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS not in env.dom.migrations[0][0]
     assert not env.copier.calls and (env.inst_dir / "disk").exists()
 
@@ -330,7 +330,7 @@ def test_failed_copy_of_a_blank_removes_partial_files(env):
 
 def test_missing_statistics_give_no_downtime(env, monkeypatch):
     monkeypatch.setattr(LiveDomain, "jobStats", lambda self, flags=0: (_ for _ in ()).throw(libvirt_error("no")))
-    assert env.migrate()["downtime_s"] is None
+    assert env.migrate().downtime_s is None
 
 
 def test_source_still_defined_after_moving_keeps_its_files(env, monkeypatch):

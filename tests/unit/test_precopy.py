@@ -167,9 +167,7 @@ DISK = DiskInfo("raw", "/i/u/disk", 8 * GiB, "", 2 * GiB, 6 * GiB, "vda")
     ({"precopy_threshold": 2 * GiB}, True, False, [DISK], True),
 ])
 def test_applies(settings, running_, shared, disks, expected):
-    class Drv:
-        config = DriverConfig(**settings)
-    assert precopy.applies(Drv(), running_, shared, disks) is expected  # type: ignore[arg-type]
+    assert precopy.applies(DriverConfig(**settings), running_, shared, disks) is expected
 
 
 def test_default_threshold_is_half_a_gib_of_data():
@@ -181,18 +179,17 @@ def test_default_threshold_is_half_a_gib_of_data():
                                            ({"precopy_job_timeout": 0}, "precopy_job_timeout"),
                                            ({"precopy": 1}, "precopy")])
 def test_bad_precopy_settings_are_refused(settings, word):
-    with pytest.raises(DriverError, match=f"bad driver setting {word}"):
+    with pytest.raises(DriverError, match=rf"bad \[driver\] {word} ="):
         DriverConfig(**settings)
 
 
 def test_small_disks_below_the_default_threshold_are_copied_after_power_off(tmp_path, monkeypatch):
     env = Env(tmp_path, monkeypatch)
     inst, dom, events = running(env)
-    env.migrate(inst)
+    outcome = env.migrate(inst)
     assert "snapshot" not in events and events.index("destroy") < events.index("copy disk")
-    stats = env.driver.last_transfer[UUID]
-    assert stats["precopy"] is False and stats["bytes_before_power_off"] == 0
-    assert stats["bytes_after_power_off"] == sum(c.sent for c in stats["copies"]) > 0
+    assert outcome.precopy is False and outcome.bytes_before_power_off == 0
+    assert outcome.bytes_after_power_off == sum(c.sent for c in outcome.copies) > 0
 
 
 def test_snapshot_xml_names_an_overlay_per_migrated_disk_and_none_for_the_cdrom(env):
@@ -213,7 +210,8 @@ def test_snapshot_xml_names_an_overlay_per_migrated_disk_and_none_for_the_cdrom(
 def test_precopy_copies_bases_while_running_then_only_overlays(env):
     inst, dom, events = running(env, local_size=GiB)
     original = dom.xml
-    disk_info = DiskInfo.loads(env.migrate(inst, timeout=0))
+    outcome = env.migrate(inst, timeout=0)
+    disk_info = outcome.disk_info
 
     assert events == ["snapshot", "copy domain.xml", "copy disk", "copy disk.local", "destroy",
                       "copy disk.precopy", "copy disk.local.precopy"]
@@ -236,11 +234,10 @@ def test_precopy_copies_bases_while_running_then_only_overlays(env):
     assert sorted(os.listdir(env.resize_dir)) == ["console.log", "disk", "disk.local", "domain.xml"]
     assert not env.inst_dir.exists() and not dom.isActive()
     assert env.conn.defined[-1] == original
-    stats = env.driver.last_transfer[UUID]
-    assert stats["precopy"] is True and stats["powered_off_at"] is not None
-    assert stats["bytes_before_power_off"] == len(original) + len(ROOT_DATA) + len(LOCAL_DATA)
-    assert stats["bytes_after_power_off"] == 2 * len(OVERLAY_DATA)
-    assert len(stats["copies"]) == 5
+    assert outcome.precopy is True and outcome.powered_off_at is not None and outcome.was_running
+    assert outcome.bytes_before_power_off == len(original) + len(ROOT_DATA) + len(LOCAL_DATA)
+    assert outcome.bytes_after_power_off == 2 * len(OVERLAY_DATA)
+    assert len(outcome.copies) == 5
 
 
 def test_backing_files_the_target_lacks_go_before_the_power_off(env):
@@ -449,7 +446,7 @@ def test_finish_commits_the_overlay_into_the_disk_before_defining(env, mocker):
     xml_text = "<domain><name>vm1</name><uuid>%s</uuid><devices/></domain>" % UUID
     (env.inst_dir / "domain.xml").write_text(xml_text)
     overlay = str(env.inst_dir / "disk.precopy")
-    disk_info = DiskInfo.dumps([DiskInfo("raw", str(env.inst_dir / "disk"), GiB, "", 1, 1, "vda", overlay)])
+    disk_info = [DiskInfo("raw", str(env.inst_dir / "disk"), GiB, "", 1, 1, "vda", overlay)]
     mocker.patch("driver.libvirt.driver.bridges.ensure")
     env.driver.finish_migration(MIGRATION, type("I", (), {"uuid": UUID, "flavor": SMALL})(), disk_info, [], {},
                                 False, power_on=False)
@@ -461,7 +458,7 @@ def test_finish_stops_before_defining_when_the_commit_fails(env, mocker):
     env.inst_dir.mkdir()
     (env.inst_dir / "domain.xml").write_text("<domain><name>vm1</name><uuid>%s</uuid><devices/></domain>" % UUID)
     overlay = str(env.inst_dir / "disk.precopy")
-    disk_info = DiskInfo.dumps([DiskInfo("raw", str(env.inst_dir / "disk"), GiB, "", 1, 1, "vda", overlay)])
+    disk_info = [DiskInfo("raw", str(env.inst_dir / "disk"), GiB, "", 1, 1, "vda", overlay)]
     env.qemu.fail["commit"] = ImageError(path=overlay, reason="Could not open backing file")
     with pytest.raises(ImageError, match="Could not open backing file"):
         env.driver.finish_migration(MIGRATION, type("I", (), {"uuid": UUID, "flavor": SMALL})(), disk_info, [], {},
