@@ -17,7 +17,7 @@ def build_driver(config: AgentConfig) -> ComputeDriver:
     The xenserver driver runs over a stubbed session (StubSession): VHD files
     in the SR directory and JSON records stand in for a XenServer host, which
     is never contacted. Its copies go host to host with coldferry's stream
-    copier, using the SSH and transfer settings of ``[driver]``.
+    copier, using the SSH settings of ``[driver]`` and its transfer settings (``copy_options``).
 
     :raises DriverError: the libvirt driver's settings are unusable.
     """
@@ -33,8 +33,7 @@ def build_driver(config: AgentConfig) -> ComputeDriver:
         session = StubSession(x.sr_path, dc.host_name, config.address, state_path=x.state_path)
         copier = StreamCopier(x.sr_path, ssh_user=dc.ssh_user, ssh_port=dc.ssh_port, ssh_identity=dc.ssh_identity,
                               ssh_known_hosts=dc.ssh_known_hosts, remote_command=dc.remote_command,
-                              streams=dc.transfer_streams, channel=dc.transfer_channel,
-                              compress=dc.transfer_compress)
+                              options=dc.copy_options)
         return XenServerDriver(session, copier, dc.host_name, coalesce_timeout=x.coalesce_timeout)
     from driver.libvirt import LibvirtDriver
     return LibvirtDriver(dc)

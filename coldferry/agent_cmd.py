@@ -26,7 +26,8 @@ configuration ([agent] table of the TOML file):
   listen       address to bind (default "0.0.0.0")
   port         TCP port (default 8797)
   token        the bearer token requests must present, or
-  token_file   a file holding it (one of the two is required)
+  token_file   a file holding it (one of the two is required; a relative
+               path is relative to the configuration file's directory)
   address      this host's address other hosts use to reach it over SSH
                when copying disks here (default: the host name)
   driver       "libvirt" (default), "memory" (an in-memory host for demos) or
@@ -34,7 +35,10 @@ configuration ([agent] table of the TOML file):
                session: VHD files in an SR directory, no XenServer is contacted)
 The [driver] table configures the libvirt driver (see driver/libvirt/config.py;
 'coldferry driver --help' shows how to call it by hand); its SSH and transfer
-settings also serve the xenserver driver's copies.
+settings also serve the xenserver driver's copies. Its shutdown_timeout and
+shutdown_retry_interval (default 60 and 10 seconds) bound a clean guest
+shutdown when a request names none: they are the host's, not the controller's.
+A setting the agent cannot use stops it with one line naming the setting.
 [xenserver] table (driver = "xenserver" only):
   sr_path            the SR directory, the same path on every host (required)
   state_path         the stub's record file (default <sr_path>/.xapi-stub.json)
@@ -51,6 +55,7 @@ example /etc/coldferry/agent.toml:
   instances_path = "/var/lib/coldferry/instances"
   host_name = "host1"
   transfer_method = "stream"
+  shutdown_timeout = 60
 """
 
 
@@ -75,13 +80,13 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; 2 for an unusable configuration."""
     import uvicorn
 
-    from agent import AgentConfig, ConfigError, create_app
+    from agent import AgentConfig, create_app
     from driver.errors import DriverError
 
     try:
         config = AgentConfig.load(args.config)
         driver = build_driver(config)
-    except (ConfigError, DriverError) as e:
+    except DriverError as e:  # agent.ConfigError is one: a one-line message naming the setting
         print(f"coldferry agent: {e}", file=sys.stderr)
         return 2
     # A daemon's job log is wanted without -v; -v/-vv still lower the level further.

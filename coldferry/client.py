@@ -24,6 +24,7 @@ from urllib.parse import quote
 import httpx
 
 from coldferry.output import fail, format_option
+from driver.settings import SettingsError, read_secret
 
 DEFAULT_URL = "http://127.0.0.1:8798"
 DEFAULT_CONFIG = "~/.config/coldferry/client.toml"
@@ -96,17 +97,15 @@ def load_client_config(path: Path, required: bool) -> dict[str, str]:
 
 
 def _token_from_config(config: dict[str, str], path: Path) -> str | None:
-    if "token" in config and "token_file" in config:
-        raise ClientError(None, f"[client] of {path} sets both token and token_file; keep one")
-    if "token_file" not in config:
-        return config.get("token") or None
-    # A relative token_file sits next to the config file, wherever the command runs from.
-    token_path = path.parent / os.path.expanduser(config["token_file"])
+    """``token`` or ``token_file`` of the ``[client]`` table, None when neither is set.
+
+    A relative token_file sits next to the config file, wherever the command runs from.
+    """
     try:
-        return token_path.read_text().strip() or None
-    except OSError as e:
-        raise ClientError(None, f"cannot read token_file {token_path} (named in {path}): "
-                                f"{e.strerror or e}") from None
+        return read_secret("[client]", "token", config, str(path), str(path.parent), required=False,
+                           hint="the controller's API token")
+    except SettingsError as e:
+        raise ClientError(None, str(e)) from None
 
 
 def _missing_token(path: Path) -> ClientError:

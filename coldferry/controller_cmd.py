@@ -23,7 +23,6 @@ configuration (TOML):
   database = "sqlite:////var/lib/coldferry/controller.db"   # or postgresql://user@db/coldferry
   auto_confirm_seconds = 0                        # confirm finished migrations after N s; 0 = never
   cpu_allocation_ratio = 16.0                     # ram 1.5, disk 1.0 by default
-  shutdown_timeout = 60                           # clean guest shutdown before a forced one
   session_secret_file = "/etc/coldferry/session.secret"   # signs dashboard logins; without it a
                                                   # random one per start (a restart logs everyone out)
   session_max_age = 43200                         # seconds a dashboard login lasts
@@ -33,11 +32,16 @@ configuration (TOML):
   agent_url = "http://198.18.0.11:8797"
   address = "198.18.0.11"                         # where other hosts reach it over SSH for disk copies
   agent_token_file = "/etc/coldferry/host1.token" # or agent_token = "..."
+                                                  # (relative token files: next to this file)
 
   [[users]]                                       # dashboard logins at http://CONTROLLER:8798/ui/
   name = "alice"
   password_hash = "scrypt$..."                    # from: python -m controller.web.password_hash
   role = "admin"                                  # or "reader": sees every page, changes nothing
+
+How long a guest gets to shut down cleanly is each host's setting:
+shutdown_timeout and shutdown_retry_interval in the [driver] table of its
+agent's configuration ('coldferry agent --help'); the controller refuses them.
 
 example:
   coldferry controller --config /etc/coldferry/controller.toml

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 import urllib.parse
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy.engine
 import sqlalchemy.exc
+
+from driver.settings import SettingsError, check, load, not_negative, one_of, positive, read_toml, setting
 
 from .errors import ControllerError
 from .records import HostRecord
@@ -24,33 +24,76 @@ _HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ROLES = ("admin", "reader")
 # A shorter session secret would make the signed cookie guessable.
 _MIN_SECRET = 16
+# Settings the host's agent owns now: the controller no longer sends them with a migration.
+_MOVED_TO_DRIVER = ("shutdown_timeout", "shutdown_retry_interval")
 
 
-class ControllerConfigError(ControllerError):
-    msg = "controller configuration {source}: {reason}"
+class ControllerConfigError(SettingsError, ControllerError):
+    """The controller's configuration cannot be used: one line naming the key, the file and the fix."""
+
+
+def _agent_url_ok(url: str) -> bool:
+    """Whether ``url`` is a plain http(s) URL of a host."""
+    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        raise ValueError("the port must be a number, 1 to 65535") from None
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query and not parts.fragment
+
+
+def _address_ok(address: str) -> bool:
+    return bool(address.strip()) and not any(c.isspace() for c in address.strip())
 
 
 @dataclass(frozen=True)
 class HostConfig:
     """One compute host: its name, where its agent answers and its data-plane address."""
 
-    name: str
-    agent_url: str
-    address: str
-    agent_token: str = field(repr=False)
+    name: str = setting(hint="the host's name as the agent reports it, e.g. compute1 (letters, digits, "
+                             "'.', '_' and '-')", check=_HOST_NAME.match)
+    agent_url: str = setting(hint="where the host's agent answers, e.g. http://192.0.2.11:8797", check=_agent_url_ok)
+    address: str = setting(hint="the address other hosts copy disks to, e.g. 192.0.2.11", check=_address_ok)
+    agent_token: str = setting(secret=True, hint="the token of the host's agent")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "agent_url", self.agent_url.strip().rstrip("/"))
+        object.__setattr__(self, "address", self.address.strip())
 
     def record(self) -> HostRecord:
         """The host as the store keeps it (enabled; the store keeps an existing status)."""
         return HostRecord(name=self.name, agent_url=self.agent_url, address=self.address)
 
 
+def _password_hash_ok(text: str) -> bool:
+    """Whether ``text`` is a hash controller/web/passwords.py made; ValueError (InvalidHash) says why not."""
+    # Imported here: the web package imports the conductor, which imports this module.
+    from .web.passwords import parse_hash
+
+    parse_hash(text.strip())
+    return True
+
+
 @dataclass(frozen=True)
 class UserConfig:
     """A dashboard user: a name, a password hash (controller/web/passwords.py) and a role in ROLES."""
 
-    name: str
-    password_hash: str = field(repr=False)
-    role: str = "reader"
+    name: str = setting(hint="the user's login name, a non-empty string", check=str.strip)
+    password_hash: str = setting(repr=False, check=_password_hash_ok,
+                                 hint="a hash from: python -m controller.web.password_hash")
+    role: str = setting("reader", hint=f"one of {', '.join(ROLES)}", check=one_of(*ROLES))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.name.strip())
+        object.__setattr__(self, "password_hash", self.password_hash.strip())
+
+
+def _database_ok(url: str) -> bool:
+    try:
+        sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -64,30 +107,31 @@ class ControllerConfig:
     ``users`` may log in to the dashboard; its session cookie is signed with
     ``session_secret`` (a new random one each start when None, which logs
     everyone out on restart) and lasts ``session_max_age`` seconds.
+    How long a guest gets to shut down is each host's setting (the
+    ``[driver]`` table of its agent), not the controller's.
     """
 
-    token: str = field(repr=False)
-    listen: str = "127.0.0.1"
-    port: int = 8798
-    database: str = "sqlite:////var/lib/coldferry/controller.db"
-    auto_confirm_seconds: int = 0
-    cpu_allocation_ratio: float = 16.0
-    ram_allocation_ratio: float = 1.5
-    disk_allocation_ratio: float = 1.0
-    agent_timeout: float = 10.0
-    poll_interval: float = 1.0
-    shutdown_timeout: int = 60
-    shutdown_retry_interval: int = 10
+    token: str = setting(secret=True, hint="the admin API token clients send as a Bearer token")
+    listen: str = setting("127.0.0.1", hint="an address to listen on, e.g. 127.0.0.1 or 0.0.0.0", check=bool)
+    port: int = setting(8798, hint="a TCP port, 1 to 65535", check=range(1, 65536).__contains__)
+    database: str = setting("sqlite:////var/lib/coldferry/controller.db", check=_database_ok,
+                            hint="an SQLAlchemy URL such as sqlite:////var/lib/coldferry/controller.db "
+                                 "or postgresql://coldferry@db.example/coldferry")
+    auto_confirm_seconds: int = setting(0, check=not_negative, hint="seconds before a finished migration is "
+                                                                    "confirmed on its own, 0 to wait for the user")
+    cpu_allocation_ratio: float = setting(16.0, hint="a number above 0, e.g. 16.0", check=positive)
+    ram_allocation_ratio: float = setting(1.5, hint="a number above 0, e.g. 1.5", check=positive)
+    disk_allocation_ratio: float = setting(1.0, hint="a number above 0, e.g. 1.0", check=positive)
+    agent_timeout: float = setting(10.0, hint="seconds above 0 to wait for an agent's answer", check=positive)
+    poll_interval: float = setting(1.0, hint="seconds above 0 between polls of an agent's job", check=positive)
     hosts: tuple[HostConfig, ...] = ()
     users: tuple[UserConfig, ...] = ()
-    session_secret: str | None = field(default=None, repr=False)
-    session_max_age: int = 12 * 3600
+    session_secret: str | None = setting(None, secret=True, hint="signs the dashboard's session cookie")
+    session_max_age: int = setting(12 * 3600, check=positive,
+                                   hint="seconds above 0 a dashboard login lasts, e.g. 43200 (12 hours)")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.name in _CHECKS:
-                # Frozen: coerce an int ratio or timeout to float in place.
-                object.__setattr__(self, f.name, _checked(f.name, getattr(self, f.name), "ControllerConfig()"))
+        check(self, "controller", error=ControllerConfigError)
 
     def host(self, name: str) -> HostConfig | None:
         """The configured host called ``name``, or None."""
@@ -95,12 +139,11 @@ class ControllerConfig:
 
     @classmethod
     def load(cls, path: str) -> "ControllerConfig":
-        """Read a TOML file. Raises ControllerConfigError naming the key and the fix."""
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ControllerConfigError(source=path, reason=f"cannot read it: {e}") from None
+        """Read a TOML file; relative token files are relative to its directory.
+
+        :raises ControllerConfigError: naming the key and the fix.
+        """
+        data = read_toml(path, "controller", error=ControllerConfigError)
         return cls.from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
     @classmethod
@@ -109,189 +152,61 @@ class ControllerConfig:
         """Build from parsed TOML. ``source`` names the file in errors; relative token
         files are read from ``base_dir`` (the current directory when None).
 
-        Raises ControllerConfigError for unknown or missing keys, bad types or
-        values, duplicate host names and bad URLs.
+        :raises ControllerConfigError: unknown or missing keys, bad types or values,
+            duplicate host names, bad URLs, and the settings that moved to the agents.
         """
-        def fail(reason: str) -> ControllerConfigError:
-            return ControllerConfigError(source=source, reason=reason)
-
         unknown = sorted(set(data) - {"controller", "hosts", "users"} - _SIBLING_TABLES)
         if unknown:
-            raise fail(f"unknown table(s) {', '.join(unknown)}: the controller reads [controller], "
-                       f"[[hosts]] and [[users]]")
+            raise ControllerConfigError(problem=f"unknown table(s) {', '.join(unknown)}", source=source,
+                                        hint="the controller reads [controller], [[hosts]] and [[users]]")
         table = data.get("controller", {})
-        if not isinstance(table, dict):
-            raise fail("controller must be a table: write [controller] above its settings")
-        known = set(_CHECKS) | {"token", "token_file", "session_secret", "session_secret_file"}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise fail(f"unknown key(s) in [controller]: {', '.join(unknown)} "
-                       f"(known: {', '.join(sorted(known))})")
-        settings = {k: _checked(k, v, source) for k, v in table.items() if k in _CHECKS}
-        token = _secret(table, "token", "[controller]", source, base_dir)
-        session_secret = None
-        if "session_secret" in table or "session_secret_file" in table:
-            session_secret = _secret(table, "session_secret", "[controller]", source, base_dir)
-            if len(session_secret) < _MIN_SECRET:
-                raise fail(f"[controller] session_secret must be at least {_MIN_SECRET} characters; make one "
-                           f"with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
-        return cls(token=token, **settings, hosts=_hosts(data.get("hosts", []), source, base_dir),
-                   users=_users(data.get("users", []), source), session_secret=session_secret)
+        moved = [key for key in _MOVED_TO_DRIVER if isinstance(table, dict) and key in table]
+        if moved:
+            raise ControllerConfigError(problem=f"[controller] sets {' and '.join(moved)}", source=source,
+                                        hint="these moved to the [driver] table of each host's agent "
+                                             "configuration (agent.toml); remove them here")
+        config = load(cls, table, "controller", source, base_dir=base_dir or os.getcwd(), error=ControllerConfigError,
+                      hosts=_hosts(data.get("hosts", []), source, base_dir),
+                      users=_users(data.get("users", []), source))
+        if config.session_secret is not None and len(config.session_secret) < _MIN_SECRET:
+            raise ControllerConfigError(problem="[controller] session_secret is too short", source=source,
+                                        hint=f"it must be at least {_MIN_SECRET} characters; make one with: "
+                                             "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        return config
 
 
-def _positive(v: float) -> bool:
-    return v > 0
-
-
-def _database_ok(url: str) -> bool:
-    try:
-        sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        return False
-    return True
-
-
-# key -> (type, check, what a good value looks like)
-_CHECKS: dict[str, tuple[type, Any, str]] = {
-    "listen": (str, bool, "an address to listen on, e.g. 127.0.0.1 or 0.0.0.0"),
-    "port": (int, lambda v: 0 < v < 65536, "a TCP port, 1 to 65535"),
-    "database": (str, _database_ok, "an SQLAlchemy URL such as sqlite:////var/lib/coldferry/controller.db "
-                                    "or postgresql://coldferry@db.example/coldferry"),
-    "auto_confirm_seconds": (int, lambda v: v >= 0, "seconds before a finished migration is confirmed "
-                                                    "on its own, 0 to wait for the user"),
-    "cpu_allocation_ratio": (float, _positive, "a number above 0, e.g. 16.0"),
-    "ram_allocation_ratio": (float, _positive, "a number above 0, e.g. 1.5"),
-    "disk_allocation_ratio": (float, _positive, "a number above 0, e.g. 1.0"),
-    "agent_timeout": (float, _positive, "seconds above 0 to wait for an agent's answer"),
-    "poll_interval": (float, _positive, "seconds above 0 between polls of an agent's job"),
-    "shutdown_timeout": (int, _positive, "seconds above 0 for a clean guest shutdown"),
-    "shutdown_retry_interval": (int, _positive, "seconds above 0 between shutdown requests"),
-    "session_max_age": (int, _positive, "seconds above 0 a dashboard login lasts, e.g. 43200 (12 hours)"),
-}
-
-
-def _checked(key: str, value: Any, source: str) -> Any:
-    """``value`` of setting ``key`` as its type (an int is a fine float, a bool is never a
-    number), if it passes the setting's check; else ControllerConfigError with the hint."""
-    expected, ok, hint = _CHECKS[key]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, expected) or isinstance(value, bool) or not ok(value):
-        raise ControllerConfigError(source=source, reason=f"bad [controller] {key} = {value!r}: "
-                                                          f"expected {expected.__name__}, {hint}")
-    return value
-
-
-def _secret(table: dict[str, Any], key: str, where: str, source: str, base_dir: str | None) -> str:
-    """The value of ``key`` or the stripped content of ``key``_file; exactly one must be set."""
-    file_key = f"{key}_file"
-    if (key in table) == (file_key in table):
-        which = f"both {key} and" if key in table else f"neither {key} nor"
-        raise ControllerConfigError(source=source, reason=f"{where} has {which} {file_key}: set exactly one")
-    if key in table:
-        value = table[key]
-        if not isinstance(value, str) or not value.strip():
-            raise ControllerConfigError(source=source, reason=f"{where} {key} must be a non-empty string")
-        return value.strip()
-    path = table[file_key]
-    if not isinstance(path, str) or not path:
-        raise ControllerConfigError(source=source, reason=f"{where} {file_key} must be a file path")
-    path = os.path.join(base_dir or os.getcwd(), path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = f.read().strip()
-    except OSError as e:
-        raise ControllerConfigError(source=source, reason=f"{where} {file_key}: cannot read {path}: "
-                                                          f"{e.strerror}") from None
-    if not value:
-        raise ControllerConfigError(source=source, reason=f"{where} {file_key}: {path} is empty; "
-                                                          f"write the token into it")
-    return value
-
-
-_HOST_KEYS = ("name", "agent_url", "address", "agent_token", "agent_token_file")
-
-
-def _entries(entries: Any, table: str, what: str, keys: tuple[str, ...],
-             source: str) -> Iterator[tuple[dict[str, Any], str, Callable[[str], ControllerConfigError]]]:
-    """Each table of the ``[[table]]`` array, with the words naming it in errors and a ``fail``
-    that makes such an error; an entry with unknown keys is refused."""
+def _array(entries: Any, table: str, what: str, source: str) -> list[tuple[dict[str, Any], str]]:
+    """Each table of the ``[[table]]`` array with the words naming it in errors."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ControllerConfigError(source=source, reason=f"{table} must be an array of tables: write "
-                                                          f"[[{table}]] above each {what}'s keys")
-    for i, entry in enumerate(entries, 1):
-        where = f"[[{table}]] entry {i}" + (f" ({entry['name']!r})" if "name" in entry else "")
+        raise ControllerConfigError(problem=f"{table} must be an array of tables", source=source,
+                                    hint=f"write [[{table}]] above each {what}'s keys")
+    return [(entry, f"[[{table}]] entry {i}" + (f" ({entry['name']!r})" if "name" in entry else ""))
+            for i, entry in enumerate(entries, 1)]
 
-        def fail(reason: str, where: str = where) -> ControllerConfigError:
-            return ControllerConfigError(source=source, reason=f"{where}: {reason}")
 
-        unknown = sorted(set(entry) - set(keys))
-        if unknown:
-            raise fail(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(keys)})")
-        yield entry, where, fail
+def _unique(items: list[Any], new: Any, where: str, what: str, source: str) -> None:
+    """Refuse ``new`` if an item of ``items`` has its name."""
+    if any(item.name == new.name for item in items):
+        raise ControllerConfigError(problem=f"{where} has a duplicate {what} name {new.name!r}", source=source,
+                                    hint=f"each {what} must have its own name")
 
 
 def _hosts(entries: Any, source: str, base_dir: str | None) -> tuple[HostConfig, ...]:
     """The ``[[hosts]]`` array of tables, checked entry by entry."""
     hosts: list[HostConfig] = []
-    for entry, where, fail in _entries(entries, "hosts", "host", _HOST_KEYS, source):
-        for key in ("name", "agent_url", "address"):
-            if key not in entry:
-                raise fail(f"missing {key}: {_HOST_HINTS[key]}")
-            if not isinstance(entry[key], str) or not entry[key].strip():
-                raise fail(f"{key} must be a non-empty string: {_HOST_HINTS[key]}")
-        name, address = entry["name"], entry["address"].strip()
-        if not _HOST_NAME.match(name):
-            raise fail(f"bad name {name!r}: use letters, digits, '.', '_' and '-'")
-        if any(h.name == name for h in hosts):
-            raise fail(f"duplicate host name {name!r}: each host must have its own name")
-        if any(c.isspace() for c in address):
-            raise fail(f"bad address {address!r}: {_HOST_HINTS['address']}")
-        hosts.append(HostConfig(name=name, agent_url=_agent_url(entry["agent_url"], fail), address=address,
-                                agent_token=_secret(entry, "agent_token", where, source, base_dir)))
+    for entry, where in _array(entries, "hosts", "host", source):
+        host = load(HostConfig, entry, "hosts", source, base_dir=base_dir or os.getcwd(), label=where,
+                    error=ControllerConfigError)
+        _unique(hosts, host, where, "host", source)
+        hosts.append(host)
     return tuple(hosts)
-
-
-_HOST_HINTS = {
-    "name": "the host's name as the agent reports it, e.g. compute1",
-    "agent_url": "where the host's agent answers, e.g. http://192.0.2.11:8797",
-    "address": "the address other hosts copy disks to, e.g. 192.0.2.11",
-}
-
-
-def _agent_url(url: str, fail: Callable[[str], ControllerConfigError]) -> str:
-    """``url`` without a trailing slash, if it is a plain http(s) URL of a host."""
-    parts = urllib.parse.urlsplit(url.strip())
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
-    except ValueError:
-        raise fail(f"bad agent_url {url!r}: the port must be a number, 1 to 65535") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise fail(f"bad agent_url {url!r}: {_HOST_HINTS['agent_url']}")
-    return url.strip().rstrip("/")
-
-
-_USER_KEYS = ("name", "password_hash", "role")
 
 
 def _users(entries: Any, source: str) -> tuple[UserConfig, ...]:
     """The ``[[users]]`` array of tables: dashboard logins, checked entry by entry."""
-    # Imported here: the web package imports the conductor, which imports this module.
-    from .web.passwords import InvalidHash, parse_hash
-
     users: list[UserConfig] = []
-    for entry, _, fail in _entries(entries, "users", "user", _USER_KEYS, source):
-        for key in ("name", "password_hash"):
-            if not isinstance(entry.get(key), str) or not entry[key].strip():
-                raise fail(f"{key} must be a non-empty string")
-        name, role = entry["name"].strip(), entry.get("role", "reader")
-        if any(u.name == name for u in users):
-            raise fail(f"duplicate user name {name!r}")
-        if role not in ROLES:
-            raise fail(f"bad role {role!r}: one of {', '.join(ROLES)}")
-        try:
-            parse_hash(entry["password_hash"].strip())
-        except InvalidHash as e:
-            raise fail(f"password_hash: {e}") from None
-        users.append(UserConfig(name=name, password_hash=entry["password_hash"].strip(), role=role))
+    for entry, where in _array(entries, "users", "user", source):
+        user = load(UserConfig, entry, "users", source, label=where, error=ControllerConfigError)
+        _unique(users, user, where, "user", source)
+        users.append(user)
     return tuple(users)

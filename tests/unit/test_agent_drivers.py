@@ -33,6 +33,10 @@ coalesce_timeout = 5
 '''
 
 
+def xen_config(tmp_path) -> AgentConfig:
+    return load(tmp_path, XEN.format(sr=tmp_path / "sr"))
+
+
 def test_xenserver_driver_is_built_over_a_stub_session_with_the_driver_tables_ssh_settings(tmp_path):
     sr = tmp_path / "sr"
     drv = build_driver(load(tmp_path, XEN.format(sr=sr)))
@@ -42,8 +46,9 @@ def test_xenserver_driver_is_built_over_a_stub_session_with_the_driver_tables_ss
     copier = drv.copier
     assert isinstance(copier, StreamCopier)
     ep = copier.endpoint("198.18.0.12", "a.vhd")
-    assert (ep.host, ep.path, ep.user, ep.port, ep.identity, ep.known_hosts, copier.streams) == (
-        "198.18.0.12", f"{sr}/a.vhd", "ferry", 2222, "/keys/id", "/keys/known_hosts", 3)
+    assert (ep.host, ep.path, ep.user, ep.port, ep.identity, ep.known_hosts) == (
+        "198.18.0.12", f"{sr}/a.vhd", "ferry", 2222, "/keys/id", "/keys/known_hosts")
+    assert copier.options == xen_config(tmp_path).driver_config.copy_options and copier.options.streams == 3
 
 
 def test_the_agent_serves_the_xenserver_driver(tmp_path):
@@ -62,16 +67,18 @@ def test_the_agent_serves_the_xenserver_driver(tmp_path):
 
 
 def test_xenserver_needs_an_sr_path(tmp_path):
-    with pytest.raises(ConfigError, match=r'driver = "xenserver" needs sr_path in \[xenserver\]'):
+    with pytest.raises(ConfigError, match=r'^\[agent\] driver = "xenserver" but \[xenserver\] has no sr_path '
+                                          r'in .*agent.toml: the SR '):
         load(tmp_path, 'driver = "xenserver"\n')
 
 
 @pytest.mark.parametrize("table,match", [
-    ('sr_path = "relative/sr"', "bad xenserver setting sr_path = 'relative/sr'"),
-    ('sr_path = "/sr"\ncoalesce_timeout = 0', "bad xenserver setting coalesce_timeout = 0"),
-    ('sr_path = "/sr"\ncoalesce_timeout = true', "bad xenserver setting coalesce_timeout = True"),
-    ('sr_path = "/sr"\npool = "p"', r"unknown xenserver settings in .*: pool \(known: coalesce_timeout, "
-                                     r"sr_path, state_path\)"),
+    ('sr_path = "relative/sr"', r"bad \[xenserver\] sr_path = 'relative/sr' in .*: an absolute directory path"),
+    ('sr_path = "/sr"\ncoalesce_timeout = 0', r"bad \[xenserver\] coalesce_timeout = 0 in "),
+    ('sr_path = "/sr"\ncoalesce_timeout = true', r"bad \[xenserver\] coalesce_timeout = True in "),
+    ('sr_path = "/sr"\nstate_path = "rel"', r"bad \[xenserver\] state_path = 'rel' in .*: an absolute file path"),
+    ('sr_path = "/sr"\npool = "p"', r"\[xenserver\] has unknown key\(s\) pool in .*: the known keys are "
+                                     r"coalesce_timeout, sr_path, state_path$"),
 ])
 def test_bad_xenserver_settings_name_the_setting(tmp_path, table, match):
     with pytest.raises(ConfigError, match=match):

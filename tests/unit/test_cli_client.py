@@ -145,9 +145,11 @@ def test_a_broken_default_file_does_not_matter_when_flags_say_everything(tmp_pat
 @pytest.mark.parametrize("text, message", [
     ('[client]\ntokn = "x"\n', "unknown key 'tokn'"),
     ('[client]\ntoken = "x"\ntoken_file = "f"\n', "both token and token_file"),
-    ('[client]\ntoken_file = "nope"\n', "cannot read token_file"),
+    ('[client]\ntoken_file = "nope"\n', r"\[client\] token_file: cannot read .*/nope in "),
+    ('[client]\ntoken_file = "empty"\n', r"\[client\] token_file: .*/empty is empty in .*: write the token into it"),
 ])
 def test_config_file_mistakes_are_named(tmp_path, text, message):
+    (tmp_path / "empty").write_text("\n")
     with pytest.raises(ClientError, match=message):
         resolve_settings(None, None, str(write_config(tmp_path / "c.toml", text)), {})
 

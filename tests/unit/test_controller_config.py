@@ -40,7 +40,7 @@ def test_defaults_with_only_a_token(tmp_path):
     assert (c.listen, c.port, c.database) == ("127.0.0.1", 8798, "sqlite:////var/lib/coldferry/controller.db")
     assert (c.cpu_allocation_ratio, c.ram_allocation_ratio, c.disk_allocation_ratio) == (16.0, 1.5, 1.0)
     assert (c.auto_confirm_seconds, c.agent_timeout, c.poll_interval) == (0, 10.0, 1.0)
-    assert (c.shutdown_timeout, c.shutdown_retry_interval, c.hosts) == (60, 10, ())
+    assert c.hosts == ()
     assert c.token == "admin"
 
 
@@ -58,12 +58,10 @@ cpu_allocation_ratio = 4
 ram_allocation_ratio = 1.0
 agent_timeout = 2.5
 poll_interval = 0.2
-shutdown_timeout = 30
-shutdown_retry_interval = 5
 """ + HOSTS))
     assert (c.listen, c.port, c.token, c.auto_confirm_seconds) == ("0.0.0.0", 9000, "s3cret", 300)
     assert c.cpu_allocation_ratio == 4.0 and isinstance(c.cpu_allocation_ratio, float)
-    assert (c.agent_timeout, c.poll_interval, c.shutdown_timeout, c.shutdown_retry_interval) == (2.5, 0.2, 30, 5)
+    assert (c.agent_timeout, c.poll_interval) == (2.5, 0.2)
     assert c.hosts == (HostConfig("compute1", "http://192.0.2.11:8797", "192.0.2.11", "t1"),
                        HostConfig("compute2", "https://compute2.example:8797", "198.18.0.12", "t2"))
     assert c.host("compute2").agent_token == "t2" and c.host("nope") is None
@@ -82,8 +80,8 @@ def test_agent_tables_may_share_the_file(tmp_path):
 
 def test_unknown_controller_keys_are_listed(tmp_path):
     msg = load_error(tmp_path, '[controller]\ntoken = "a"\nprot = 1\nlisten_addr = "x"\n')
-    assert "unknown key(s) in [controller]: listen_addr, prot" in msg
-    assert "(known: agent_timeout," in msg and "controller.toml" in msg
+    assert msg.startswith("[controller] has unknown key(s) listen_addr, prot in ")
+    assert "the known keys are agent_timeout," in msg and "controller.toml" in msg
 
 
 def test_unknown_table_is_rejected(tmp_path):
@@ -92,25 +90,29 @@ def test_unknown_table_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("extra, words", [
-    ("", "has neither token nor token_file: set exactly one"),
-    ('token = "a"\ntoken_file = "f"\n', "has both token and token_file"),
-    ('token = " "\n', "token must be a non-empty string"),
-    ('token_file = "missing.token"\n', "token_file: cannot read"),
+    ("", "[controller] has neither token nor token_file in "),
+    ('token = "a"\ntoken_file = "f"\n', "[controller] has both token and token_file in "),
+    ('token = " "\n', "bad [controller] token in "),
+    ('token_file = "missing.token"\n', "[controller] token_file: cannot read "),
 ])
 def test_admin_token_is_required_once(tmp_path, extra, words):
-    assert words in load_error(tmp_path, "[controller]\n" + extra)
+    msg = load_error(tmp_path, "[controller]\n" + extra)
+    assert words in msg and "\n" not in msg
 
 
 def test_empty_token_file_is_an_error(tmp_path):
     (tmp_path / "t").write_text("\n")
-    assert "t is empty; write the token into it" in load_error(tmp_path, '[controller]\ntoken_file = "t"\n')
+    msg = load_error(tmp_path, '[controller]\ntoken_file = "t"\n')
+    assert f"token_file: {tmp_path}/t is empty in " in msg and msg.endswith(": write the token into it")
 
 
 @pytest.mark.parametrize("line, words", [
-    ('port = "8798"', "bad [controller] port = '8798': expected int"),
+    ('port = "8798"', "bad [controller] port = '8798' in "),
+    ('port = "8798"', "expected an integer, a TCP port"),
     ("port = 70000", "a TCP port, 1 to 65535"),
     ("ram_allocation_ratio = 0", "a number above 0"),
-    ("cpu_allocation_ratio = true", "expected float"),
+    ("cpu_allocation_ratio = true", "bad [controller] cpu_allocation_ratio = True in "),
+    ("cpu_allocation_ratio = true", "expected a number"),
     ("auto_confirm_seconds = -1", "0 to wait for the user"),
     ("poll_interval = 0", "seconds above 0 between polls"),
     ('database = "not a url"', "an SQLAlchemy URL such as sqlite:////"),
@@ -121,8 +123,8 @@ def test_bad_values_name_the_key_and_the_fix(tmp_path, line, words):
 
 
 def test_constructor_checks_too():
-    with pytest.raises(ControllerConfigError, match="shutdown_timeout = 0"):
-        ControllerConfig(token="a", shutdown_timeout=0)
+    with pytest.raises(ControllerConfigError, match=r"bad \[controller\] agent_timeout = 0 in ControllerConfig\(\)"):
+        ControllerConfig(token="a", agent_timeout=0)
     assert ControllerConfig(token="a", agent_timeout=3).agent_timeout == 3.0
 
 
@@ -130,18 +132,25 @@ HOST = '[controller]\ntoken = "a"\n[[hosts]]\n'
 
 
 @pytest.mark.parametrize("entry, words", [
-    ('agent_url = "http://a:8797"\naddress = "a"\nagent_token = "t"', "entry 1: missing name"),
-    ('name = "a"\naddress = "a"\nagent_token = "t"', "entry 1 ('a'): missing agent_url: where the host's agent"),
-    ('name = "a"\nagent_url = "http://a:8797"\nagent_token = "t"', "missing address: the address other hosts"),
+    ('agent_url = "http://a:8797"\naddress = "a"\nagent_token = "t"', "[[hosts]] entry 1 is missing name in "),
+    ('name = "a"\naddress = "a"\nagent_token = "t"', "entry 1 ('a') is missing agent_url in "),
+    ('name = "a"\naddress = "a"\nagent_token = "t"', ": where the host's agent answers"),
+    ('name = "a"\nagent_url = "http://a:8797"\nagent_token = "t"', "is missing address in "),
+    ('name = "a"\nagent_url = "http://a:8797"\nagent_token = "t"', ": the address other hosts"),
     ('name = "a"\nagent_url = "http://a:8797"\naddress = "a"', "has neither agent_token nor agent_token_file"),
     ('name = "a"\nagent_url = "http://a:8797"\naddress = "a"\nagent_token = "t"\nport = 1',
-     "unknown key(s) port (known: name,"),
-    ('name = "a"\nagent_url = "ftp://a"\naddress = "a"\nagent_token = "t"', "bad agent_url 'ftp://a'"),
-    ('name = "a"\nagent_url = "a:8797"\naddress = "a"\nagent_token = "t"', "bad agent_url 'a:8797'"),
+     "has unknown key(s) port in "),
+    ('name = "a"\nagent_url = "http://a:8797"\naddress = "a"\nagent_token = "t"\nport = 1',
+     "the known keys are address, agent_token, agent_token_file, agent_url, name"),
+    ('name = "a"\nagent_url = "ftp://a"\naddress = "a"\nagent_token = "t"',
+     "bad [[hosts]] entry 1 ('a') agent_url = 'ftp://a'"),
+    ('name = "a"\nagent_url = "a:8797"\naddress = "a"\nagent_token = "t"', "agent_url = 'a:8797' in "),
     ('name = "a"\nagent_url = "http://a:99999"\naddress = "a"\nagent_token = "t"', "port must be a number"),
-    ('name = "a b"\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "bad name 'a b'"),
-    ('name = "a"\nagent_url = "http://a"\naddress = "a b"\nagent_token = "t"', "bad address 'a b'"),
-    ('name = 3\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "name must be a non-empty string"),
+    ('name = "a b"\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "name = 'a b' in "),
+    ('name = "a b"\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "letters, digits, '.', '_' and '-'"),
+    ('name = "a"\nagent_url = "http://a"\naddress = "a b"\nagent_token = "t"', "address = 'a b' in "),
+    ('name = 3\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "name = 3 in "),
+    ('name = 3\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "expected a string"),
 ])
 def test_bad_host_entries(tmp_path, entry, words):
     assert words in load_error(tmp_path, HOST + entry + "\n")
@@ -150,7 +159,7 @@ def test_bad_host_entries(tmp_path, entry, words):
 def test_duplicate_host_names(tmp_path):
     entry = 'name = "a"\nagent_url = "http://a:8797"\naddress = "a"\nagent_token = "t"\n'
     msg = load_error(tmp_path, HOST + entry + "[[hosts]]\n" + entry)
-    assert "[[hosts]] entry 2 ('a'): duplicate host name 'a'" in msg
+    assert "[[hosts]] entry 2 ('a') has a duplicate host name 'a' in " in msg
 
 
 def test_hosts_must_be_an_array_of_tables():
@@ -159,8 +168,25 @@ def test_hosts_must_be_an_array_of_tables():
 
 
 def test_unreadable_or_broken_file(tmp_path):
-    with pytest.raises(ControllerConfigError, match="cannot read it"):
+    with pytest.raises(ControllerConfigError, match="cannot read the controller configuration in .*missing.toml"):
         ControllerConfig.load(str(tmp_path / "missing.toml"))
     msg = load_error(tmp_path, "[controller\n")
-    assert "cannot read it" in msg
+    assert "cannot read the controller configuration" in msg
     assert issubclass(ControllerConfigError, ControllerError)
+
+
+@pytest.mark.parametrize("line", ["shutdown_timeout = 60", "shutdown_retry_interval = 10"])
+def test_shutdown_settings_moved_to_the_agents(tmp_path, line):
+    msg = load_error(tmp_path, f'[controller]\ntoken = "a"\n{line}\n')
+    key = line.split()[0]
+    assert msg.startswith(f"[controller] sets {key} in {tmp_path}/controller.toml: ")
+    assert "moved to the [driver] table of each host's agent configuration" in msg and "\n" not in msg
+
+
+def test_a_relative_token_file_is_read_next_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "admin.token").write_text("beside\n")
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "conf" / "controller.toml"
+    path.write_text('[controller]\ntoken_file = "admin.token"\n')
+    assert ControllerConfig.load(str(path)).token == "beside"

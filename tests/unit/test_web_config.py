@@ -42,15 +42,19 @@ def test_users_with_roles(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text, reason", [
-    (user(role="root"), "bad role 'root': one of admin, reader"),
-    (user(password_hash="hunter2"), "password_hash: not a coldferry password hash"),
-    (user(password_hash=""), "password_hash must be a non-empty string"),
-    (user(name=""), "name must be a non-empty string"),
-    (user() + user(), "duplicate user name 'alice'"),
-    (user(extra='password = "pw"\n'), "unknown key(s) password"),
+    (user(role="root"), "bad [[users]] entry 1 ('alice') role = 'root' in "),
+    (user(role="root"), ": one of admin, reader"),
+    (user(password_hash="hunter2"), "bad [[users]] entry 1 ('alice') password_hash in "),
+    (user(password_hash="hunter2"), ": not a coldferry password hash"),
+    (user(password_hash=""), "bad [[users]] entry 1 ('alice') password_hash in "),
+    (user(name=""), "bad [[users]] entry 1 ('') name = '' in "),
+    (user() + user(), "[[users]] entry 2 ('alice') has a duplicate user name 'alice'"),
+    (user(extra='password = "pw"\n'), "has unknown key(s) password in "),
 ])
 def test_bad_users_are_refused_with_the_reason(tmp_path: Path, text: str, reason: str) -> None:
-    assert reason in load_error(tmp_path, text)
+    msg = load_error(tmp_path, text)
+    assert reason in msg and "\n" not in msg
+    assert "hunter2" not in msg  # a password typed where its hash belongs stays out of logs
 
 
 def test_users_must_be_an_array_of_tables() -> None:
@@ -65,7 +69,8 @@ def test_session_secret_inline_or_from_a_file(tmp_path: Path) -> None:
 
 
 def test_session_settings_are_checked(tmp_path: Path) -> None:
-    assert "at least 16 characters" in load_error(tmp_path, 'session_secret = "short"\n')
+    msg = load_error(tmp_path, 'session_secret = "short"\n')
+    assert "session_secret is too short" in msg and "at least 16 characters" in msg and "short\"" not in msg
     assert "set exactly one" in load_error(tmp_path, 'session_secret = "0123456789abcdefXYZ"\n'
                                                      'session_secret_file = "x"\n')
     assert "session_max_age" in load_error(tmp_path, "session_max_age = 0\n")

@@ -25,7 +25,6 @@ port = $PORT
 token_file = "/etc/coldferry/controller.token"
 database = "sqlite:////var/lib/coldferry/controller.db"
 auto_confirm_seconds = 0
-shutdown_timeout = 60
 CONF
     IFS=, read -r -a pairs <<<"$hosts"
     for pair in "${pairs[@]}"; do
