@@ -11,6 +11,7 @@ import transfer
 from transfer.digest import DEFAULT_CHUNK
 from transfer.endpoint import DEFAULT_REMOTE_COMMAND, Endpoint
 from transfer.errors import TransferError
+from transfer.options import CHANNELS, COMPRESS_MODES, DEFAULT_STREAMS, METHODS, CopyOptions
 from transfer.source import Source
 from transfer.units import parse_size
 
@@ -45,15 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=COPY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="local file to copy")
     p.add_argument("dest", metavar="[USER@]HOST:DEST", help="destination file on the remote host")
-    p.add_argument("--method", choices=("stream", "rsync"), default="stream",
+    p.add_argument("--method", choices=METHODS, default="stream",
                    help="copier to use (default: %(default)s)")
-    p.add_argument("--streams", type=int, default=2, metavar="N",
+    p.add_argument("--streams", type=int, default=DEFAULT_STREAMS, metavar="N",
                    help="parallel data streams, stream method only (default: %(default)s)")
-    p.add_argument("--channel", choices=("direct", "tls", "ssh"), default="direct",
+    p.add_argument("--channel", choices=CHANNELS, default="direct",
                    help="where stream data flows: a direct TCP connection opened for this copy with "
                         "AES-GCM sealed frames, a direct TLS connection, or inside the SSH connection "
                         "(default: %(default)s)")
-    p.add_argument("--compress", choices=("off", "fast", "auto"), default="off",
+    p.add_argument("--compress", choices=COMPRESS_MODES, default="off",
                    help="per-chunk compression, stream method only: fast = zstd level 1 on every "
                         "chunk; auto = keep it only where it saves at least 10%% and back off on "
                         "incompressible data (default: %(default)s)")
@@ -92,26 +93,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_copy(args: argparse.Namespace) -> int:
     try:
-        if args.streams < 1 or args.streams > 16:
-            raise transfer.InvalidArgument(what="--streams", value=args.streams, reason="use 1 to 16")
-        bwlimit = parse_size(args.bwlimit, "--bwlimit") if args.bwlimit else None
-        if args.method == "rsync":
-            stream_only = [flag for flag, used in (("--no-resume", args.no_resume), ("--fsync", args.fsync),
-                                                   ("--compress", args.compress != "off"),
-                                                   ("--channel", args.channel != "direct"),
-                                                   ("--streams", args.streams != 2)) if used]
-            if stream_only:
-                raise transfer.InvalidArgument(what="option for --method rsync", value=" ".join(stream_only),
-                                               reason="these apply to the stream method only")
+        options = copy_options(args)
         dest = Endpoint.parse(args.dest, port=args.ssh_port, identity=args.identity,
                               known_hosts=args.known_hosts,
                               remote_command=tuple(shlex.split(args.remote_command)))
         show = not args.no_progress and sys.stderr.isatty()
         label = os.path.basename(args.src)
-        if args.method == "rsync":
+        if options.method == "rsync":
             with progress_bar(enabled=show, label=label) as on_progress:
-                result = transfer.rsync_copy(args.src, dest, bwlimit=bwlimit, progress=on_progress,
-                                             overwrite=args.overwrite)
+                result = transfer.rsync_copy(args.src, dest, options, overwrite=args.overwrite,
+                                             progress=on_progress)
         else:
             # The source is opened and its first data asked of the disk before the
             # sender, its SSH client and the progress bar (a thread) are loaded: the
@@ -119,11 +110,8 @@ def run_copy(args: argparse.Namespace) -> int:
             with Source.open(args.src, DEFAULT_CHUNK, direct=True) as source:
                 source.prefetch()
                 with progress_bar(enabled=show, label=label) as on_progress:
-                    result = transfer.stream_copy(source, dest, streams=args.streams,
-                                                  channel=args.channel, compress=args.compress,
-                                                  bwlimit=bwlimit, overwrite=args.overwrite,
-                                                  resume=not args.no_resume, fsync=args.fsync,
-                                                  progress=on_progress)
+                    result = transfer.stream_copy(source, dest, options, overwrite=args.overwrite,
+                                                  resume=not args.no_resume, progress=on_progress)
     except TransferError as e:
         print(f"coldferry copy: error: {e}", file=sys.stderr)
         return 1
@@ -132,6 +120,25 @@ def run_copy(args: argparse.Namespace) -> int:
         return 130
     print(result.summary())
     return 0
+
+
+def copy_options(args: argparse.Namespace) -> CopyOptions:
+    """The copy's options from its arguments; a refused value is named by its option (``--streams``).
+
+    :raises InvalidArgument: a bad value, or a stream-only option given with ``--method rsync``.
+    """
+    bwlimit = parse_size(args.bwlimit, "--bwlimit") if args.bwlimit else 0
+    options = CopyOptions.named("--", method=args.method, streams=args.streams, channel=args.channel,
+                                compress=args.compress, bwlimit=bwlimit, fsync=args.fsync)
+    if options.method == "rsync":
+        stream_only = [flag for flag, used in (("--no-resume", args.no_resume), ("--fsync", args.fsync),
+                                               ("--compress", args.compress != "off"),
+                                               ("--channel", args.channel != "direct"),
+                                               ("--streams", args.streams != DEFAULT_STREAMS)) if used]
+        if stream_only:
+            raise transfer.InvalidArgument(what="option for --method rsync", value=" ".join(stream_only),
+                                           reason="these apply to the stream method only")
+    return options
 
 
 def run_checksum(args: argparse.Namespace) -> int:

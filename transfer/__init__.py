@@ -1,8 +1,8 @@
 """coldferry's disk transfer: the streaming copier and rsync-over-SSH.
 
-The sending side (``stream_copy``, ``rsync_copy``) is loaded on first use:
-the receiving side runs once per copy on the remote host and should not pay
-for importing an SSH client it never uses.
+The sending side (``copy``, ``stream_copy``, ``rsync_copy``) is loaded on
+first use: the receiving side runs once per copy on the remote host and
+should not pay for importing an SSH client it never uses.
 """
 
 from typing import Any
@@ -11,17 +11,18 @@ from .digest import file_digest
 from .endpoint import Endpoint
 from .errors import (ChunkCorrupted, DigestMismatch, HostKeyError, InvalidArgument, NoSpace,
                      PathRefused, TargetExists, TransferError)
+from .options import DEFAULT_STREAMS, CopyOptions
 from .progress import Progress, ProgressCallback
 from .result import CopyResult
 from .target import partial_names
 
 __all__ = [
-    "ChunkCorrupted", "CopyResult", "DEFAULT_STREAMS", "DigestMismatch", "Endpoint", "HostKeyError",
-    "InvalidArgument", "NoSpace", "PathRefused", "Progress", "ProgressCallback", "TargetExists",
-    "TransferError", "file_digest", "partial_names", "rsync_copy", "stream_copy",
+    "ChunkCorrupted", "CopyOptions", "CopyResult", "DEFAULT_STREAMS", "DigestMismatch", "Endpoint",
+    "HostKeyError", "InvalidArgument", "NoSpace", "PathRefused", "Progress", "ProgressCallback",
+    "TargetExists", "TransferError", "copy", "file_digest", "partial_names", "rsync_copy", "stream_copy",
 ]
 
-_LAZY = {"stream_copy": "sender", "DEFAULT_STREAMS": "sender", "rsync_copy": "rsync"}
+_LAZY = {"copy": "copier", "stream_copy": "sender", "rsync_copy": "rsync"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import ChunkCorrupted, InvalidArgument
+from .options import COMPRESS_MODES
 from .wire import FLAG_ZSTD
 
-MODES = ("off", "fast", "auto")
 KEEP_RATIO = 0.9
 MAX_BACKOFF = 64
 
@@ -21,8 +21,8 @@ class Compressor:
     """One per stream (zstd contexts are not shared between threads)."""
 
     def __init__(self, mode: str) -> None:
-        if mode not in MODES:
-            raise InvalidArgument(what="compression", value=mode, reason="use off, fast or auto")
+        if mode not in COMPRESS_MODES:
+            raise InvalidArgument(what="compression", value=mode, reason=f"use {', '.join(COMPRESS_MODES)}")
         self.mode = mode
         self._zstd = None
         if mode != "off":

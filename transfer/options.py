@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import InvalidArgument
 from .units import KiB
@@ -15,6 +15,8 @@ COMPRESS_MODES = ("off", "fast", "auto")
 MAX_STREAMS = 16
 #: Two streams keep both cores busy on a two-core host (measured, see README).
 DEFAULT_STREAMS = 2
+#: A field's type from its annotation, a string under ``from __future__ import annotations``.
+_TYPES: dict[Any, type] = {"str": str, "int": int, "bool": bool, str: str, int: int, bool: bool}
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class CopyOptions:
     :param compress: the stream method's per-chunk compression: ``off``, ``fast`` or ``auto``.
     :param bwlimit: bytes per second over all streams; 0 for no limit (rsync: at least 1 KiB/s).
     :param retries: reconnect-and-resume attempts after a dropped connection (stream method).
-    :param fsync: the receiver flushes the file to disk before it reports success.
+    :param fsync: the receiver flushes the file to disk before it reports success (stream method).
     :raises InvalidArgument: naming the field (``what``) and the values it takes.
     """
 
@@ -41,8 +43,7 @@ class CopyOptions:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            kind = bool if f.type == "bool" else int if f.type == "int" else str
+            value, kind = getattr(self, f.name), _TYPES[f.type]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise InvalidArgument(what=f.name, value=value, reason=f"expected {f.type}")
         checks = [
@@ -60,13 +61,30 @@ class CopyOptions:
                 raise InvalidArgument(what=name, value=getattr(self, name), reason=reason)
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any], prefix: str = "") -> "CopyOptions":
+    def named(cls, prefix: str, **values: Any) -> CopyOptions:
+        """Build from ``values``; a refused one is named ``<prefix><field>`` (``--streams``).
+
+        :raises InvalidArgument: with ``what`` the prefixed name.
+        """
+        try:
+            return cls(**values)
+        except InvalidArgument as e:
+            raise InvalidArgument(what=prefix + e.what, value=e.value, reason=e.reason) from None
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], prefix: str = "") -> CopyOptions:
         """Build from settings named ``<prefix><field>`` (``transfer_streams``); others are ignored.
 
         :raises InvalidArgument: with ``what`` the setting's full name.
         """
-        given = {f.name: settings[prefix + f.name] for f in fields(cls) if prefix + f.name in settings}
-        try:
-            return cls(**given)
-        except InvalidArgument as e:
-            raise InvalidArgument(what=prefix + e.what, value=e.value, reason=e.reason) from None
+        return cls.named(prefix, **{f.name: settings[prefix + f.name] for f in fields(cls)
+                                    if prefix + f.name in settings})
+
+    def require(self, method: str) -> None:
+        """Refuse these options in a copier of another ``method`` than theirs.
+
+        :raises InvalidArgument: naming ``method``.
+        """
+        if self.method != method:
+            raise InvalidArgument(what="method", value=self.method,
+                                  reason=f"this is the {method} copier; transfer.copy picks the copier by method")

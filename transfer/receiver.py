@@ -32,6 +32,7 @@ from .errors import (ChunkCorrupted, DigestMismatch, InvalidArgument, NoSpace, P
                      TransferError)
 from .extents import DIRECT_ALIGN, ZERO_GRAIN, data_extents
 from .journal import Journal
+from .options import CHANNELS, MAX_STREAMS
 from .target import Target, punch_hole
 from .units import format_size
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 ACCEPT_TIMEOUT = 30.0
 MAX_BAD_CONNECTIONS = 8
 MAX_CHUNK = 64 * 1024 * 1024
-CHANNELS = ("direct", "tls", "ssh")
 #: Frame buffers per stream: one being received while the others wait to be written.
 BUFFERS_PER_STREAM = 3
 #: Threads writing received data. Writes bypass the page cache (O_DIRECT) where
@@ -81,9 +81,9 @@ class Receiver:
         if self.size < 0 or not 0 < self.chunk <= MAX_CHUNK or self.chunk % ZERO_GRAIN:
             raise InvalidArgument(what="size or chunk size", value=(self.size, self.chunk),
                                   reason=f"chunk must be a multiple of {ZERO_GRAIN} up to {MAX_CHUNK}")
-        if not 1 <= self.streams <= 64 or self.channel not in CHANNELS:
+        if not 1 <= self.streams <= MAX_STREAMS or self.channel not in CHANNELS:
             raise InvalidArgument(what="streams or channel", value=(self.streams, self.channel),
-                                  reason="1-64 streams over direct, tls or ssh")
+                                  reason=f"1-{MAX_STREAMS} streams over {', '.join(CHANNELS)}")
         # The ssh channel arrives through the SSH server's port forwarding, from loopback.
         self.bind = "127.0.0.1" if self.channel == "ssh" else bind
         self.target = Target.resolve(root, name)

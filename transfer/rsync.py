@@ -25,6 +25,7 @@ from .endpoint import Endpoint
 from .errors import (AuthenticationFailed, DigestMismatch, HostKeyError, InvalidArgument, ProtocolError,
                      RemoteCommandFailed, RemoteError, RsyncFailed, SourceError, TargetExists,
                      TransferError)
+from .options import CopyOptions
 from .progress import Progress, ProgressCallback
 from .result import CopyResult
 from .target import RSYNC_PARTIAL_DIR
@@ -61,27 +62,29 @@ EXIT_MEANINGS = {
 }
 
 
-def rsync_copy(src: str, dest: Endpoint, *, bwlimit: int | None = None,
-               progress: ProgressCallback | None = None, overwrite: bool = False,
+def rsync_copy(src: str, dest: Endpoint, options: CopyOptions = CopyOptions(method="rsync"), *,
+               overwrite: bool = False, progress: ProgressCallback | None = None,
                run: Run = subprocess.Popen, clock: Callable[[], float] = time.monotonic) -> CopyResult:
     """Copy the local file ``src`` to ``dest`` with rsync over SSH and verify it.
 
     :param src: local file to copy.
     :param dest: remote target file and how to reach its host.
-    :param bwlimit: bandwidth limit in bytes per second (at least 1 KiB/s), or None.
-    :param progress: called with a Progress (bytes of the file, holes included).
+    :param options: their method must be ``rsync``; of the rest only the bandwidth limit
+        applies (0: none).
     :param overwrite: replace an existing target instead of refusing.
+    :param progress: called with a Progress (bytes of the file, holes included).
     :param run: starts a process like subprocess.Popen (injectable for tests).
     :param clock: monotonic seconds (injectable for tests).
-    :raises InvalidArgument: bad endpoint settings or bandwidth limit.
+    :raises InvalidArgument: bad endpoint settings, or options of another method.
     :raises SourceError: ``src`` is missing or not a regular file.
     :raises TargetExists: the target exists and ``overwrite`` is false.
     :raises HostKeyError, AuthenticationFailed: SSH refused the host or the login.
     :raises RsyncFailed: rsync failed; the message explains its exit code.
     :raises DigestMismatch: the digests differ (the target is then removed).
     """
+    options.require("rsync")
     size = _source_size(src)
-    argv = rsync_argv(dest, bwlimit=bwlimit, overwrite=overwrite)
+    argv = rsync_argv(dest, options, overwrite=overwrite)
     checksum = checksum_command(dest)
     if dest.name in (".", ".."):
         raise InvalidArgument(what="destination path", value=dest.path, reason="name the destination file")
@@ -128,8 +131,13 @@ def rsh_command(dest: Endpoint) -> str:
     return " ".join(a if _PLAIN.fullmatch(a) else f"'{a}'" for a in ["ssh", *ssh_options(dest)])
 
 
-def rsync_argv(dest: Endpoint, *, bwlimit: int | None = None, overwrite: bool = False) -> list[str]:
-    """rsync's options; the source and target arguments follow."""
+def rsync_argv(dest: Endpoint, options: CopyOptions = CopyOptions(method="rsync"), *,
+               overwrite: bool = False) -> list[str]:
+    """rsync's options; the source and target arguments follow.
+
+    :raises InvalidArgument: options of another method (their bwlimit may be below rsync's 1 KiB/s).
+    """
+    options.require("rsync")
     # -s (--secluded-args, formerly --protect-args): names travel in rsync's protocol, not
     # through the remote shell; the short form is the one every rsync >= 3.0 knows.
     argv = ["rsync", "-s", "--copy-links", "--sparse", f"--partial-dir={PARTIAL_DIR}",
@@ -137,11 +145,8 @@ def rsync_argv(dest: Endpoint, *, bwlimit: int | None = None, overwrite: bool = 
     if not overwrite:
         # Decided by the receiving rsync at copy time: no shell, no window between check and copy.
         argv.append("--ignore-existing")
-    if bwlimit is not None:
-        if bwlimit < KiB:
-            raise InvalidArgument(what="bandwidth limit", value=bwlimit,
-                                  reason="rsync cannot limit below 1 KiB/s (1024 bytes/s)")
-        argv.append(f"--bwlimit={bwlimit // KiB}")  # KiB/s, rounded down: never above the limit
+    if options.bwlimit:  # at least 1 KiB/s, as CopyOptions ensures for rsync
+        argv.append(f"--bwlimit={options.bwlimit // KiB}")  # KiB/s, rounded down: never above the limit
     return [*argv, "--"]
 
 

@@ -14,7 +14,6 @@ import base64
 import hmac
 import logging
 import mmap
-import os
 import queue
 import socket
 import threading
@@ -32,6 +31,7 @@ from .endpoint import Endpoint
 from .errors import (ConnectionLost, DigestMismatch, InvalidArgument, ProtocolError, SourceError,
                      TransferError, from_remote)
 from .extents import DIRECT_ALIGN, Block, nonzero_segments
+from .options import CopyOptions
 from .progress import ProgressCallback, ProgressMeter
 from .ratelimit import RateLimit
 from .result import CopyResult
@@ -39,27 +39,12 @@ from .source import Source
 
 log = logging.getLogger(__name__)
 
-#: Two streams keep both cores busy on a two-core host (measured, see README).
-DEFAULT_STREAMS = 2
-#: direct: plain TCP with AES-GCM sealed frames (fastest); tls: a TLS connection; ssh: inside SSH.
-CHANNELS = ("direct", "tls", "ssh")
 ERROR_WAIT = 5.0
 #: Threads that read, hash and pack blocks; they share the streams.
 READERS = 4
 #: Blocks whose data runs on from one to the next are read with one request of up to
 #: this many blocks: 4 readers of 16 MiB read this disk at 1.23 GB/s, of 4 MiB at 0.84.
 READ_BATCH = 4
-
-
-@dataclass
-class Options:
-    streams: int = DEFAULT_STREAMS
-    channel: str = "direct"
-    compress: str = "off"
-    bwlimit: int | None = None
-    chunk: int = DEFAULT_CHUNK
-    overwrite: bool = False
-    fsync: bool = False
 
 
 @dataclass
@@ -70,9 +55,8 @@ class Counters:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def stream_copy(src: str | Source, dest: Endpoint, *, streams: int = DEFAULT_STREAMS, channel: str = "direct",
-                compress: str = "off", bwlimit: int | None = None, chunk_size: int = DEFAULT_CHUNK,
-                overwrite: bool = False, resume: bool = True, fsync: bool = False, retries: int = 3,
+def stream_copy(src: str | Source, dest: Endpoint, options: CopyOptions = CopyOptions(), *,
+                chunk_size: int = DEFAULT_CHUNK, overwrite: bool = False, resume: bool = True,
                 progress: ProgressCallback | None = None,
                 connect: Callable[[Endpoint], paramiko.SSHClient] = ssh.connect,
                 sleep: Callable[[float], None] = time.sleep,
@@ -83,24 +67,18 @@ def stream_copy(src: str | Source, dest: Endpoint, *, streams: int = DEFAULT_STR
     read-ahead before this module and its SSH client are loaded. The caller closes
     it, also when this fails: closing is what stops its read-ahead.
 
-    :param streams: parallel data streams (1-16).
-    :param channel: ``direct`` (a TCP connection to the receiver, every frame sealed
-        with AES-128-GCM under a one-time key handed over through SSH), ``tls`` (a TLS
-        connection to the receiver) or ``ssh`` (forwarded inside the SSH connection).
-    :param compress: ``off``, ``fast`` or ``auto``.
-    :param bwlimit: bytes per second over all streams, or None.
+    :param options: streams, channel (``direct``: a TCP connection to the receiver, every
+        frame sealed with AES-128-GCM under a one-time key handed over through SSH;
+        ``tls``: a TLS connection to the receiver; ``ssh``: forwarded inside the SSH
+        connection), compression, bandwidth limit (0: none), reconnect attempts and
+        fsync; their method must be ``stream``.
+    :param chunk_size: bytes per block; a ``Source`` must have been opened with it.
     :param overwrite: replace an existing destination file.
     :param resume: continue an interrupted copy of the same source; False starts over.
-    :param fsync: have the receiver flush the file to disk before reporting success.
-    :param retries: reconnect-and-resume attempts after a dropped connection.
+    :raises InvalidArgument: options of another method, or a Source of another block size.
     :raises TransferError: a subclass naming what failed; the source is never modified.
     """
-    if not 1 <= streams <= 16:
-        raise InvalidArgument(what="streams", value=streams, reason="use 1 to 16")
-    if channel not in CHANNELS:
-        raise InvalidArgument(what="channel", value=channel, reason="use direct, tls or ssh")
-    Compressor(compress)  # validates the mode
-    opts = Options(streams, channel, compress, bwlimit, chunk_size, overwrite, fsync)
+    options.require("stream")
     if isinstance(src, Source):
         if src.chunk != chunk_size:
             raise InvalidArgument(what="chunk_size", value=chunk_size,
@@ -108,13 +86,13 @@ def stream_copy(src: str | Source, dest: Endpoint, *, streams: int = DEFAULT_STR
         source, owned = src, False
     else:
         source, owned = Source.open(src, chunk_size, direct=True), True
-    limiter = RateLimit(bwlimit, clock=clock, sleep=sleep) if bwlimit else None
+    limiter = RateLimit(options.bwlimit, clock=clock, sleep=sleep) if options.bwlimit else None
     started = clock()
     attempts = 0
     try:
         if owned:
             source.prefetch()
-        retrying = Retrying(stop=stop_after_attempt(retries + 1), reraise=True, sleep=sleep,
+        retrying = Retrying(stop=stop_after_attempt(options.retries + 1), reraise=True, sleep=sleep,
                             retry=retry_if_exception(lambda e: getattr(e, "retryable", False)),
                             wait=wait_exponential(multiplier=0.5, max=8),
                             before_sleep=lambda rs: log.warning("copy interrupted (%s); resuming",
@@ -123,7 +101,7 @@ def stream_copy(src: str | Source, dest: Endpoint, *, streams: int = DEFAULT_STR
             with attempt:
                 restart = not resume and attempts == 0
                 attempts += 1
-                session = Session(source, dest, opts, restart, limiter, progress, clock, connect)
+                session = Session(source, dest, options, overwrite, restart, limiter, progress, clock, connect)
                 result = session.run()
         return CopyResult("stream", source.size, result.sent, result.wire,
                           source.size - result.sent - result.resumed, result.resumed,
@@ -136,7 +114,7 @@ def stream_copy(src: str | Source, dest: Endpoint, *, streams: int = DEFAULT_STR
 class Session:
     """One connection's worth of a copy: receiver, streams, digest exchange."""
 
-    def __init__(self, source: Source, dest: Endpoint, opts: Options, restart: bool,
+    def __init__(self, source: Source, dest: Endpoint, opts: CopyOptions, overwrite: bool, restart: bool,
                  limiter: RateLimit | None, progress: ProgressCallback | None,
                  clock: Callable[[], float],
                  connect: Callable[[Endpoint], paramiko.SSHClient] = ssh.connect) -> None:
@@ -144,11 +122,13 @@ class Session:
         self.source = source
         self.dest = dest
         self.opts = opts
+        self.chunk = source.chunk
+        self.overwrite = overwrite
         self.restart = restart
         self.limiter = limiter
         self.progress = progress
         self.clock = clock
-        self.digest = ImageDigest(source.size, opts.chunk)
+        self.digest = ImageDigest(source.size, source.chunk)
         self.counters = Counters()
         self.errors: list[TransferError] = []
         self.stop = threading.Event()
@@ -188,10 +168,10 @@ class Session:
         src = self.source
         remote.settimeout(ssh.CONNECT_TIMEOUT * 4)
         wire.send_message(remote.stdin, "hello", version=wire.VERSION, root=self.dest.root,
-                          name=self.dest.name, size=src.size, chunk_size=self.opts.chunk,
+                          name=self.dest.name, size=src.size, chunk_size=self.chunk,
                           source=src.identity, mode=src.mode, streams=self.opts.streams, channel=self.opts.channel,
                           data_bytes=sum(sum(n for _, n in b.segments) for b in src.blocks),
-                          overwrite=self.opts.overwrite, restart=self.restart, fsync=self.opts.fsync)
+                          overwrite=self.overwrite, restart=self.restart, fsync=self.opts.fsync)
         return self._reply(remote, "ready")
 
     def _reply(self, remote: ssh.RemoteProcess, op: str) -> dict[str, Any]:
@@ -211,7 +191,7 @@ class Session:
             key = seal.parse_key(ready.get("key", ""))
             sock: Any = ssh.plain_connect(self.dest.host, port)
             sock.sendall(seal.hello(key, index))
-            return sock, seal.Sealer(key, index, self.opts.chunk + self.opts.chunk // 128 + 65536)
+            return sock, seal.Sealer(key, index, self.chunk + self.chunk // 128 + 65536)
         if self.opts.channel == "ssh":
             sock = ssh.forward(client, port, self.dest.host)
         else:
@@ -271,7 +251,7 @@ class Session:
             self._fail(ConnectionLost(host=self.dest.host, reason=str(e) or type(e).__name__))
 
     def _send_blocks(self, have: bytes, meter: ProgressMeter) -> None:
-        chunk = self.opts.chunk
+        chunk = self.chunk
         # Page-aligned (mmap) so that the source may be read with O_DIRECT into it.
         buf, gather = mmap.mmap(-1, READ_BATCH * chunk + DIRECT_ALIGN), bytearray(chunk)
         view, gview = memoryview(buf), memoryview(gather)

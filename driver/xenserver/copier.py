@@ -19,10 +19,10 @@ import transfer
 from transfer.digest import file_digest
 from transfer.endpoint import DEFAULT_REMOTE_COMMAND
 from transfer.extents import data_extents
+from transfer.options import CopyOptions
 from transfer.progress import Progress, ProgressCallback
 from transfer.remotefs import RemoteFS
 from transfer.result import CopyResult
-from transfer.sender import stream_copy
 from transfer.target import PART_SUFFIX
 
 from ..errors import DriverError
@@ -45,9 +45,10 @@ class Copier(Protocol):
 
 @dataclass
 class StreamCopier:
-    """Copy with ``transfer.stream_copy`` to an SR at the same path on every host.
+    """Copy with ``transfer.copy`` to an SR at the same path on every host.
 
     :param sr_path: the destination SR directory (``/var/run/sr-mount/<uuid>``).
+    :param options: the copy's method and settings (the stream method by default).
     """
 
     sr_path: str
@@ -56,9 +57,7 @@ class StreamCopier:
     ssh_identity: str | None = None
     ssh_known_hosts: str = field(default_factory=lambda: os.path.expanduser("~/.ssh/known_hosts"))
     remote_command: tuple[str, ...] = DEFAULT_REMOTE_COMMAND
-    streams: int = 2
-    channel: str = "direct"
-    compress: str = "off"
+    options: CopyOptions = CopyOptions()
 
     def endpoint(self, dest: str, name: str) -> transfer.Endpoint:
         return transfer.Endpoint(host=dest, path=os.path.join(self.sr_path, name), user=self.ssh_user,
@@ -66,8 +65,7 @@ class StreamCopier:
                                  remote_command=self.remote_command)
 
     def copy(self, src: str, dest: str, name: str, progress: ProgressCallback | None = None) -> CopyResult:
-        return stream_copy(src, self.endpoint(dest, name), streams=self.streams, channel=self.channel,
-                                    compress=self.compress, overwrite=True, progress=progress)
+        return transfer.copy(src, self.endpoint(dest, name), self.options, overwrite=True, progress=progress)
 
     def remove(self, dest: str, name: str) -> None:
         with RemoteFS(self.endpoint(dest, "/"), self.sr_path) as rfs:

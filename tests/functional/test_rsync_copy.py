@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+import transfer
 from tests.conftest import coldferry_command
 from transfer import rsync
 from transfer.digest import file_digest
 from transfer.endpoint import Endpoint
 from transfer.errors import HostKeyError, TargetExists
+from transfer.options import CopyOptions
 from transfer.progress import Progress
 from transfer.units import MiB
 
@@ -136,8 +138,10 @@ def test_directory_named_like_the_target_is_not_copied_into(sshd, tmp_path, targ
 def test_bandwidth_limit_and_progress(sshd, tmp_path, target):
     src = random_file(tmp_path / "disk.img", 3 * MiB)
     seen: list[tuple[float, Progress]] = []
-    result = rsync.rsync_copy(str(src), endpoint(sshd, target / "disk.img"), bwlimit=MiB,
-                              progress=lambda p: seen.append((time.monotonic(), p)))
+    # The libvirt driver's call.
+    options = CopyOptions(method="rsync", bwlimit=MiB)
+    result = transfer.copy(str(src), endpoint(sshd, target / "disk.img"), options, overwrite=True,
+                           progress=lambda p: seen.append((time.monotonic(), p)), sleep=pytest.fail)
     assert result.digest == file_digest(str(src))
     snaps = [p for _, p in seen]
     assert len(snaps) >= 2
@@ -159,7 +163,8 @@ def test_interrupted_copy_resumes_from_the_partial_file(sshd, tmp_path, target):
             raise Stop
 
     with pytest.raises(Stop):
-        rsync.rsync_copy(str(src), endpoint(sshd, dst), bwlimit=2 * MiB, progress=stop_midway)
+        rsync.rsync_copy(str(src), endpoint(sshd, dst), CopyOptions(method="rsync", bwlimit=2 * MiB),
+                         progress=stop_midway)
     partial = target / rsync.PARTIAL_DIR / "disk.img"
     deadline = time.monotonic() + 10  # the remote rsync notices the dropped connection
     while not partial.exists() and time.monotonic() < deadline:

@@ -15,6 +15,7 @@ import transfer
 from tests.conftest import coldferry_command
 from tests.support.procs import descendants
 from transfer.digest import file_digest
+from transfer.options import CopyOptions
 from transfer.units import MiB
 
 CHUNK = 4 * MiB
@@ -64,7 +65,7 @@ def test_sparse_layouts_copy_exactly_and_stay_sparse(sshd, tmp_path, layout, cha
     src = make_file(tmp_path / "src.img", size, data)
     dst = tmp_path / "out" / "dst.img"
     dst.parent.mkdir()
-    result = transfer.stream_copy(str(src), endpoint(sshd, dst), channel=channel)
+    result = transfer.copy(str(src), endpoint(sshd, dst), CopyOptions(channel=channel))
     assert_same(src, dst)
     assert allocated(dst) <= allocated(src)
     assert result.digest == file_digest(str(src))
@@ -107,7 +108,7 @@ def test_compression_round_trips(sshd, tmp_path, compress):
     src = tmp_path / "text.img"
     src.write_bytes(b"coldferry compresses text nicely\n" * 300000 + os.urandom(3 * MiB))
     dst = tmp_path / "dst.img"
-    result = transfer.stream_copy(str(src), endpoint(sshd, dst), compress=compress)
+    result = transfer.stream_copy(str(src), endpoint(sshd, dst), CopyOptions(compress=compress))
     assert_same(src, dst)
     assert result.wire < result.sent
 
@@ -116,7 +117,8 @@ def test_bandwidth_limit_and_progress(sshd, tmp_path):
     src = make_file(tmp_path / "src.img", 12 * MiB, [(0, 12 * MiB)])
     dst = tmp_path / "dst.img"
     seen = []
-    result = transfer.stream_copy(str(src), endpoint(sshd, dst), bwlimit=8 * MiB, progress=seen.append)
+    result = transfer.stream_copy(str(src), endpoint(sshd, dst), CopyOptions(bwlimit=8 * MiB),
+                                  progress=seen.append)
     assert_same(src, dst)
     # 12 MiB at 8 MiB/s cannot finish in much under 1 s (the first chunk goes at once).
     assert result.seconds >= 0.9
@@ -183,6 +185,20 @@ def receiver_pids(sshd) -> list[int]:
     return [pid for pid, argv in descendants(sshd.proc.pid) if "receive" in argv]
 
 
+def receiver_killer(sshd, at: int) -> tuple[list[int], transfer.ProgressCallback]:
+    """A progress callback that kills the receiver once ``at`` bytes are done, and the pids it killed."""
+    killed: list[int] = []
+
+    def kill(p: transfer.Progress) -> None:
+        if not killed and p.done >= at:
+            pids = receiver_pids(sshd)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            killed.extend(pids)
+
+    return killed, kill
+
+
 @pytest.mark.parametrize("channel", ["direct", "tls", "ssh"])
 def test_connection_killed_mid_copy_resumes_automatically(sshd, tmp_path, channel):
     # Up to two streams' socket buffers (some 8 MiB each) may be in flight, counted as
@@ -190,23 +206,27 @@ def test_connection_killed_mid_copy_resumes_automatically(sshd, tmp_path, channe
     size = 96 * MiB
     src = make_file(tmp_path / "src.img", size, [(0, size)])
     dst = tmp_path / "dst.img"
-    killed = []
-
-    def kill_receiver_halfway(p: transfer.Progress) -> None:
-        if not killed and p.done >= size // 2:
-            pids = receiver_pids(sshd)
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
-            killed.extend(pids)
-
-    result = transfer.stream_copy(str(src), endpoint(sshd, dst), channel=channel, bwlimit=64 * MiB,
-                                  progress=kill_receiver_halfway, sleep=lambda s: None)
+    killed, kill_receiver_halfway = receiver_killer(sshd, size // 2)
+    # The libvirt driver's call.
+    result = transfer.copy(str(src), endpoint(sshd, dst), CopyOptions(channel=channel, bwlimit=64 * MiB),
+                           overwrite=True, progress=kill_receiver_halfway, sleep=lambda s: None)
     assert killed, "the receiver was never killed"
     assert_same(src, dst)
     assert result.resumed >= size // 8  # the second session skipped what had landed
     assert result.sent + result.resumed == size
     assert result.digest == file_digest(str(dst))
     assert not list(tmp_path.glob(".dst.img.*"))
+
+
+def test_no_retries_gives_up_at_the_first_dropped_connection(sshd, tmp_path):
+    size = 48 * MiB
+    src = make_file(tmp_path / "src.img", size, [(0, size)])
+    dst = tmp_path / "dst.img"
+    killed, kill_receiver_halfway = receiver_killer(sshd, size // 2)
+    with pytest.raises(transfer.TransferError):  # a retry would have resumed and finished the copy
+        transfer.copy(str(src), endpoint(sshd, dst), CopyOptions(bwlimit=64 * MiB, retries=0),
+                      progress=kill_receiver_halfway)
+    assert killed and not dst.exists()
 
 
 def test_rerun_after_killed_sender_sends_only_the_rest(sshd, tmp_path):

@@ -342,3 +342,56 @@ def test_usage_errors_exit_2_without_calling_the_controller(fake, capsys, argv):
         cli.main(argv)
     assert e.value.code == 2 and fake.requests == []
     assert "error:" in capsys.readouterr().err
+
+
+# copy --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def copy_args(tmp_path) -> list[str]:
+    src, known_hosts = tmp_path / "disk.raw", tmp_path / "known_hosts"
+    src.write_bytes(b"x" * 4096)
+    known_hosts.write_text("")
+    return ["--no-progress", "--known-hosts", str(known_hosts), str(src), "root@h2:/srv/disk.raw"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--streams", "0"], "invalid --streams: 0 (use 1 to 16)"),
+    (["--streams", "17"], "invalid --streams: 17 (use 1 to 16)"),
+    (["--method", "rsync", "--streams", "0"], "invalid --streams: 0 (use 1 to 16)"),
+    (["--method", "rsync", "--bwlimit", "1000"], "invalid --bwlimit: 1000 (rsync limits in KiB/s"),
+    (["--bwlimit", "fast"], "invalid --bwlimit: 'fast'"),
+    (["--method", "rsync", "--streams", "4", "--fsync"],
+     "invalid option for --method rsync: '--fsync --streams' (these apply to the stream method only)"),
+])
+def test_copy_refuses_bad_options_naming_the_flag(capsys, monkeypatch, copy_args, flags, message):
+    import transfer
+    monkeypatch.setattr(transfer, "stream_copy", pytest.fail)
+    monkeypatch.setattr(transfer, "rsync_copy", pytest.fail)
+    rc, _, err = run(capsys, "copy", *flags, *copy_args)
+    assert rc == 1 and f"coldferry copy: error: {message}" in err
+
+
+@pytest.mark.parametrize("flags, method, expected", [
+    ([], "stream", dict(method="stream", streams=2, bwlimit=0)),
+    (["--streams", "4", "--channel", "tls", "--compress", "auto", "--bwlimit", "1M", "--fsync"], "stream",
+     dict(streams=4, channel="tls", compress="auto", bwlimit=1 << 20, fsync=True)),
+    (["--method", "rsync", "--bwlimit", "2K"], "rsync", dict(method="rsync", bwlimit=2048)),
+])
+def test_copy_hands_the_copier_one_options_value(capsys, monkeypatch, copy_args, flags, method, expected):
+    import transfer
+    from transfer.options import CopyOptions
+    calls = []
+
+    def fake(kind):
+        def copier(src, dest, options, **kw):
+            calls.append((kind, options, kw))
+            return transfer.CopyResult(kind, 4096, 4096, 4096, 0, 0, 1.0, "cf1:x")
+        return copier
+
+    monkeypatch.setattr(transfer, "stream_copy", fake("stream"))
+    monkeypatch.setattr(transfer, "rsync_copy", fake("rsync"))
+    rc, out, _ = run(capsys, "copy", *flags, *copy_args)
+    assert rc == 0 and out.startswith(f"{method}: ")
+    [(kind, options, kw)] = calls
+    assert kind == method and options == CopyOptions(**expected)
+    assert kw["overwrite"] is False

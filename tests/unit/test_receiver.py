@@ -15,7 +15,9 @@ import pytest
 
 from transfer import wire
 from transfer.digest import ImageDigest, block_hash
-from transfer.receiver import serve
+from transfer.errors import InvalidArgument
+from transfer.options import MAX_STREAMS
+from transfer.receiver import Receiver, serve
 
 CHUNK = 1 << 20
 
@@ -203,6 +205,13 @@ def test_no_space_is_refused_before_any_data(tmp_path):
     finally:
         peer.close()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("streams, channel", [(0, "ssh"), (MAX_STREAMS + 1, "direct"), (1, "udp")])
+def test_more_streams_than_a_sender_may_open_or_an_unknown_channel_is_refused(tmp_path, streams, channel):
+    with pytest.raises(InvalidArgument, match=f"1-{MAX_STREAMS} streams over direct, tls, ssh"):
+        Receiver(hello(tmp_path, streams=streams, channel=channel), "127.0.0.1")
+    assert Receiver(hello(tmp_path, streams=MAX_STREAMS), "127.0.0.1").streams == MAX_STREAMS
 
 
 def test_protocol_version_mismatch_is_explained(tmp_path):

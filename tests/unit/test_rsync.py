@@ -18,6 +18,7 @@ from transfer.endpoint import Endpoint
 from transfer.errors import (AuthenticationFailed, DigestMismatch, HostKeyError, InvalidArgument,
                              ProtocolError, RemoteCommandFailed, RsyncFailed, SourceError,
                              TargetExists)
+from transfer.options import CopyOptions
 from transfer.progress import Progress
 from transfer.units import KiB, MiB
 
@@ -183,20 +184,24 @@ def test_rsync_options(files):
                    "--stats", "--no-human-readable", "--ignore-existing"):
         assert option in argv
     assert "--ignore-existing" not in rsync.rsync_argv(endpoint(files), overwrite=True)
-    assert not any(a.startswith("--bwlimit") for a in argv)
+    assert not any(a.startswith("--bwlimit") for a in argv)  # bwlimit 0: no limit
 
 
 @pytest.mark.parametrize("limit, option", [(100 * MiB, "--bwlimit=102400"), (KiB, "--bwlimit=1"),
                                            (2047, "--bwlimit=1"), (50 * 1000 * 1000, "--bwlimit=48828")])
 def test_bwlimit_bytes_per_second_become_whole_kib_rounded_down(files, limit, option):
-    assert option in rsync.rsync_argv(endpoint(files), bwlimit=limit)
+    assert option in rsync.rsync_argv(endpoint(files), CopyOptions(method="rsync", bwlimit=limit))
 
 
-@pytest.mark.parametrize("limit", [0, 1, 1023])
-def test_bwlimit_below_one_kib_refused(files, limit):
-    # rsync reads 0 as "no limit" and rounds to whole KiB: refuse rather than mislead.
-    with pytest.raises(InvalidArgument, match="1 KiB/s"):
-        rsync.rsync_argv(endpoint(files), bwlimit=limit)
+def test_options_of_the_stream_method_refused(files):
+    # A stream copy's limit may be below what rsync can express.
+    options = CopyOptions(bwlimit=1000)
+    with pytest.raises(InvalidArgument, match="method"):
+        rsync.rsync_argv(endpoint(files), options)
+    run = FakeRun()
+    with pytest.raises(InvalidArgument, match="method"):
+        rsync.rsync_copy(files["src"], endpoint(files), options, run=run)
+    assert run.calls == []
 
 
 def test_copy_runs_argument_lists_and_quotes_the_remote_checksum_command(files):

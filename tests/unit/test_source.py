@@ -123,6 +123,18 @@ def test_stream_copy_refuses_a_source_opened_with_other_blocks(image, tmp_path):
         assert source.fd >= 0  # the caller's to close
 
 
+def test_stream_copy_refuses_options_of_the_rsync_method(image, tmp_path):
+    from transfer.endpoint import Endpoint
+    from transfer.errors import InvalidArgument
+    from transfer.options import CopyOptions
+    from transfer.sender import stream_copy
+    (tmp_path / "known_hosts").write_text("")
+    dest = Endpoint.parse("host:/srv/disk.raw", known_hosts=str(tmp_path / "known_hosts"))
+    with pytest.raises(InvalidArgument, match="method") as e:
+        stream_copy(str(image[0]), dest, CopyOptions(method="rsync"), connect=pytest.fail)
+    assert e.value.what == "method"
+
+
 def test_a_failing_read_ahead_ends_quietly_and_the_copy_reads_on(image, reads, monkeypatch, capsys):
     source, used = reads
 
