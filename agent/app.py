@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -18,13 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from driver.base import ComputeDriver, copy_figures
+from driver.base import ComputeDriver
 from driver.errors import DriverError, InstanceNotFound, InvalidInstanceState
-from driver.model import Flavor, Instance, Migration, PowerState
+from driver.model import Flavor, Instance, Migration, ProgressHook
 from transfer.progress import Progress
 
 from . import schemas as s
-from .jobs import JobConflict, JobNotFound, JobRunner
+from .jobs import JobConflict, JobNotFound, JobRunner, Report
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner 
     if not token:
         raise ValueError("the agent needs a non-empty token")
     runner = jobs if jobs is not None else JobRunner()
-    driver.on_progress = _progress_hook(runner)  # type: ignore[attr-defined]
     expected = token.encode()
 
     def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
@@ -71,28 +69,11 @@ def _token_ok(given: str, expected: bytes) -> bool:
     return hmac.compare_digest(given.encode(), expected)
 
 
-class _ProgressHook:
-    """The driver's on_progress: one hook for all jobs, routed to the job by thread.
-
-    A driver whose copier reports from worker threads calls ``bind()`` in the
-    job's own thread first and reports through what it returns, so progress
-    lands on the right job even with several copies at once.
-    """
-
-    def __init__(self, runner: JobRunner, job_id: str | None = None) -> None:
-        self.runner = runner
-        self.job_id = job_id
-
-    def bind(self) -> "_ProgressHook":
-        return _ProgressHook(self.runner, self.runner.current_job_id())
-
-    def __call__(self, file: str, p: Progress) -> None:
-        self.runner.report({"file": file, "done": p.done, "total": p.total, "rate": p.rate, "eta": p.eta,
-                            "fraction": p.fraction}, self.job_id)
-
-
-def _progress_hook(runner: JobRunner) -> Callable[[str, Progress], None]:
-    return _ProgressHook(runner)
+def _progress(report: Report) -> ProgressHook:
+    """The driver's progress hook for one job: each (file, Progress) becomes that job's progress."""
+    def hook(file: str, p: Progress) -> None:
+        report(s.ProgressOut.of(file, p).model_dump())
+    return hook
 
 
 def _add_error_handlers(app: FastAPI, expected: bytes) -> None:
@@ -177,8 +158,9 @@ def _migration(uuid: str, ref: s.MigrationRef | None) -> Migration:
 
 def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
                     shutdown_defaults: tuple[int, int]) -> None:
-    def start(op: str, uuid: str, work: Callable[[], Any], copies: bool = False) -> dict[str, Any]:
-        return runner.start(op, uuid, work, foreign_progress=copies).to_dict()
+    def start(op: str, uuid: str, work: Callable[[ProgressHook], s.Outcome | None]) -> dict[str, Any]:
+        """Run ``work(progress)`` as job ``op``; the driver's outcome, serialized, is the job's result."""
+        return runner.start(op, uuid, lambda report: s.dump_result(work(_progress(report)))).to_dict()
 
     def shutdown(body: s.PowerOffRequest) -> tuple[int, int]:
         timeout, retry = shutdown_defaults
@@ -190,13 +172,13 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
     @api.post("/instances/{uuid}/power-on", **job, summary="start a stopped instance")
     def power_on(uuid: str, body: s.PowerOnRequest | None = None) -> dict[str, Any]:
         inst = driver.get_instance(uuid)
-        return start("power-on", uuid, lambda: driver.power_on(inst))
+        return start("power-on", uuid, lambda progress: driver.power_on(inst))
 
     @api.post("/instances/{uuid}/power-off", **job, summary="clean shutdown, forced after the timeout")
     def power_off(uuid: str, body: s.PowerOffRequest | None = None) -> dict[str, Any]:
         inst = driver.get_instance(uuid)
         timeout, retry = shutdown(body or s.PowerOffRequest())
-        return start("power-off", uuid, lambda: driver.power_off(inst, timeout, retry))
+        return start("power-off", uuid, lambda progress: driver.power_off(inst, timeout, retry))
 
     @api.post("/instances/{uuid}/migrate-disk-and-power-off", **job,
               summary="source side: power off and copy the disks to dest")
@@ -204,60 +186,36 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
         inst = driver.get_instance(uuid)
         flavor = body.flavor.to_flavor() if body.flavor else inst.flavor
         timeout, retry = shutdown(body)
-
-        def work() -> dict[str, Any]:
-            disk_info = driver.migrate_disk_and_power_off(inst, body.dest, flavor, s.vifs(body.network_info),
-                                                          None, timeout, retry)
-            return {"disk_info": disk_info, **copy_figures(getattr(driver, "last_transfer", {}).get(uuid, {})),
-                    "was_running": inst.power_state == PowerState.RUNNING}
-        return start("migrate-disk-and-power-off", uuid, work, copies=True)
+        return start("migrate-disk-and-power-off", uuid, lambda progress: driver.migrate_disk_and_power_off(
+            inst, body.dest, flavor, s.vifs(body.network_info), None, timeout, retry, progress=progress))
 
     @api.post("/instances/{uuid}/finish-migration", **job, summary="destination side: define and start")
     def finish(uuid: str, body: s.FinishMigrationRequest) -> dict[str, Any]:
         migration = body.migration.to_migration(uuid)
         inst = Instance(uuid, body.name, body.flavor.to_flavor(), migration.dest_host)
-
-        def work() -> dict[str, Any]:
-            driver.finish_migration(migration, inst, body.disk_info, s.vifs(body.network_info), {},
-                                    body.resize_instance, None, body.power_on)
-            return {"running_at": time.time()}
-        return start("finish-migration", uuid, work)
+        disk_info = body.disks()
+        return start("finish-migration", uuid, lambda progress: driver.finish_migration(
+            migration, inst, disk_info, s.vifs(body.network_info), {}, body.resize_instance, None, body.power_on))
 
     @api.post("/instances/{uuid}/confirm-migration", **job, summary="source side: drop the kept copy")
     def confirm(uuid: str, body: s.ConfirmRequest | None = None) -> dict[str, Any]:
         migration = _migration(uuid, (body or s.ConfirmRequest()).migration)
         return start("confirm-migration", uuid,
-                     lambda: driver.confirm_migration(migration, _bare(uuid, migration.source_host), []))
+                     lambda progress: driver.confirm_migration(migration, _bare(uuid, migration.source_host), []))
 
     @api.post("/instances/{uuid}/finish-revert-migration", **job, summary="source side: restart from the kept copy")
     def revert(uuid: str, body: s.RevertRequest | None = None) -> dict[str, Any]:
         body = body or s.RevertRequest()
         migration = _migration(uuid, body.migration)
-        return start("finish-revert-migration", uuid, lambda: driver.finish_revert_migration(
+        return start("finish-revert-migration", uuid, lambda progress: driver.finish_revert_migration(
             _bare(uuid, migration.source_host), [], migration, None, body.power_on))
 
     @api.post("/instances/{uuid}/destroy", **job, summary="stop and undefine here, removing disks if asked")
     def destroy(uuid: str, body: s.DestroyRequest | None = None) -> dict[str, Any]:
         destroy_disks = (body or s.DestroyRequest()).destroy_disks
-        return start("destroy", uuid, lambda: driver.destroy(_bare(uuid), [], destroy_disks))
+        return start("destroy", uuid, lambda progress: driver.destroy(_bare(uuid), [], destroy_disks))
 
     @api.post("/instances/{uuid}/live-migrate", **job, summary="move a running instance, keeping it running")
     def live_migrate(uuid: str, body: s.LiveMigrateRequest) -> dict[str, Any]:
         inst = driver.get_instance(uuid)
-
-        def work() -> dict[str, Any]:
-            return {"downtime_s": _live_migration(driver, inst, body.dest).get("downtime_s")}
-        return start("live-migrate", uuid, work, copies=True)
-
-
-def _live_migration(driver: ComputeDriver, instance: Instance, dest: str) -> dict:
-    """Call the driver's live_migration; a driver without one is a clear error, not a crash."""
-    call = getattr(driver, "live_migration", None)
-    unsupported = DriverError(reason=f"the {type(driver).__name__} driver of this host cannot live-migrate; "
-                                     "use a cold migration")
-    if call is None:
-        raise unsupported
-    try:
-        return call(instance, dest) or {}
-    except NotImplementedError:
-        raise unsupported from None
+        return start("live-migrate", uuid, lambda progress: driver.live_migration(inst, body.dest, progress=progress))

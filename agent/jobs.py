@@ -5,17 +5,19 @@ result or the error, and when it started and ended. Only one job runs per
 instance at a time: two operations interleaved on one instance (a power-on
 while its disks are being copied) could break the source. Finished jobs
 are kept, newest last, up to a bound, so a controller that polls late still
-finds the outcome.
+finds the outcome. A job's work gets its own ``report`` callable, so
+progress lands on that job whichever thread reports it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import functools
 import time
 import uuid as uuidlib
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 
 RUNNING, DONE, ERROR = "running", "done", "error"
 KEEP = 200
+
+#: Sets the progress of the job it was made for; any thread may call it, and once the job ended it does nothing.
+Report = Callable[[dict[str, Any]], None]
 
 
 class JobError(Exception):
@@ -60,11 +65,9 @@ class Job:
     result: Any = None
     error: dict[str, str] | None = None
     ended_at: str | None = None
-    #: Whether progress reported from threads other than the job's own may land here.
-    foreign_progress: bool = field(default=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The job as the API answers it (``foreign_progress`` is internal)."""
+        """The job as the API answers it."""
         return {"id": self.id, "op": self.op, "instance_uuid": self.instance_uuid, "state": self.state,
                 "progress": self.progress, "result": self.result, "error": self.error,
                 "started_at": self.started_at, "ended_at": self.ended_at}
@@ -87,18 +90,15 @@ class JobRunner:
         self.keep = keep
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._ended: dict[str, threading.Event] = {}
-        self._by_thread: dict[int, str] = {}
         self._lock = threading.Lock()
 
-    def start(self, op: str, instance_uuid: str, work: Callable[[], Any], *,
-              foreign_progress: bool = False) -> Job:
-        """Run ``work()`` in a new thread as job ``op`` on ``instance_uuid``.
+    def start(self, op: str, instance_uuid: str, work: Callable[[Report], Any]) -> Job:
+        """Run ``work(report)`` in a new thread as job ``op`` on ``instance_uuid``.
 
-        Its return value becomes the job's result; an exception ends the job
-        in state error with the exception's class name and message.
+        ``report`` sets this job's progress (see Report). The work's return
+        value becomes the job's result; an exception ends the job in state
+        error with the exception's class name and message.
 
-        :param foreign_progress: let ``report`` calls from helper threads the
-            work starts land on this job while it is the only such job running.
         :returns: a snapshot of the new job.
         :raises JobConflict: the instance has a running job.
         """
@@ -106,8 +106,7 @@ class JobRunner:
             for other in self._jobs.values():
                 if other.instance_uuid == instance_uuid and other.state == RUNNING:
                     raise JobConflict(instance_uuid, replace(other))
-            job = Job(uuidlib.uuid4().hex, op, instance_uuid, iso_utc(self.clock()),
-                      foreign_progress=foreign_progress)
+            job = Job(uuidlib.uuid4().hex, op, instance_uuid, iso_utc(self.clock()))
             self._jobs[job.id] = job
             self._ended[job.id] = threading.Event()
             self._prune()
@@ -116,12 +115,10 @@ class JobRunner:
             thread.start()
             return replace(job)
 
-    def _run(self, job: Job, work: Callable[[], Any]) -> None:
-        with self._lock:
-            self._by_thread[threading.get_ident()] = job.id
+    def _run(self, job: Job, work: Callable[[Report], Any]) -> None:
         log.info("job %s: %s on instance %s started", job.id, job.op, job.instance_uuid)
         try:
-            result, error = work(), None
+            result, error = work(functools.partial(self._report, job)), None
         except BaseException as e:  # a job must never stay "running" after its thread ended
             log.exception("job %s: %s on instance %s failed", job.id, job.op, job.instance_uuid)
             result, error = None, {"kind": type(e).__name__, "message": str(e) or type(e).__name__}
@@ -129,12 +126,16 @@ class JobRunner:
             job.result, job.error = result, error
             job.state = ERROR if error else DONE
             job.ended_at = iso_utc(self.clock())
-            self._by_thread.pop(threading.get_ident(), None)
             event = self._ended.get(job.id)
         if error is None:
             log.info("job %s: %s on instance %s done", job.id, job.op, job.instance_uuid)
         if event:
             event.set()
+
+    def _report(self, job: Job, progress: dict[str, Any]) -> None:
+        with self._lock:
+            if job.state == RUNNING:
+                job.progress = dict(progress)
 
     def _prune(self) -> None:
         """Forget the oldest finished jobs beyond ``keep`` (running ones always stay)."""
@@ -142,32 +143,6 @@ class JobRunner:
         for job_id in [j.id for j in self._jobs.values() if j.state != RUNNING][:max(excess, 0)]:
             del self._jobs[job_id]
             self._ended.pop(job_id, None)
-
-    def current_job_id(self) -> str | None:
-        """The id of the job running in the calling thread, if any."""
-        with self._lock:
-            return self._by_thread.get(threading.get_ident())
-
-    def report(self, progress: dict[str, Any], job_id: str | None = None) -> bool:
-        """Set the progress of the job running in the calling thread.
-
-        A call from another thread (a copier's worker) lands on the only
-        running job that accepts foreign progress; with none or several it
-        is dropped rather than shown on the wrong job.
-
-        :param job_id: the job it belongs to, when the caller knows (see ``current_job_id``).
-        :returns: whether the progress landed on a job.
-        """
-        with self._lock:
-            job_id = job_id or self._by_thread.get(threading.get_ident())
-            if job_id is None:
-                candidates = [j.id for j in self._jobs.values() if j.state == RUNNING and j.foreign_progress]
-                job_id = candidates[0] if len(candidates) == 1 else None
-            job = self._jobs.get(job_id) if job_id else None
-            if job is None or job.state != RUNNING:
-                return False
-            job.progress = dict(progress)
-            return True
 
     def get(self, job_id: str) -> Job:
         """A snapshot of one job; raises JobNotFound."""

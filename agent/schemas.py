@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from driver.model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
                           Migration, Vif)
+from transfer.progress import Progress
 from transfer.result import CopyResult
 
 
@@ -90,6 +91,18 @@ class FinishMigrationRequest(_Request):
     power_on: bool = True
     network_info: list[VifBody] = []
 
+    @field_validator("disk_info")
+    @classmethod
+    def _disk_info_parses(cls, text: str) -> str:
+        try:
+            DiskInfo.loads(text)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not a JSON list of disks ({e})") from None
+        return text
+
+    def disks(self) -> list[DiskInfo]:
+        return DiskInfo.loads(self.disk_info)
+
 
 class ConfirmRequest(_Request):
     migration: MigrationRef | None = None
@@ -151,6 +164,10 @@ class ProgressOut(_Response):
     rate: float
     eta: float | None
     fraction: float
+
+    @classmethod
+    def of(cls, file: str, p: Progress) -> "ProgressOut":
+        return cls(file=file, done=p.done, total=p.total, rate=p.rate, eta=p.eta, fraction=p.fraction)
 
 
 # -- job results: what a driver call returned, as the agent serializes it and the controller parses it --
@@ -228,6 +245,31 @@ class LiveResult(_Response):
 #: The result model of each job operation that has one; the others' result is null.
 RESULTS: dict[str, type[_Response]] = {"migrate-disk-and-power-off": MigrateResult,
                                        "finish-migration": FinishResult, "live-migrate": LiveResult}
+
+Outcome = MigrateOutcome | FinishOutcome | LiveOutcome
+
+
+def dump_result(outcome: Outcome | None) -> dict[str, Any] | None:
+    """A driver call's outcome as JSON data, the way a job's result carries it (None stays None)."""
+    if outcome is None:
+        return None
+    model: _Response
+    if isinstance(outcome, MigrateOutcome):
+        model = MigrateResult.of(outcome)
+    elif isinstance(outcome, FinishOutcome):
+        model = FinishResult.of(outcome)
+    else:
+        model = LiveResult.of(outcome)
+    return model.model_dump(mode="json")
+
+
+def parse_result(op: str, data: Any) -> _Response | None:
+    """A job's result as its operation's model (RESULTS); None for an operation without one.
+
+    :raises pydantic.ValidationError: the data does not fit the model.
+    """
+    model = RESULTS.get(op)
+    return None if model is None else model.model_validate(data)
 
 
 class JobErrorOut(_Response):

@@ -14,9 +14,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from driver.base import copy_figures
 from driver.errors import DriverError
-from driver.model import Flavor, Instance, Migration, Vif
+from driver.model import DiskInfo, FinishOutcome, Flavor, Instance, LiveOutcome, MigrateOutcome, Migration, Vif
 from transfer.errors import TransferError
 
 if TYPE_CHECKING:  # the driver (libvirt, pyroute2, paramiko) loads only when a call runs
@@ -33,9 +32,10 @@ calls and their arguments:
   power-on                         {"uuid"}
   power-off                        {"uuid", "timeout"?, "retry_interval"?}
   migrate-disk-and-power-off       {"uuid", "dest", "flavor"?, "network_info"?, "timeout"?, "retry_interval"?}
-      copy the disks to host "dest" and power off; prints {"disk_info", "copies",
-      "precopy", "powered_off_at", "bytes_before_power_off", "bytes_after_power_off"}
+      copy the disks to host "dest" and power off; prints {"disk_info", "copies", "shared",
+      "precopy", "was_running", "powered_off_at", "bytes_before_power_off", "bytes_after_power_off", ...}
   finish-migration                 {"uuid", "name", "flavor", "disk_info", "migration"?, "resize_instance"?, "power_on"?}
+      define and start the copied instance here; prints {"running_at"}
   confirm-migration                {"uuid"}
   finish-revert-migration          {"uuid", "power_on"?}
   destroy                          {"uuid", "destroy_disks"?}
@@ -83,12 +83,24 @@ def _bare(drv: LibvirtDriver, a: dict[str, Any]) -> Instance:
     return Instance(a["uuid"], a.get("name", ""), Flavor("", 0, 0, 0), drv.config.host_name)
 
 
-def _migrate(drv: LibvirtDriver, a: dict[str, Any]) -> Any:
+def _migrate(drv: LibvirtDriver, a: dict[str, Any]) -> MigrateOutcome:
     inst = drv.get_instance(a["uuid"])
     flavor = Flavor.from_dict(a["flavor"]) if "flavor" in a else inst.flavor
     timeout, retry = _shutdown(drv, a)
-    disk_info = drv.migrate_disk_and_power_off(inst, a["dest"], flavor, _vifs(a), None, timeout, retry)
-    return {"disk_info": disk_info, **copy_figures(drv.last_transfer.get(inst.uuid, {}))}
+    return drv.migrate_disk_and_power_off(inst, a["dest"], flavor, _vifs(a), None, timeout, retry)
+
+
+def _finish(drv: LibvirtDriver, a: dict[str, Any]) -> FinishOutcome:
+    return drv.finish_migration(_migration(drv, a), _instance(drv, a), DiskInfo.loads(a["disk_info"]), _vifs(a), {},
+                                bool(a.get("resize_instance", False)), None, bool(a.get("power_on", True)))
+
+
+def _output(result: Any) -> Any:
+    """A call's result as JSON data; a driver outcome exactly as the agent's job result carries it."""
+    if not isinstance(result, (MigrateOutcome, FinishOutcome, LiveOutcome)):
+        return result
+    from agent.schemas import dump_result  # the agent package brings FastAPI: load it only for an outcome
+    return dump_result(result)
 
 
 CALLS: dict[str, Callable[[LibvirtDriver, dict[str, Any]], Any]] = {
@@ -98,9 +110,7 @@ CALLS: dict[str, Callable[[LibvirtDriver, dict[str, Any]], Any]] = {
     "power-on": lambda d, a: d.power_on(d.get_instance(a["uuid"])),
     "power-off": lambda d, a: d.power_off(d.get_instance(a["uuid"]), *_shutdown(d, a)),
     "migrate-disk-and-power-off": _migrate,
-    "finish-migration": lambda d, a: d.finish_migration(_migration(d, a), _instance(d, a), a["disk_info"], _vifs(a),
-                                                        {}, bool(a.get("resize_instance", False)), None,
-                                                        bool(a.get("power_on", True))),
+    "finish-migration": _finish,
     "confirm-migration": lambda d, a: d.confirm_migration(_migration(d, a), _bare(d, a), _vifs(a)),
     "finish-revert-migration": lambda d, a: d.finish_revert_migration(_bare(d, a), _vifs(a), _migration(d, a), None,
                                                                       bool(a.get("power_on", True))),
@@ -117,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("arguments must be a JSON object")
         from driver.libvirt import DriverConfig, LibvirtDriver
         drv = LibvirtDriver(DriverConfig.load(args.config))
-        result = CALLS[args.call](drv, call_args)
+        result = _output(CALLS[args.call](drv, call_args))
     except (DriverError, TransferError) as e:
         print(json.dumps({"error": type(e).__name__, "message": str(e)}))
         return 1

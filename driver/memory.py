@@ -15,7 +15,7 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Callable
 
 from transfer.progress import Progress
 from transfer.result import CopyResult
@@ -24,13 +24,12 @@ from transfer.units import format_size
 from .base import ComputeDriver
 from .errors import (DriverError, InstanceNotFound, InsufficientSpace, InvalidInstanceState, MigrationFailed,
                      ResizeDown)
-from .model import DiskInfo, Flavor, HostResources, Instance, Migration, PowerState, Vif
+from .model import (MOVABLE_STATES, DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome,
+                    MigrateOutcome, Migration, PowerState, ProgressHook, Vif)
 
 GiB = 1 << 30
 ROOT_DISK = "disk"
 EPHEMERAL_DISK = "disk.local"
-
-ProgressHook = Callable[[str, Progress], None]
 
 
 class MemoryCloud:
@@ -72,6 +71,8 @@ class MemoryDriver(ComputeDriver):
     :param address: the data-plane address other hosts use; the host name if omitted.
     :param step_delay: seconds each copy step takes (sleeps through ``sleep``).
     :param copy_steps: how many progress steps one disk copy takes.
+    :param clock: monotonic seconds, for the copies' durations and the live migration's pause.
+    :param now: epoch seconds, for the power-off and start times two hosts compare.
     """
 
     hypervisor_type = "QEMU"
@@ -80,7 +81,7 @@ class MemoryDriver(ComputeDriver):
                  vcpus: int = 16, memory_mb: int = 65536, disk_gb: int = 1000, arch: str = "x86_64",
                  hypervisor_type: str = "QEMU", hypervisor_version: int = 9000000, step_delay: float = 0.0,
                  copy_steps: int = 4, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, now: Callable[[], float] = time.time) -> None:
         self.host_name = host_name
         self.address = address or host_name
         self.cloud = cloud if cloud is not None else MemoryCloud()
@@ -91,10 +92,7 @@ class MemoryDriver(ComputeDriver):
         self.copy_steps = max(1, copy_steps)
         self.sleep = sleep
         self.clock = clock
-        #: Called with (file name, Progress) while disks are copied.
-        self.on_progress: ProgressHook | None = None
-        #: Figures of the last copy per instance uuid, as the libvirt driver keeps them.
-        self.last_transfer: dict[str, dict[str, Any]] = {}
+        self.now = now
         self._defined: dict[str, Instance] = {}
         self._dirs: dict[str, _Dir] = {}
         self._kept: dict[str, _Dir] = {}   # the source's copy until confirm or revert
@@ -202,12 +200,12 @@ class MemoryDriver(ComputeDriver):
 
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor, network_info: list[Vif],
                                    block_device_info: dict | None = None, timeout: int = 0,
-                                   retry_interval: int = 0) -> str:
+                                   retry_interval: int = 0, progress: ProgressHook | None = None) -> MigrateOutcome:
         self._maybe_fail("migrate_disk_and_power_off")
         uuid = instance.uuid
         current = self._copy_of(uuid)
-        if current.power_state in (PowerState.PAUSED, PowerState.SUSPENDED):
-            raise InvalidInstanceState(uuid=uuid, state=current.power_state.name.lower(),
+        if current.power_state not in MOVABLE_STATES:
+            raise InvalidInstanceState(uuid=uuid, state=current.power_state.label,
                                        reason="resume it or shut it off before migrating")
         disks = self.disks(uuid)
         _check_flavor(current, flavor, disks)
@@ -215,20 +213,19 @@ class MemoryDriver(ComputeDriver):
         target._check_space(uuid, dest, sum(disks.values()))
         was_running = current.power_state == PowerState.RUNNING
         self.power_off(current, timeout, retry_interval)
-        stats: dict[str, Any] = {"shared": False, "powered_off_at": time.time(), "copies": []}
-        self.last_transfer[uuid] = stats
+        powered_off_at = self.now()
         with self._lock:  # the directory moves aside, as libvirt's becomes <uuid>_resize
             self._dirs[uuid].definition = replace(current, power_state=PowerState.SHUTDOWN)
             self._kept[uuid] = self._dirs.pop(uuid)
         try:
             target._receive_dir(uuid, replace(current, power_state=PowerState.SHUTDOWN))
-            for name, size in disks.items():
-                stats["copies"].append(self._copy(uuid, name, size, target))
+            copies = [self._copy(uuid, name, size, target, progress) for name, size in disks.items()]
         except BaseException as e:
             restored = self._rollback(current, target, was_running)
             raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__,
                                   restored=restored) from e
-        return DiskInfo.dumps([_disk_info(uuid, name, size, i) for i, (name, size) in enumerate(disks.items())])
+        return MigrateOutcome([_disk_info(uuid, name, size, i) for i, (name, size) in enumerate(disks.items())],
+                              copies, was_running=was_running, powered_off_at=powered_off_at)
 
     def _target(self, dest: str) -> "MemoryDriver":
         target = self.cloud.lookup(dest)
@@ -254,7 +251,8 @@ class MemoryDriver(ComputeDriver):
         with self._lock:
             self._dirs[uuid].disks[name] = size
 
-    def _copy(self, uuid: str, name: str, size: int, target: "MemoryDriver") -> CopyResult:
+    def _copy(self, uuid: str, name: str, size: int, target: "MemoryDriver",
+              progress: ProgressHook | None) -> CopyResult:
         """Move ``size`` bytes to ``target`` in steps, reporting progress after each."""
         start = self.clock()
         done = 0
@@ -265,9 +263,8 @@ class MemoryDriver(ComputeDriver):
                 self.sleep(self.step_delay)
             elapsed = max(self.clock() - start, 1e-9)
             rate = done / elapsed
-            hook = self.on_progress
-            if hook:
-                hook(name, Progress(done, size, rate, (size - done) / rate if rate > 0 else None))
+            if progress:
+                progress(name, Progress(done, size, rate, (size - done) / rate if rate > 0 else None))
             if step == 1:
                 self._maybe_fail("copy")
         digest = hashlib.blake2b(f"{uuid}/{name}:{size}".encode(), digest_size=16).hexdigest()
@@ -293,9 +290,9 @@ class MemoryDriver(ComputeDriver):
 
     # -- migration: destination side ----------------------------------------------
 
-    def finish_migration(self, migration: Migration, instance: Instance, disk_info: str, network_info: list[Vif],
-                         image_meta: dict, resize_instance: bool, block_device_info: dict | None = None,
-                         power_on: bool = True) -> None:
+    def finish_migration(self, migration: Migration, instance: Instance, disk_info: list[DiskInfo],
+                         network_info: list[Vif], image_meta: dict, resize_instance: bool,
+                         block_device_info: dict | None = None, power_on: bool = True) -> FinishOutcome:
         self._maybe_fail("finish_migration")
         uuid = instance.uuid
         with self._lock:
@@ -308,8 +305,10 @@ class MemoryDriver(ComputeDriver):
                     d.disks[name] = max(size, wanted.get(name, 0) * GiB)
             self._defined[uuid] = Instance(uuid, instance.name or d.definition.name, instance.flavor,
                                            self.host_name, PowerState.SHUTDOWN)
-        if power_on:
-            self._set_state(uuid, PowerState.RUNNING)
+        if not power_on:
+            return FinishOutcome()
+        self._set_state(uuid, PowerState.RUNNING)
+        return FinishOutcome(running_at=self.now())
 
     # -- confirm and revert ---------------------------------------------------------
 
@@ -348,10 +347,9 @@ class MemoryDriver(ComputeDriver):
 
     # -- live migration ---------------------------------------------------------------
 
-    def live_migration(self, instance: Instance, dest: str) -> dict:
-        """Move a running instance to ``dest``, keeping it running.
+    def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None) -> LiveOutcome:
+        """Move a running instance to ``dest``, keeping it running; its disks are copied while it runs.
 
-        :returns: ``{"downtime_s": seconds the guest was paused for the switch-over}``.
         :raises InvalidInstanceState: the instance is not running.
         :raises MigrationFailed: the copy failed; the source kept running.
         """
@@ -359,14 +357,15 @@ class MemoryDriver(ComputeDriver):
         uuid = instance.uuid
         current = self._copy_of(uuid)
         if current.power_state != PowerState.RUNNING:
-            raise InvalidInstanceState(uuid=uuid, state=current.power_state.name.lower(),
+            raise InvalidInstanceState(uuid=uuid, state=current.power_state.label,
                                        reason="live migration moves running instances; use a cold migration")
         disks = self.disks(uuid)
         target = self._target(dest)
         target._check_space(uuid, dest, sum(disks.values()))
+        started = self.clock()
         target._receive_dir(uuid, current)
         try:
-            copies = [self._copy(uuid, name, size, target) for name, size in disks.items()]
+            copies = [self._copy(uuid, name, size, target, progress) for name, size in disks.items()]
         except BaseException as e:
             target._drop_dir(uuid)
             raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__,
@@ -376,8 +375,8 @@ class MemoryDriver(ComputeDriver):
         with self._lock:
             self._defined.pop(uuid, None)
             self._dirs.pop(uuid, None)
-        self.last_transfer[uuid] = {"shared": False, "powered_off_at": None, "copies": copies}
-        return {"downtime_s": self.clock() - paused_at}
+        done = self.clock()
+        return LiveOutcome(downtime_s=done - paused_at, migration_s=done - started, copies=copies)
 
     def _adopt_running(self, instance: Instance) -> None:
         """Define an instance that arrived by live migration, running."""

@@ -27,14 +27,14 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from transfer.progress import Progress
 from transfer.result import CopyResult
 from transfer.units import format_size
 
 from ..base import ComputeDriver
 from ..errors import (DriverError, InstanceNotFound, InsufficientSpace, InvalidInstanceState,
                       MigrationFailed, PowerOffFailed, ResizeDown, StartFailed)
-from ..model import DiskInfo, Flavor, HostResources, Instance, Migration, PowerState, Vif
+from ..model import (MOVABLE_STATES, DiskInfo, FinishOutcome, Flavor, HostResources, Instance, MigrateOutcome,
+                     Migration, PowerState, ProgressHook, Vif)
 from . import staging, vhd
 from .copier import Copier
 from .session import HALTED, PAUSED, RUNNING, SUSPENDED, Session, VMRecord, XenAPIFailure
@@ -42,7 +42,6 @@ from .session import HALTED, PAUSED, RUNNING, SUSPENDED, Session, VMRecord, XenA
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
-ProgressHook = Callable[[str, Progress], None]
 MARKER = "coldferry-migration"  # VM other_config key: {vdi uuid: base uuid} until confirm or revert
 FLAVOR_KEY = "coldferry-flavor"
 _STATES = {HALTED: PowerState.SHUTDOWN, RUNNING: PowerState.RUNNING, PAUSED: PowerState.PAUSED,
@@ -50,13 +49,15 @@ _STATES = {HALTED: PowerState.SHUTDOWN, RUNNING: PowerState.RUNNING, PAUSED: Pow
 
 
 @dataclass
-class _Progress:
-    """What the source has done so far, for the rollback."""
+class _Done:
+    """What the source has done so far: for the rollback, and the outcome's disks and copies."""
 
+    progress: ProgressHook | None
     snapshots: list[str] = field(default_factory=list)
     bases: dict[str, str] = field(default_factory=dict)  # VM's vdi uuid -> base uuid the snapshot made
     sent: list[str] = field(default_factory=list)
     disks: list[DiskInfo] = field(default_factory=list)
+    copies: list[CopyResult] = field(default_factory=list)
 
 
 class XenServerDriver(ComputeDriver):
@@ -81,11 +82,6 @@ class XenServerDriver(ComputeDriver):
         self.clock = clock
         self.sleep = sleep
         self.new_uuid = new_uuid
-        #: Called with (file name, Progress) while VHDs are copied.
-        self.on_progress: ProgressHook | None = None
-        #: Figures of the last migration per instance uuid: copies, bytes before and
-        #: after power-off (source), downtime (destination).
-        self.last_transfer: dict[str, dict[str, Any]] = {}
 
     # -- session plumbing ---------------------------------------------------------
 
@@ -160,30 +156,27 @@ class XenServerDriver(ComputeDriver):
 
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor, network_info: list[Vif],
                                    block_device_info: dict[str, Any] | None = None, timeout: int = 0,
-                                   retry_interval: int = 0) -> str:
+                                   retry_interval: int = 0, progress: ProgressHook | None = None) -> MigrateOutcome:
         uuid = instance.uuid
         vm = self._vm(uuid)
         state = self._state(vm)
-        if state in (PowerState.PAUSED, PowerState.SUSPENDED):
-            raise InvalidInstanceState(uuid=uuid, state=state.name.lower(),
-                                       reason="resume it or shut it off before migrating")
+        if state not in MOVABLE_STATES:
+            raise InvalidInstanceState(uuid=uuid, state=state.label, reason="resume it or shut it off before migrating")
         disks = [(vbd.userdevice, vdi) for vbd, vdi in self.session.vm_get_disks(vm)]
         self._check_flavor(instance, flavor, disks)
         self._check_space(uuid, dest, disks)
         was_running = state == PowerState.RUNNING
-        stats: dict[str, Any] = {"shared": False, "precopy": True, "powered_off_at": None, "copies": [],
-                                 "bytes_before_power_off": 0, "bytes_after_power_off": 0}
-        self.last_transfer[uuid] = stats
-        done = _Progress()
+        done = _Done(progress)
         log.info("migrating %s to %s: copying base VHDs while it runs", uuid, dest)
         try:
             for device, vdi in disks:
-                self._snapshot_and_copy_bases(uuid, vm, device, vdi, dest, done, stats)
+                self._snapshot_and_copy_bases(uuid, vm, device, vdi, dest, done)
+            before = sum(c.sent for c in done.copies)
             self.power_off(instance, timeout, retry_interval)
-            stats["powered_off_at"] = self.now()
+            powered_off_at = self.now()
             for device, vdi in disks:
-                self._copy_leaf(uuid, device, vdi, dest, done, stats)
-            self._send_metadata(uuid, dest, stats["powered_off_at"], done, stats)
+                self._copy_leaf(uuid, device, vdi, dest, done)
+            self._send_metadata(uuid, dest, powered_off_at, done)
             # Only now: the snapshot kept the base from being coalesced while the leaf was pending.
             while done.snapshots:
                 self.session.vdi_destroy(done.snapshots.pop())
@@ -191,9 +184,11 @@ class XenServerDriver(ComputeDriver):
             log.exception("migration of %s to %s failed; restoring the source", uuid, dest)
             restored = self._rollback(vm, dest, done, was_running)
             raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__, restored=restored) from e
+        outcome = MigrateOutcome(done.disks, done.copies, precopy=True, was_running=was_running,
+                                 powered_off_at=powered_off_at, bytes_before_power_off=before)
         log.info("migrated %s to %s: %d bytes before power-off, %d after", uuid, dest,
-                 stats["bytes_before_power_off"], stats["bytes_after_power_off"])
-        return DiskInfo.dumps(done.disks)
+                 outcome.bytes_before_power_off, outcome.bytes_after_power_off)
+        return outcome
 
     def _check_flavor(self, instance: Instance, flavor: Flavor, disks: list[tuple[str, str]]) -> None:
         for device, vdi in disks[:1]:
@@ -210,8 +205,7 @@ class XenServerDriver(ComputeDriver):
             raise InsufficientSpace(host=dest, path="its SR", uuid=uuid, free_h=format_size(free),
                                     needed_h=format_size(needed))
 
-    def _snapshot_and_copy_bases(self, uuid: str, vm: str, device: str, vdi: str, dest: str, done: _Progress,
-                                 stats: dict[str, Any]) -> None:
+    def _snapshot_and_copy_bases(self, uuid: str, vm: str, device: str, vdi: str, dest: str, done: _Done) -> None:
         """Snapshot one disk and copy every VHD below its new leaf, the VM still running."""
         snap = self.session.vdi_snapshot(vdi)
         done.snapshots.append(snap)
@@ -221,38 +215,29 @@ class XenServerDriver(ComputeDriver):
         for depth, base in enumerate(bases, 1):
             name = staging.staged_name(uuid, device, depth)
             backing = staging.staged_name(uuid, device, depth + 1) if depth < len(bases) else ""
-            result = self._send(self._file(base), dest, name, done, stats)
-            stats["bytes_before_power_off"] += result.sent
+            self._send(self._file(base), dest, name, done)
             done.disks.append(self._disk_info(base, name, backing, ""))
 
-    def _copy_leaf(self, uuid: str, device: str, vdi: str, dest: str, done: _Progress, stats: dict[str, Any]) -> None:
+    def _copy_leaf(self, uuid: str, device: str, vdi: str, dest: str, done: _Done) -> None:
         name = staging.staged_name(uuid, device, 0)
-        result = self._send(self._file(vdi), dest, name, done, stats)
-        stats["bytes_after_power_off"] += result.sent
+        self._send(self._file(vdi), dest, name, done)
         backing = staging.staged_name(uuid, device, 1)
         done.disks.insert(0, self._disk_info(vdi, name, backing, staging.device_name(device)))
 
-    def _send_metadata(self, uuid: str, dest: str, powered_off_at: float, done: _Progress,
-                       stats: dict[str, Any]) -> None:
+    def _send_metadata(self, uuid: str, dest: str, powered_off_at: float, done: _Done) -> None:
         """Send what the destination needs besides disk_info: when the downtime began."""
         path = os.path.join(self._sr_path(), staging.metadata_name(uuid))
         staging.write_metadata(path, {"uuid": uuid, "source_host": self.host_name,
                                       "powered_off_at": powered_off_at})
         try:
-            stats["bytes_after_power_off"] += self._send(path, dest, staging.metadata_name(uuid), done, stats).sent
+            self._send(path, dest, staging.metadata_name(uuid), done)
         finally:
             os.unlink(path)
 
-    def _send(self, src: str, dest: str, name: str, done: _Progress, stats: dict[str, Any]) -> CopyResult:
+    def _send(self, src: str, dest: str, name: str, done: _Done) -> None:
         done.sent.append(name)  # before the copy: a failed one may leave a partial file to remove
-        hook = self.on_progress
-        bind = getattr(hook, "bind", None)
-        if bind is not None:  # the copier reports from its own threads: pin this job's hook now
-            hook = bind()
-        progress = (lambda p: hook(name, p)) if hook else None
-        result = self.copier.copy(src, dest, name, progress)
-        stats["copies"].append(result)
-        return result
+        progress = functools.partial(done.progress, name) if done.progress else None
+        done.copies.append(self.copier.copy(src, dest, name, progress))
 
     def _disk_info(self, vdi: str, name: str, backing: str, target: str) -> DiskInfo:
         info = vhd.info(self._file(vdi))
@@ -260,7 +245,7 @@ class XenServerDriver(ComputeDriver):
                         disk_size=info.physical_size,
                         over_committed_disk_size=max(0, info.virtual_size - info.physical_size), target=target)
 
-    def _rollback(self, vm: str, dest: str, done: _Progress, was_running: bool) -> str:
+    def _rollback(self, vm: str, dest: str, done: _Done, was_running: bool) -> str:
         """Undo a failed migration on both hosts; return how the source was left, for the message."""
         notes = []
         for name in done.sent:
@@ -307,21 +292,20 @@ class XenServerDriver(ComputeDriver):
 
     # -- migration: destination side ------------------------------------------------
 
-    def finish_migration(self, migration: Migration, instance: Instance, disk_info: str, network_info: list[Vif],
-                         image_meta: dict[str, Any], resize_instance: bool,
-                         block_device_info: dict[str, Any] | None = None, power_on: bool = True) -> None:
+    def finish_migration(self, migration: Migration, instance: Instance, disk_info: list[DiskInfo],
+                         network_info: list[Vif], image_meta: dict[str, Any], resize_instance: bool,
+                         block_device_info: dict[str, Any] | None = None, power_on: bool = True) -> FinishOutcome:
         uuid = instance.uuid
         sr = self.session.sr_get_default()
         sr_path = self.session.sr_get_path(sr)
         meta = staging.read_metadata(sr_path, uuid)
-        disks = DiskInfo.loads(disk_info)
         created: list[str] = []
         try:
             vm = self.session.vm_create(VMRecord(uuid, instance.name, instance.flavor.memory_mb, instance.flavor.vcpus,
                                                  other_config={FLAVOR_KEY: instance.flavor.name}))
             created.append(vm)
-            for leaf in (d for d in disks if d.target):
-                vdi = staging.import_chain(self.session, sr, leaf, disks, self.new_uuid, created)
+            for leaf in (d for d in disk_info if d.target):
+                vdi = staging.import_chain(self.session, sr, leaf, disk_info, self.new_uuid, created)
                 device = staging.userdevice(leaf.target)
                 if resize_instance and device == "0" and instance.flavor.root_gb * GiB > leaf.virt_disk_size:
                     self.session.vdi_resize(vdi, instance.flavor.root_gb * GiB)
@@ -330,12 +314,12 @@ class XenServerDriver(ComputeDriver):
             self._undo_import(created)
             raise
         os.unlink(os.path.join(sr_path, staging.metadata_name(uuid)))
-        if power_on:
-            self.power_on(instance)
-            running_at = self.now()
-            self.last_transfer[uuid] = {"powered_off_at": meta["powered_off_at"], "running_at": running_at,
-                                        "downtime_s": running_at - meta["powered_off_at"]}
-            log.info("instance %s runs here after %.3f s of downtime", uuid, running_at - meta["powered_off_at"])
+        if not power_on:
+            return FinishOutcome()
+        self.power_on(instance)
+        running_at = self.now()
+        log.info("instance %s runs here after %.3f s of downtime", uuid, running_at - meta["powered_off_at"])
+        return FinishOutcome(running_at=running_at)
 
     def _undo_import(self, created: list[str]) -> None:
         """Remove the VM and VDIs a failed finish_migration made (newest first)."""

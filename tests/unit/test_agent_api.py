@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -10,10 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent import JobRunner, create_app
+from agent import schemas
 from driver.base import ComputeDriver
 from driver.errors import DriverError, InvalidInstanceState
 from driver.memory import GiB, MemoryCloud, MemoryDriver
-from driver.model import Flavor, Instance, PowerState
+from driver.model import Flavor, PowerState
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -192,6 +194,10 @@ def test_openapi_document_is_served(cloud):
      "body.flavor.vcpus: Input should be a valid integer"),
     ("migrate-disk-and-power-off", {"dest": "h2", "dst": "x"}, "body.dst: Extra inputs are not permitted"),
     ("finish-migration", {"name": "vm1", "disk_info": "[]", "migration": MIGRATION}, "body.flavor: Field required"),
+    ("finish-migration", {"name": "vm1", "flavor": FLAVOR, "disk_info": "[{oops", "migration": MIGRATION},
+     "body.disk_info: Value error, not a JSON list of disks"),
+    ("finish-migration", {"name": "vm1", "flavor": FLAVOR, "disk_info": '[{"size": 1}]', "migration": MIGRATION},
+     "body.disk_info: Value error, not a JSON list of disks"),
     ("finish-revert-migration", {"power_on": 1}, "body.power_on: Input should be a valid boolean"),
     ("destroy", ["x"], "the body must be a JSON object"),
 ])
@@ -240,6 +246,48 @@ def test_progress_is_visible_while_the_copy_runs(cloud, gate):
     assert done["state"] == "done" and done["progress"]["fraction"] == 1.0
 
 
+class HoldAtStep:
+    """An injectable sleep that lets each copying thread through ``step - 1`` steps, then holds it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.steps: dict[int, int] = {}
+        self.changed = threading.Condition()
+        self.go = threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        with self.changed:
+            n = self.steps[threading.get_ident()] = self.steps.get(threading.get_ident(), 0) + 1
+            self.changed.notify_all()
+        if n >= self.step:
+            self.go.wait(WAIT)
+
+    def wait_held(self, threads: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: sum(n >= self.step for n in self.steps.values()) == threads, WAIT)
+
+
+def test_progress_of_two_migrations_at_once_lands_on_each_ones_job(cloud):
+    src, _ = cloud
+    hold = HoldAtStep(2)  # each copy reports its step 1, then waits
+    src.driver.sleep = hold.sleep
+    other = "9a1c0f7e-0000-4000-8000-000000000002"
+    src.driver.add_instance(other, "vm2", SMALL, disks={"vm2-disk": 4 * GiB})
+    ids = [src.client.post(f"/v1/instances/{uuid}/migrate-disk-and-power-off", json={"dest": "h2"}).json()["id"]
+           for uuid in (UUID, other)]
+    try:
+        hold.wait_held(2)
+        mine, theirs = (src.client.get(f"/v1/jobs/{i}").json()["progress"] for i in ids)
+    finally:
+        hold.go.set()
+    assert (mine["file"], mine["done"], mine["total"]) == ("disk", 10 * GiB // 4, 10 * GiB)
+    assert (theirs["file"], theirs["done"], theirs["total"]) == ("vm2-disk", GiB, 4 * GiB)
+    done = [src.wait(i) for i in ids]
+    assert [(j["instance_uuid"], j["progress"]["file"], j["progress"]["fraction"]) for j in done] == [
+        (UUID, "disk", 1.0), (other, "vm2-disk", 1.0)]
+    assert [j["result"]["bytes_sent"] for j in done] == [10 * GiB, 4 * GiB]
+
+
 def test_second_op_on_a_busy_instance_is_409(cloud, gate):
     src, _ = cloud
     first = src.client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off", json={"dest": "h2"}).json()
@@ -258,10 +306,12 @@ def test_cold_migration_through_two_agents_and_confirm(cloud, gate):
     job = migrate(src, gate, {"dest": "198.18.0.12", "timeout": 1, "retry_interval": 1})
     assert job["state"] == "done", job
     result = job["result"]
-    assert result["shared"] is False and result["was_running"] is True
+    assert result["shared"] is False and result["precopy"] is False and result["was_running"] is True
     assert before <= result["powered_off_at"] <= time.time()
     assert [(c["method"], c["size"], c["sent"]) for c in result["copies"]] == [("memory", 10 * GiB, 10 * GiB)]
     assert set(result["copies"][0]) == {"method", "size", "sent", "wire", "skipped", "resumed", "seconds", "digest"}
+    assert (result["bytes_sent"], result["bytes_skipped"], result["digests"]) == (
+        10 * GiB, 0, [result["copies"][0]["digest"]])
     assert src.client.get(f"/v1/instances/{UUID}").json()["state"] == "shutdown"
 
     done = finish(dst, result["disk_info"])
@@ -334,6 +384,8 @@ def test_live_migrate_job(cloud, gate):
     gate.open()
     job = src.job("live-migrate", {"dest": "h2"})
     assert job["state"] == "done" and isinstance(job["result"]["downtime_s"], float)
+    assert job["result"]["shared"] is False and job["result"]["migration_s"] >= job["result"]["downtime_s"]
+    assert job["progress"] == {**job["progress"], "file": "disk", "fraction": 1.0}
     assert dst.client.get(f"/v1/instances/{UUID}").json()["state"] == "running"
     assert src.client.get("/v1/instances").json() == {"instances": []}
 
@@ -342,20 +394,12 @@ class RefusingDriver(MemoryDriver):
     live_migration = ComputeDriver.live_migration  # the contract's refusal
 
 
-class UnfinishedDriver(MemoryDriver):
-    def live_migration(self, instance: Instance, dest: str) -> dict:
-        raise NotImplementedError
-
-
-@pytest.mark.parametrize("cls,message", [(RefusingDriver, "live migration is not supported by the QEMU driver"),
-                                         (UnfinishedDriver, "UnfinishedDriver driver of this host cannot "
-                                                            "live-migrate; use a cold migration")])
-def test_live_migrate_without_driver_support_is_a_clear_job_error(cls, message):
-    drv = cls("h1")
+def test_live_migrate_without_driver_support_is_a_clear_job_error():
+    drv = RefusingDriver("h1")
     drv.add_instance(UUID, "vm1", SMALL)
     job = Host(drv).job("live-migrate", {"dest": "h2"})
     assert job["state"] == "error" and job["error"]["kind"] == "DriverError"
-    assert message in job["error"]["message"]
+    assert "live migration is not supported by the QEMU driver; use a cold migration" in job["error"]["message"]
     assert drv.get_instance(UUID).power_state == PowerState.RUNNING
 
 
@@ -374,12 +418,25 @@ def test_migrate_result_carries_the_drivers_precopy_figures(cloud, gate, monkeyp
     src, _ = cloud
     real = src.driver.migrate_disk_and_power_off
 
-    def precopied(instance, *args, **kw):
-        disk_info = real(instance, *args, **kw)
-        src.driver.last_transfer[instance.uuid].update(precopy=True, bytes_before_power_off=10 * GiB,
-                                                       bytes_after_power_off=3 << 20)
-        return disk_info
+    def precopied(*args, **kw):
+        return dataclasses.replace(real(*args, **kw), precopy=True, bytes_before_power_off=10 * GiB - (3 << 20))
     monkeypatch.setattr(src.driver, "migrate_disk_and_power_off", precopied)
     result = migrate(src, gate)["result"]
     assert (result["precopy"], result["bytes_before_power_off"], result["bytes_after_power_off"]) == (
-        True, 10 * GiB, 3 << 20)
+        True, 10 * GiB - (3 << 20), 3 << 20)
+
+
+def test_job_results_parse_with_the_result_models_the_controller_uses(cloud, gate):
+    src, dst = cloud
+    gate.open()
+    live = src.job("live-migrate", {"dest": "h2"})
+    migrated = dst.job("migrate-disk-and-power-off", {"dest": "h1"})  # and back, cold
+    finished = finish(src, migrated["result"]["disk_info"], power_on=False)
+    for job, model in ((migrated, schemas.MigrateResult), (finished, schemas.FinishResult),
+                       (live, schemas.LiveResult)):
+        assert job["state"] == "done", job
+        parsed = schemas.parse_result(job["op"], job["result"])
+        assert isinstance(parsed, model) and parsed.model_dump(mode="json") == job["result"]
+    assert finished["result"] == {"running_at": None}  # power_on false: it never ran here
+    assert schemas.parse_result("power-on", None) is None
+    assert migrated["result"]["disk_info"] == schemas.MigrateResult.model_validate(migrated["result"]).disk_info

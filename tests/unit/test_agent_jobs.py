@@ -33,7 +33,7 @@ def test_iso_utc():
 
 
 def test_job_runs_to_done_with_result_and_times(runner):
-    job = runner.start("power-on", "u1", lambda: {"answer": 42})
+    job = runner.start("power-on", "u1", lambda report: {"answer": 42})
     assert job.state == "running" and job.started_at == "2026-11-23T11:30:01Z"
     done = runner.wait(job.id, WAIT)
     assert (done.state, done.result, done.error) == ("done", {"answer": 42}, None)
@@ -43,7 +43,7 @@ def test_job_runs_to_done_with_result_and_times(runner):
 
 
 def test_exception_ends_the_job_in_error(runner):
-    def boom():
+    def boom(report):
         raise ValueError("disk on fire")
 
     job = runner.wait(runner.start("destroy", "u1", boom).id, WAIT)
@@ -53,7 +53,7 @@ def test_exception_ends_the_job_in_error(runner):
 
 
 def test_empty_message_falls_back_to_the_class_name(runner):
-    def boom():
+    def boom(report):
         raise KeyboardInterrupt
 
     job = runner.wait(runner.start("destroy", "u1", boom).id, WAIT)
@@ -62,83 +62,59 @@ def test_empty_message_falls_back_to_the_class_name(runner):
 
 def test_second_job_on_a_busy_instance_conflicts(runner):
     release = threading.Event()
-    first = runner.start("migrate-disk-and-power-off", "u1", release.wait)
+    first = runner.start("migrate-disk-and-power-off", "u1", lambda report: release.wait())
     with pytest.raises(JobConflict, match=f"already has a running job {first.id}"):
-        runner.start("power-on", "u1", lambda: None)
-    other = runner.start("power-on", "u2", lambda: None)  # another instance is free
+        runner.start("power-on", "u1", lambda report: None)
+    other = runner.start("power-on", "u2", lambda report: None)  # another instance is free
     assert runner.wait(other.id, WAIT).state == "done"
     release.set()
     runner.wait(first.id, WAIT)
-    assert runner.wait(runner.start("power-on", "u1", lambda: None).id, WAIT).state == "done"
+    assert runner.wait(runner.start("power-on", "u1", lambda report: None).id, WAIT).state == "done"
 
 
-def test_progress_lands_on_the_job_of_the_calling_thread(runner):
+def test_each_job_reports_through_its_own_report_from_any_thread(runner):
+    # Two copies at once, each reporting from a helper thread as the stream copier does:
+    # the report a job's work was given lands on that job and no other.
     go = threading.Event()
     reported = threading.Barrier(3)
 
     def work(n: int):
-        def run():
-            runner.report({"file": f"disk{n}", "done": n})
+        def run(report):
+            helper = threading.Thread(target=report, args=({"file": f"disk{n}", "done": n},))
+            helper.start()
+            helper.join()
             reported.wait(WAIT)
             go.wait(WAIT)
         return run
 
-    a = runner.start("migrate-disk-and-power-off", "u1", work(1), foreign_progress=True)
-    b = runner.start("migrate-disk-and-power-off", "u2", work(2), foreign_progress=True)
+    a = runner.start("migrate-disk-and-power-off", "u1", work(1))
+    b = runner.start("migrate-disk-and-power-off", "u2", work(2))
     reported.wait(WAIT)
     assert runner.get(a.id).progress == {"file": "disk1", "done": 1}
     assert runner.get(b.id).progress == {"file": "disk2", "done": 2}
-    # from a thread that is no job's, with two candidates: dropped, not misattributed
-    assert runner.report({"file": "x"}) is False
     go.set()
     assert runner.wait(a.id, WAIT).progress == {"file": "disk1", "done": 1}
+    assert runner.wait(b.id, WAIT).progress == {"file": "disk2", "done": 2}
 
 
-def test_helper_thread_progress_goes_to_the_only_copying_job(runner):
-    go = threading.Event()
-
-    def work():
-        helper = threading.Thread(target=runner.report, args=({"file": "disk", "done": 7},))
-        helper.start()
-        helper.join()
-        go.wait(WAIT)
-
-    job = runner.start("migrate-disk-and-power-off", "u1", work, foreign_progress=True)
-    runner.start("power-on", "u2", go.wait)  # not copying: never takes foreign progress
-    go.set()
-    assert runner.wait(job.id, WAIT).progress == {"file": "disk", "done": 7}
+def test_report_after_the_job_ended_does_nothing(runner):
+    kept = []
+    job = runner.wait(runner.start("migrate-disk-and-power-off", "u1",
+                                   lambda report: (report({"done": 1}), kept.append(report))).id, WAIT)
+    kept[0]({"done": 2})
+    assert runner.get(job.id).progress == {"done": 1} and job.state == "done"
 
 
-def test_bound_worker_progress_lands_on_its_job_with_several_copies(runner):
-    # The stream copier reports from its own threads: the job binds its id first.
-    go = threading.Event()
-    both = threading.Barrier(3)
-
-    def work(n: int):
-        def run():
-            job_id = runner.current_job_id()
-            helper = threading.Thread(target=runner.report, args=({"file": f"disk{n}"}, job_id))
-            helper.start()
-            helper.join()
-            both.wait(WAIT)
-            go.wait(WAIT)
-        return run
-
-    a = runner.start("migrate-disk-and-power-off", "u1", work(1), foreign_progress=True)
-    b = runner.start("migrate-disk-and-power-off", "u2", work(2), foreign_progress=True)
-    both.wait(WAIT)
-    go.set()
-    assert runner.wait(a.id, WAIT).progress == {"file": "disk1"}
-    assert runner.wait(b.id, WAIT).progress == {"file": "disk2"}
-
-
-def test_report_outside_any_job_is_dropped(runner):
-    assert runner.report({"file": "disk"}) is False
+def test_reported_progress_is_a_copy(runner):
+    progress = {"done": 1}
+    job = runner.wait(runner.start("power-on", "u1", lambda report: report(progress)).id, WAIT)
+    progress["done"] = 99
+    assert runner.get(job.id).progress == {"done": 1}
 
 
 def test_snapshots_do_not_change_under_the_reader(runner):
     go = threading.Event()
-    job = runner.start("power-on", "u1", go.wait)
+    job = runner.start("power-on", "u1", lambda report: go.wait())
     snapshot = runner.get(job.id)
     go.set()
     assert runner.wait(job.id, WAIT).state == "done"
@@ -147,7 +123,7 @@ def test_snapshots_do_not_change_under_the_reader(runner):
 
 def test_list_is_newest_first_and_bounded():
     runner = JobRunner(clock=Clock(), keep=3)
-    ids = [runner.wait(runner.start("power-on", f"u{i}", lambda: i).id, WAIT).id for i in range(5)]
+    ids = [runner.wait(runner.start("power-on", f"u{i}", lambda report: i).id, WAIT).id for i in range(5)]
     assert [j.id for j in runner.list()] == ids[:1:-1]
     with pytest.raises(JobNotFound, match="not found"):
         runner.get(ids[0])
@@ -156,9 +132,9 @@ def test_list_is_newest_first_and_bounded():
 def test_running_jobs_are_never_pruned():
     runner = JobRunner(clock=Clock(), keep=1)
     go = threading.Event()
-    slow = runner.start("migrate-disk-and-power-off", "u0", go.wait)
-    fast = runner.wait(runner.start("power-on", "u1", lambda: None).id, WAIT)
-    runner.start("power-on", "u2", lambda: None)
+    slow = runner.start("migrate-disk-and-power-off", "u0", lambda report: go.wait())
+    fast = runner.wait(runner.start("power-on", "u1", lambda report: None).id, WAIT)
+    runner.start("power-on", "u2", lambda report: None)
     assert slow.id in {j.id for j in runner.list()}
     assert fast.id not in {j.id for j in runner.list()}
     go.set()

@@ -18,7 +18,8 @@ import driver.libvirt
 from coldferry import cli, driver_cmd
 from driver.errors import InstanceNotFound, MigrationFailed
 from driver.libvirt import DriverConfig, LibvirtDriver
-from driver.model import Flavor, HostResources, Instance, Migration, PowerState, Vif
+from driver.model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
+                          Migration, PowerState, Vif)
 from transfer.errors import HostKeyError
 from transfer.result import CopyResult
 
@@ -45,12 +46,12 @@ def drv(mocker):
     def build(config: DriverConfig) -> Any:
         d = mocker.create_autospec(LibvirtDriver, instance=True)
         d.config = config
-        d.last_transfer = {}
         d.get_instance.return_value = INST
         d.list_instances.return_value = []
-        for name in ("power_on", "power_off", "finish_migration", "confirm_migration", "finish_revert_migration",
-                     "destroy"):
+        for name in ("power_on", "power_off", "confirm_migration", "finish_revert_migration", "destroy"):
             getattr(d, name).return_value = None  # as the real calls return
+        d.migrate_disk_and_power_off.return_value = MigrateOutcome([])
+        d.finish_migration.return_value = FinishOutcome(running_at=1700000100.25)
         made.append(d)
         return d
     mocker.patch.object(driver.libvirt, "LibvirtDriver", side_effect=build)
@@ -120,22 +121,24 @@ def test_power_off_with_timeout(drv, run):
     the(drv).power_off.assert_called_once_with(INST, 30, 5)
 
 
+DISK = DiskInfo("qcow2", "/i/disk", 20 << 30, "", 1 << 30, 19 << 30, "vda")
+
+
 def test_migrate_passes_arguments_and_reports_the_copies_and_precopy_figures(drv, run):
     def migrate(inst, dest, flavor, vifs, bdi, timeout, retry):
-        the(drv).last_transfer[inst.uuid] = {"shared": False, "precopy": True, "powered_off_at": 1700000000.5,
-                                              "bytes_before_power_off": 7, "copies": [
-            CopyResult("stream", 10, 8, 6, 2, 0, 0.5, "xxh3:abc")]}
-        return '[{"path": "/i/disk"}]'
+        return MigrateOutcome([DISK], [CopyResult("stream", 10, 8, 6, 2, 0, 0.5, "xxh3:abc")], precopy=True,
+                              was_running=True, powered_off_at=1700000000.5, bytes_before_power_off=7)
     driver.libvirt.LibvirtDriver.side_effect = _with(drv, migrate_disk_and_power_off=migrate)
     rc, out = run("migrate-disk-and-power-off", {
         "uuid": UUID, "dest": "h2", "timeout": 60, "retry_interval": 10,
         "flavor": {"name": "big", "vcpus": 2, "memory_mb": 2048, "root_gb": 20},
         "network_info": [{"address": "52:54:00:00:00:01", "bridge": "br0"}]})
     assert rc == 0
-    assert out["result"] == {"disk_info": '[{"path": "/i/disk"}]', "shared": False, "precopy": True, "copies": [
+    assert out["result"] == {"disk_info": DiskInfo.dumps([DISK]), "shared": False, "precopy": True, "copies": [
         {"method": "stream", "size": 10, "sent": 8, "wire": 6, "skipped": 2, "resumed": 0, "seconds": 0.5,
          "digest": "xxh3:abc"}], "powered_off_at": 1700000000.5, "bytes_before_power_off": 7,
-        "bytes_after_power_off": 1}
+        "bytes_after_power_off": 1, "was_running": True, "bytes_sent": 8, "bytes_skipped": 2, "rate": 16.0,
+        "digests": ["xxh3:abc"]}
     args = the(drv).migrate_disk_and_power_off.call_args.args
     assert args == (INST, "h2", Flavor("big", 2, 2048, 20, 0), [Vif("52:54:00:00:00:01", "bridge", "br0")],
                     None, 60, 10)
@@ -154,32 +157,31 @@ def _with(drv, **methods: Any):
 
 
 def test_migrate_keeps_the_flavor_without_one(drv, run):
-    driver.libvirt.LibvirtDriver.side_effect = _with(drv, migrate_disk_and_power_off=lambda *a: "[]")
     rc, out = run("migrate-disk-and-power-off", {"uuid": UUID, "dest": "h2"})
     assert rc == 0 and out["result"] == {"disk_info": "[]", "shared": False, "precopy": False, "copies": [],
                                          "powered_off_at": None, "bytes_before_power_off": 0,
-                                         "bytes_after_power_off": 0}
+                                         "bytes_after_power_off": 0, "was_running": False, "bytes_sent": 0,
+                                         "bytes_skipped": 0, "rate": 0.0, "digests": []}
     assert the(drv).migrate_disk_and_power_off.call_args.args[2] == SMALL
 
 
 def test_migrate_without_timeout_uses_the_configured_clean_shutdown(drv, run):
-    driver.libvirt.LibvirtDriver.side_effect = _with(drv, migrate_disk_and_power_off=lambda *a: "[]")
     run("migrate-disk-and-power-off", {"uuid": UUID, "dest": "h2"})
     assert the(drv).migrate_disk_and_power_off.call_args.args[5:] == (45, 5)
 
 
 def test_finish_migration_builds_the_instance_from_the_arguments(drv, run):
     rc, out = run("finish-migration", {
-        "uuid": UUID, "name": "vm1", "disk_info": "[]", "resize_instance": True, "power_on": False,
-        "flavor": {"name": "big", "vcpus": 2, "memory_mb": 2048, "root_gb": 20, "ephemeral_gb": 5},
+        "uuid": UUID, "name": "vm1", "disk_info": DiskInfo.dumps([DISK]), "resize_instance": True,
+        "power_on": False, "flavor": {"name": "big", "vcpus": 2, "memory_mb": 2048, "root_gb": 20, "ephemeral_gb": 5},
         "migration": {"id": "m-7", "source_host": "h0"}})
-    assert (rc, out) == (0, {"result": None})
+    assert (rc, out) == (0, {"result": {"running_at": 1700000100.25}})
     d = the(drv)
     d.get_instance.assert_not_called()
     mig, inst, disk_info, vifs, meta, resize, bdi, power_on = d.finish_migration.call_args.args
     assert mig == Migration("m-7", UUID, "h0", "h1")
     assert inst == Instance(UUID, "vm1", Flavor("big", 2, 2048, 20, 5), "h1")
-    assert (disk_info, vifs, meta, resize, bdi, power_on) == ("[]", [], {}, True, None, False)
+    assert (disk_info, vifs, meta, resize, bdi, power_on) == ([DISK], [], {}, True, None, False)
 
 
 def test_finish_migration_defaults(drv, run):
@@ -187,6 +189,24 @@ def test_finish_migration_defaults(drv, run):
                                      "flavor": {"name": "s", "vcpus": 1, "memory_mb": 1, "root_gb": 1}})
     args = the(drv).finish_migration.call_args.args
     assert rc == 0 and args[0] == Migration("manual", UUID, "", "h1") and args[5] is False and args[7] is True
+
+
+def test_finish_migration_with_a_bad_disk_info_exits_2(drv, run):
+    rc, out = run("finish-migration", {"uuid": UUID, "name": "vm1", "disk_info": "[{oops",
+                                       "flavor": {"name": "s", "vcpus": 1, "memory_mb": 1, "root_gb": 1}})
+    assert rc == 2 and out["error"] == "BadArguments"
+    the(drv).finish_migration.assert_not_called()
+
+
+def test_live_migrate_prints_the_figures(drv, run):
+    def live(inst, dest):
+        return LiveOutcome(downtime_s=0.04, job_s=3.5, memory_bytes=1 << 30, prepare_s=1.0, migration_s=3.75,
+                           flags=["LIVE", "PEER2PEER"], copies=[CopyResult("stream", 10, 8, 8, 2, 0, 0.5, "x")])
+    driver.libvirt.LibvirtDriver.side_effect = _with(drv, live_migration=live)
+    rc, out = run("live-migrate", {"uuid": UUID, "dest": "h2"})
+    assert (rc, out) == (0, {"result": {"downtime_s": 0.04, "shared": False, "job_s": 3.5, "memory_bytes": 1 << 30,
+                                        "prepare_s": 1.0, "migration_s": 3.75, "flags": ["LIVE", "PEER2PEER"]}})
+    assert the(drv).live_migration.call_args.args == (INST, "h2")
 
 
 def test_confirm_migration(drv, run):
@@ -270,7 +290,8 @@ def test_bad_configuration_exits_1(drv, tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('[driver]\ntransfer_mehtod = "rsync"\n')
     rc, out = call("list-instances", "", str(bad), monkeypatch, capsys)
-    assert rc == 1 and out["error"] == "DriverError" and "transfer_mehtod" in out["message"]
+    # a DriverError: SettingsError where driver/settings.py reads the [driver] table
+    assert rc == 1 and out["error"] in {"DriverError", "SettingsError"} and "transfer_mehtod" in out["message"]
     assert drv.made == []
 
 

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from driver.errors import (DriverError, InstanceNotFound, InsufficientSpace, InvalidInstanceState,
                            MigrationFailed, ResizeDown)
 from driver.memory import GiB, MemoryCloud, MemoryDriver
-from driver.model import DiskInfo, Flavor, Instance, Migration, PowerState
+from driver.model import Flavor, Instance, MigrateOutcome, Migration, PowerState
 
 SMALL = Flavor("small", 2, 1024, 10)
 BIG = Flavor("big", 4, 4096, 20)
 UUID = "11111111-2222-3333-4444-555555555555"
 
 
+class Now:
+    """Epoch seconds that advance ten seconds per reading."""
+
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        self.t += 10
+        return self.t
+
+
 @pytest.fixture
 def hosts():
     cloud = MemoryCloud()
-    src = MemoryDriver("h1", cloud, "198.18.0.11")
-    dst = MemoryDriver("h2", cloud, "198.18.0.12")
+    now = Now()
+    src = MemoryDriver("h1", cloud, "198.18.0.11", now=now)
+    dst = MemoryDriver("h2", cloud, "198.18.0.12", now=now)
     return src, dst
 
 
@@ -28,12 +38,12 @@ def migration() -> Migration:
     return Migration("m1", UUID, "h1", "h2")
 
 
-def migrate(src: MemoryDriver, dst: MemoryDriver, flavor: Flavor = SMALL, power_on: bool = True) -> str:
+def migrate(src: MemoryDriver, dst: MemoryDriver, flavor: Flavor = SMALL, power_on: bool = True) -> MigrateOutcome:
     inst = src.get_instance(UUID)
-    disk_info = src.migrate_disk_and_power_off(inst, dst.address, flavor, [])
-    dst.finish_migration(migration(), Instance(UUID, inst.name, flavor, "h2"), disk_info, [], {},
+    outcome = src.migrate_disk_and_power_off(inst, dst.address, flavor, [])
+    dst.finish_migration(migration(), Instance(UUID, inst.name, flavor, "h2"), outcome.disk_info, [], {},
                          flavor != inst.flavor, None, power_on)
-    return disk_info
+    return outcome
 
 
 def test_inventory_and_resources_sum_instances(hosts):
@@ -75,17 +85,18 @@ def test_power_off_and_on(hosts):
 def test_cold_migration_and_confirm(hosts):
     src, dst = hosts
     src.add_instance(UUID, "vm1", SMALL)
-    disk_info = migrate(src, dst)
-    assert [d.virt_disk_size for d in DiskInfo.loads(disk_info)] == [10 * GiB]
+    outcome = migrate(src, dst)
+    assert [d.virt_disk_size for d in outcome.disk_info] == [10 * GiB]
     moved = dst.get_instance(UUID)
     assert (moved.host, moved.power_state, moved.name) == ("h2", PowerState.RUNNING, "vm1")
     assert dst.disks(UUID) == {"disk": 10 * GiB}
     # the source keeps its copy, shut off, until confirm
     assert src.get_instance(UUID).power_state == PowerState.SHUTDOWN
     assert src.kept_disks(UUID) == {"disk": 10 * GiB} and src.disks(UUID) == {}
-    stats = src.last_transfer[UUID]
-    assert stats["shared"] is False and stats["powered_off_at"] > 0
-    assert [c.sent for c in stats["copies"]] == [10 * GiB]
+    assert (outcome.shared, outcome.precopy, outcome.was_running, outcome.powered_off_at) == (
+        False, False, True, 1_800_000_010.0)
+    assert [c.sent for c in outcome.copies] == [10 * GiB]
+    assert (outcome.bytes_before_power_off, outcome.bytes_after_power_off) == (0, 10 * GiB)
     src.confirm_migration(migration(), src.get_instance(UUID), [])
     assert src.list_instances() == [] and src.kept_disks(UUID) == {}
     assert src.host_resources().disk_gb_used == 0
@@ -95,8 +106,10 @@ def test_migration_to_host_name_grows_disk(hosts):
     src, dst = hosts
     src.add_instance(UUID, "vm1", SMALL)
     inst = src.get_instance(UUID)
-    info = src.migrate_disk_and_power_off(inst, "h2", BIG, [])
-    dst.finish_migration(migration(), Instance(UUID, "vm1", BIG), info, [], {}, True, power_on=False)
+    outcome = src.migrate_disk_and_power_off(inst, "h2", BIG, [])
+    finished = dst.finish_migration(migration(), Instance(UUID, "vm1", BIG), outcome.disk_info, [], {}, True,
+                                    power_on=False)
+    assert finished.running_at is None
     assert dst.disks(UUID) == {"disk": 20 * GiB}
     assert dst.get_instance(UUID).power_state == PowerState.SHUTDOWN
     assert dst.get_instance(UUID).flavor == BIG
@@ -191,7 +204,7 @@ def test_fail_knob_hits_only_the_next_call(hosts):
 def test_finish_without_copied_definition_is_an_error(hosts):
     _, dst = hosts
     with pytest.raises(DriverError, match="copied domain definition .* is missing"):
-        dst.finish_migration(migration(), Instance(UUID, "vm1", SMALL), "[]", [], {}, False)
+        dst.finish_migration(migration(), Instance(UUID, "vm1", SMALL), [], [], {}, False)
 
 
 def test_progress_and_step_delay_with_injected_sleep():
@@ -201,8 +214,8 @@ def test_progress_and_step_delay_with_injected_sleep():
     MemoryDriver("h2", cloud)
     inst = src.add_instance(UUID, "vm1", Flavor("e", 1, 512, 1, ephemeral_gb=1))
     seen: list[tuple[str, int, int]] = []
-    src.on_progress = lambda name, p: seen.append((name, p.done, p.total))
-    src.migrate_disk_and_power_off(inst, "h2", inst.flavor, [])
+    src.migrate_disk_and_power_off(inst, "h2", inst.flavor, [], progress=lambda name, p: seen.append(
+        (name, p.done, p.total)))
     assert sleeps == [0.5] * 8
     assert seen[:4] == [("disk", GiB * k // 4, GiB) for k in range(1, 5)]
     assert seen[-1] == ("disk.local", GiB, GiB)
@@ -211,8 +224,10 @@ def test_progress_and_step_delay_with_injected_sleep():
 def test_live_migration_keeps_it_running(hosts):
     src, dst = hosts
     inst = src.add_instance(UUID, "vm1", SMALL)
-    out = src.live_migration(inst, "h2")
-    assert out["downtime_s"] >= 0
+    seen: list[str] = []
+    out = src.live_migration(inst, "h2", progress=lambda name, p: seen.append(name))
+    assert out.migration_s >= out.downtime_s >= 0 and out.shared is False
+    assert [c.sent for c in out.copies] == [10 * GiB] and seen == ["disk"] * 4
     assert dst.get_instance(UUID).power_state == PowerState.RUNNING and dst.disks(UUID) == {"disk": 10 * GiB}
     assert src.list_instances() == [] and src.disks(UUID) == {}
 
@@ -232,5 +247,14 @@ def test_live_migration_needs_a_running_instance_and_keeps_it_on_failure(hosts):
 def test_disk_info_names_disks_by_basename(hosts):
     src, dst = hosts
     src.add_instance(UUID, "vm1", SMALL, disks={"disk": 3 * GiB, "disk.local": GiB})
-    info = json.loads(migrate(src, dst))
-    assert [(d["path"].rsplit("/", 1)[1], d["target"]) for d in info] == [("disk", "vda"), ("disk.local", "vdb")]
+    info = migrate(src, dst).disk_info
+    assert [(d.path.rsplit("/", 1)[1], d.target) for d in info] == [("disk", "vda"), ("disk.local", "vdb")]
+
+
+def test_finish_reports_when_it_ran_and_a_stopped_source_was_not_running(hosts):
+    src, dst = hosts
+    src.add_instance(UUID, "vm1", SMALL, power_state=PowerState.SHUTDOWN)
+    outcome = src.migrate_disk_and_power_off(src.get_instance(UUID), "h2", SMALL, [])
+    assert outcome.was_running is False
+    finished = dst.finish_migration(migration(), Instance(UUID, "vm1", SMALL, "h2"), outcome.disk_info, [], {}, False)
+    assert finished.running_at == outcome.powered_off_at + 10  # the next reading of the shared clock

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from driver.errors import InstanceNotFound, InvalidInstanceState, MigrationFailed, ResizeDown
-from driver.model import DiskInfo, Flavor, Instance, Migration
+from driver.model import FinishOutcome, Flavor, Instance, MigrateOutcome, Migration
 from driver.xenserver import vhd
 from driver.xenserver.copier import LocalCopier
 from driver.xenserver.driver import MARKER, XenServerDriver
@@ -96,12 +96,12 @@ def migration() -> Migration:
     return Migration("m1", UUID, "h1", "h2")
 
 
-def migrate(src: Host, dst: Host, flavor: Flavor = SMALL, **kw) -> str:
+def migrate(src: Host, dst: Host, flavor: Flavor = SMALL, **kw) -> tuple[MigrateOutcome, FinishOutcome]:
     inst = src.driver.get_instance(UUID)
-    disk_info = src.driver.migrate_disk_and_power_off(inst, "h2", flavor, [], **kw)
-    dst.driver.finish_migration(migration(), Instance(UUID, inst.name, flavor, "h2"), disk_info, [], {},
-                                flavor != inst.flavor)
-    return disk_info
+    outcome = src.driver.migrate_disk_and_power_off(inst, "h2", flavor, [], **kw)
+    finished = dst.driver.finish_migration(migration(), Instance(UUID, inst.name, flavor, "h2"), outcome.disk_info,
+                                           [], {}, flavor != inst.flavor)
+    return outcome, finished
 
 
 def state(host: Host) -> str:
@@ -130,15 +130,17 @@ def identity(src: Host) -> tuple:
 
 def test_precopy_sequence_moves_every_write_and_copies_only_the_leaf_after_power_off(hosts):
     src, dst, copier = hosts
-    disk_info = DiskInfo.loads(migrate(src, dst))
+    outcome, finished = migrate(src, dst)
+    disk_info = outcome.disk_info
     # Bases first while running, then the leaf and the metadata once it is off.
     assert copier.names == [f"migrate-{UUID}-0-1.vhd", f"migrate-{UUID}-0-0.vhd", f"migrate-{UUID}.json"]
     leaf = disk_info[0]
     assert (leaf.type, leaf.target, leaf.backing_file) == ("vhd", "xvda", f"migrate-{UUID}-0-1.vhd")
     assert (disk_info[1].target, disk_info[1].backing_file) == ("", "")
-    stats = src.driver.last_transfer[UUID]
-    before, after = stats["bytes_before_power_off"], stats["bytes_after_power_off"]
-    assert before >= 16 * MiB  # every block the guest wrote before the snapshot
+    assert (outcome.precopy, outcome.shared, outcome.was_running) == (True, False, True)
+    assert [c.method for c in outcome.copies] == ["local"] * 3  # base, leaf, metadata
+    before, after = outcome.bytes_before_power_off, outcome.bytes_after_power_off
+    assert before == outcome.copies[0].sent >= 16 * MiB  # every block the guest wrote before the snapshot
     # The sectors written during the copy (in file-system blocks), the leaf's header, BAT,
     # locators, bitmaps and footer, and the metadata file: tens of KiB, not the 16 MiB.
     assert after <= 64 * 1024
@@ -149,8 +151,8 @@ def test_precopy_sequence_moves_every_write_and_copies_only_the_leaf_after_power
     assert [c.disk_type for c in chain] == [vhd.DISK_DIFFERENCING, vhd.DISK_DYNAMIC]
     assert chain[0].parent_uuid == chain[1].unique_id
     assert not [n for n in dst.vhds() if n.startswith("migrate-")]
-    down = dst.driver.last_transfer[UUID]
-    assert 0 <= down["downtime_s"] < 30 and down["powered_off_at"] == stats["powered_off_at"]
+    assert outcome.powered_off_at is not None and finished.running_at is not None
+    assert 0 <= finished.running_at - outcome.powered_off_at < 30
     hidden = [v for v in dst.session.vdis.values() if not v.managed]
     assert len(hidden) == 1 and hidden[0].read_only
     assert dst.driver.get_instance(UUID).flavor == Flavor("small", 1, 1024, 1)
@@ -159,8 +161,7 @@ def test_precopy_sequence_moves_every_write_and_copies_only_the_leaf_after_power
 def test_progress_is_reported_per_file(hosts):
     src, dst, copier = hosts
     seen: list[tuple[str, int]] = []
-    src.driver.on_progress = lambda name, p: seen.append((name, p.done))
-    migrate(src, dst)
+    migrate(src, dst, progress=lambda name, p: seen.append((name, p.done)))
     assert [n for n, _ in seen] == copier.names
     assert all(done > 0 for _, done in seen)
 
@@ -228,12 +229,24 @@ def test_a_vm_with_two_disks(hosts):
     s.guest_write("two", 0, b"root" * 128)
     s.guest_write("two", 15 * MiB, b"data" * 128, userdevice="1")
     inst = src.driver.get_instance("two")
-    disk_info = src.driver.migrate_disk_and_power_off(inst, "h2", SMALL, [])
-    assert sorted(d.target for d in DiskInfo.loads(disk_info) if d.target) == ["xvda", "xvdb"]
+    disk_info = src.driver.migrate_disk_and_power_off(inst, "h2", SMALL, []).disk_info
+    assert sorted(d.target for d in disk_info if d.target) == ["xvda", "xvdb"]
     dst.driver.finish_migration(migration(), Instance("two", "vm2", SMALL, "h2"), disk_info, [], {}, False)
     assert dst.session.guest_read("two", 0, 512) == b"root" * 128
     assert dst.session.guest_read("two", 15 * MiB, 512, userdevice="1") == b"data" * 128
     assert [d.bootable for d, _ in dst.session.vm_get_disks(dst.session.vm_get_by_uuid("two"))] == [True, False]
+
+
+def test_a_halted_vm_was_not_running_and_stays_off_without_power_on(hosts):
+    src, dst, _ = hosts
+    s = src.session
+    s.vm_hard_shutdown(s.vm_get_by_uuid(UUID))
+    inst = src.driver.get_instance(UUID)
+    outcome = src.driver.migrate_disk_and_power_off(inst, "h2", SMALL, [])
+    assert outcome.was_running is False and outcome.bytes_before_power_off >= 16 * MiB
+    finished = dst.driver.finish_migration(migration(), inst, outcome.disk_info, [], {}, False, power_on=False)
+    assert finished.running_at is None and state(dst) == HALTED
+    assert dst.disk() == bytes(dst.expected)
 
 
 def test_refusals_before_anything_happens(hosts):
@@ -328,7 +341,7 @@ def test_finish_failure_on_the_target_then_revert(hosts):
 def test_a_corrupt_copy_is_refused_on_the_target(hosts):
     src, dst, _ = hosts
     inst = src.driver.get_instance(UUID)
-    disk_info = src.driver.migrate_disk_and_power_off(inst, "h2", SMALL, [])
+    disk_info = src.driver.migrate_disk_and_power_off(inst, "h2", SMALL, []).disk_info
     base = dst.sr / f"migrate-{UUID}-0-1.vhd"
     with open(base, "r+b") as f:  # a different parent: the leaf's parent UUID no longer matches
         f.seek(base.stat().st_size - 512 + 68)
