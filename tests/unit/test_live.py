@@ -345,5 +345,5 @@ def test_source_still_defined_after_moving_keeps_its_files(env, monkeypatch):
 
 
 def test_driver_command_live_migrate_passes_uuid_and_dest(env):
-    assert driver_cmd.CALLS["live-migrate"](env.driver, {"uuid": UUID, "dest": DEST})["downtime_s"] == 0.104
+    assert driver_cmd.CALLS["live-migrate"](env.driver, {"uuid": UUID, "dest": DEST}).downtime_s == 0.104
     assert UUID in env.dconn.domains
