@@ -7,11 +7,18 @@ import re
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar
 
 import httpx
+import pydantic
+
+from agent.schemas import HostOut, InstanceOut, InstancesOut, JobOut, parse_result
+from driver.model import PowerState
 
 from .errors import AgentError
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+_POWER_STATES = frozenset(PowerState)
 
 # An operation is a path word of the agent API; nothing else may reach the URL.
 _OP = re.compile(r"^[a-z][a-z-]*$")
@@ -29,6 +36,8 @@ class AgentClient:
     for other 4xx answers with the agent's ``detail`` as reason and the
     agent's code as ``status`` (so callers can map 404 and 409).
     ``agent_status`` holds the agent's code, None when it did not answer.
+    Replies are parsed with the agent's own models (agent.schemas); one
+    that does not fit is an AgentError naming the URL.
     """
 
     def __init__(self, host_name: str, base_url: str, token: str, http: httpx.Client | None = None,
@@ -55,31 +64,41 @@ class AgentClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def host(self) -> dict[str, Any]:
+    def host(self) -> HostOut:
         """The host's resources plus its data-plane ``address``."""
-        return cast(dict[str, Any], self._call("GET", "/v1/host"))
+        return self._get(HostOut, "/v1/host")
 
-    def instances(self) -> list[dict[str, Any]]:
-        return cast(list[dict[str, Any]], self._call("GET", "/v1/instances")["instances"])
+    def instances(self) -> list[InstanceOut]:
+        path = "/v1/instances"
+        found = self._get(InstancesOut, path).instances
+        for inst in found:
+            self._check_power_state(inst, path)
+        return found
 
-    def instance(self, uuid: str) -> dict[str, Any] | None:
+    def instance(self, uuid: str) -> InstanceOut | None:
         """The instance, or None when the agent does not know it."""
-        return cast("dict[str, Any] | None", self._call("GET", f"/v1/instances/{_quote(uuid)}", missing_ok=True))
+        path = f"/v1/instances/{_quote(uuid)}"
+        data = self._call("GET", path, missing_ok=True)
+        return None if data is None else self._check_power_state(self._parse(InstanceOut, data, path), path)
 
-    def start(self, uuid: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+    def start(self, uuid: str, op: str, body: dict[str, Any]) -> JobOut:
         """Start job ``op`` (a path word such as ``migrate-disk-and-power-off``) on instance
         ``uuid`` and return the job as the agent accepted it. Raises ValueError for an op
         that is not a path word."""
         if not _OP.match(op):
             raise ValueError(f"agent operation {op!r} is not a path word such as power-on")
-        return cast(dict[str, Any], self._call("POST", f"/v1/instances/{_quote(uuid)}/{op}", body=body))
+        path = f"/v1/instances/{_quote(uuid)}/{op}"
+        return self._job(self._call("POST", path, body=body), path)
 
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        """The job, or None when the agent does not know it (e.g. it restarted)."""
-        return cast("dict[str, Any] | None", self._call("GET", f"/v1/jobs/{_quote(job_id)}", missing_ok=True))
+    def job(self, job_id: str) -> JobOut | None:
+        """The job, or None when the agent does not know it (e.g. it restarted). A done job's
+        ``result`` is its op's result model (agent.schemas.RESULTS), None for the other ops."""
+        path = f"/v1/jobs/{_quote(job_id)}"
+        data = self._call("GET", path, missing_ok=True)
+        return None if data is None else self._job(data, path)
 
-    def wait(self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, job_id: str, on_update: Callable[[JobOut], None] | None = None,
+             timeout: float | None = None) -> JobOut:
         """Poll job ``job_id`` every poll_interval until it is no longer running and return it,
         done or error alike. ``on_update`` sees every polled job, the last one too.
         Raises AgentError when the job vanishes (status 404), is still running after
@@ -93,16 +112,49 @@ class AgentClient:
                                         f"and lost it; look at the instance's state on the host")
             if on_update is not None:
                 on_update(job)
-            if job.get("state") != "running":
+            if job.state != "running":
                 return job
             if deadline is not None:
                 left = deadline - self._clock()
                 if left <= 0:
                     raise AgentError(host=self.host_name, agent_status=None,
-                                     reason=f"job {job_id} ({job.get('op')}) still running after {timeout} s")
+                                     reason=f"job {job_id} ({job.op}) still running after {timeout} s")
                 self._sleep(min(self.poll_interval, left))
             else:
                 self._sleep(self.poll_interval)
+
+    def _get(self, model: type[M], path: str) -> M:
+        return self._parse(model, self._call("GET", path), path)
+
+    def _job(self, data: Any, path: str) -> JobOut:
+        """A job with its result parsed as its op's result model (agent.schemas.RESULTS); the
+        result is None unless the job is done and its op has one."""
+        job = self._parse(JobOut, data, path)
+        try:
+            job.result = parse_result(job.op, job.result) if job.state == "done" else None
+        except pydantic.ValidationError as e:
+            raise self._misfit(f"a {job.op} result", path, e) from None
+        return job
+
+    def _parse(self, model: type[M], data: Any, path: str) -> M:
+        """``data`` as ``model``; AgentError naming the URL when it does not fit."""
+        try:
+            return model.model_validate(data)
+        except pydantic.ValidationError as e:
+            raise self._misfit(f"a {model.__name__}", path, e) from None
+
+    def _misfit(self, what: str, path: str, e: pydantic.ValidationError) -> AgentError:
+        where = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+        return AgentError(host=self.host_name, agent_status=None,
+                          reason=f"{self.base_url}{path} answered with {what} that does not fit ({where}): "
+                                 f"check that the agent runs the same coldferry version as the controller")
+
+    def _check_power_state(self, inst: InstanceOut, path: str) -> InstanceOut:
+        if inst.power_state not in _POWER_STATES:
+            raise AgentError(host=self.host_name, agent_status=None,
+                             reason=f"{self.base_url}{path} answered with power state {inst.power_state} of "
+                                    f"instance {inst.uuid}, which is none of {sorted(map(int, PowerState))}")
+        return inst
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               missing_ok: bool = False) -> Any:

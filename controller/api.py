@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from . import records
 from .conductor import Conductor
 from .drain import Drainer
 from .errors import BadRequest, ControllerError
+from .records import MigrationStatus, MigrationType
 from .store import Store
 
 
@@ -138,13 +138,13 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
 
     @api.get("/os-migrations")
     def list_migrations(host: str | None = None, status: str | None = None, server: str | None = None,
-                        migration_type: Literal["migration", "live-migration"] | None = None,
+                        migration_type: MigrationType | None = None,
                         changes_since: str | None = Query(None, alias="changes-since")) -> dict[str, Any]:
         since = _parse_time(changes_since) if changes_since else None
-        if status is not None and status not in records.STATUSES:
-            raise BadRequest(reason=f"unknown status {status!r}; one of {', '.join(records.STATUSES)}")
-        found = store.list_migrations(host=host, status=status, server=server, migration_type=migration_type,
-                                      changes_since=since)
+        if status is not None and status not in set(MigrationStatus):
+            raise BadRequest(reason=f"unknown status {status!r}; one of {', '.join(MigrationStatus)}")
+        found = store.list_migrations(host=host, status=None if status is None else MigrationStatus(status),
+                                      server=server, migration_type=migration_type, changes_since=since)
         return {"migrations": [m.to_api() for m in found]}
 
     @api.get("/os-migrations/{migration_id}")

@@ -14,19 +14,19 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from driver.model import PowerState
+
 from . import records
-from .conductor import Conductor, Spawn, spawn_thread
+from .conductor import Conductor, Spawn, spawn_thread, unmovable_reason
 from .errors import BadRequest, Conflict, ControllerError, NotFound
-from .records import DrainRecord, DrainRowRecord
+from .records import DrainRecord, DrainRowRecord, DrainStatus, MigrationStatus, MigrationType, RowStatus
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 DRAIN_REASON = "draining for maintenance"
 # Where a drain row's migration has gone as far as the drain takes it.
-_SETTLED = frozenset({records.FINISHED, *records.FINAL})
-_NOT_MOVED = {3: "paused: unpause it or shut it off, then migrate it; it was not moved",
-              7: "suspended: resume it or shut it off, then migrate it; it was not moved"}
+_SETTLED = frozenset({MigrationStatus.FINISHED, *records.FINAL})
 
 
 class Drainer:
@@ -47,7 +47,9 @@ class Drainer:
             the target being the drained host.
         :raises Conflict: the host's agent does not answer.
         """
-        self._validate(host, max_servers, target_host, force)
+        if max_servers < 1:
+            raise BadRequest(reason=f"max_servers must be at least 1, not {max_servers}")
+        self.conductor.check_target(host, target_host, force)
         inv = self.conductor.inventory
         state = inv.host_state(inv.host_record(host))
         if not state.up:  # a host that cannot be asked would look empty: refuse instead
@@ -59,31 +61,20 @@ class Drainer:
                 self.store.set_service(host, False, DRAIN_REASON)
         drain = self.store.create_drain(host, live, max_servers, dry_run, target_host, force)
         for s in servers:
-            kind = records.LIVE if live and s.power_state == 1 else records.COLD
-            if s.power_state in _NOT_MOVED:
+            why = unmovable_reason(s.power_state)
+            live_move = live and s.power_state == PowerState.RUNNING
+            if why is not None:
                 self.store.add_drain_row(drain.id, s.id, s.name, s.state or s.status.lower(), None, False,
-                                         "error", error=f"server is {_NOT_MOVED[s.power_state]}")
+                                         RowStatus.ERROR, error=f"server is {why}, then migrate it; it was not moved")
             else:
-                self.store.add_drain_row(drain.id, s.id, s.name, s.state or s.status.lower(), kind, False,
-                                         "planned" if dry_run else "queued")
+                self.store.add_drain_row(drain.id, s.id, s.name, s.state or s.status.lower(),
+                                         MigrationType.LIVE if live_move else MigrationType.COLD, False,
+                                         RowStatus.PLANNED if dry_run else RowStatus.QUEUED)
         if dry_run or not servers:
-            self.store.update_drain(drain.id, status="done")
+            self.store.update_drain(drain.id, status=DrainStatus.DONE)
         else:
             self.spawn(lambda: self.run(drain.id))
         return self.get(drain.id)
-
-    def _validate(self, host: str, max_servers: int, target_host: str | None, force: bool) -> None:
-        if self.store.get_host(host) is None:
-            raise BadRequest(reason=f"unknown host {host!r}; see 'coldferry host list'")
-        if max_servers < 1:
-            raise BadRequest(reason=f"max_servers must be at least 1, not {max_servers}")
-        if force and not target_host:
-            raise BadRequest(reason="force needs a target host")
-        if target_host is not None:
-            if self.store.get_host(target_host) is None:
-                raise BadRequest(reason=f"unknown target host {target_host!r}")
-            if target_host == host:
-                raise BadRequest(reason=f"the target host cannot be the drained host {host}")
 
     def get(self, drain_id: int) -> DrainRecord:
         d = self.store.get_drain(drain_id)
@@ -96,7 +87,7 @@ class Drainer:
         for r in d.rows:
             row = r.to_api()
             row["progress"] = None
-            if r.migration_id is not None and r.status == "migrating":
+            if r.migration_id is not None and r.status == RowStatus.MIGRATING:
                 m = self.store.get_migration(r.migration_id)
                 row["progress"] = m.progress if m else None
             rows.append(row)
@@ -109,27 +100,28 @@ class Drainer:
 
     def run(self, drain_id: int) -> None:
         d = self.get(drain_id)
-        queued = [r for r in d.rows if r.status == "queued"]
+        queued = [r for r in d.rows if r.status == RowStatus.QUEUED]
         with ThreadPoolExecutor(max_workers=d.max_servers, thread_name_prefix="coldferry-drain") as pool:
             list(pool.map(lambda r: self._move(d, r), queued))
-        self.store.update_drain(drain_id, status="done")
+        self.store.update_drain(drain_id, status=DrainStatus.DONE)
         log.info("drain %d of %s done", drain_id, d.host)
 
     def _move(self, d: DrainRecord, row: DrainRowRecord) -> None:
-        self.store.update_drain_row(row.id, status="migrating")
+        self.store.update_drain_row(row.id, status=RowStatus.MIGRATING)
         try:
-            m = self.conductor.migrate(row.server, d.target_host, d.force, live=row.migration_type == records.LIVE)
+            m = self.conductor.migrate(row.server, d.target_host, d.force,
+                                       live=row.migration_type == MigrationType.LIVE)
         except ControllerError as e:
-            self.store.update_drain_row(row.id, status="error", accepted=False, error=str(e))
+            self.store.update_drain_row(row.id, status=RowStatus.ERROR, accepted=False, error=str(e))
             return
         self.store.update_drain_row(row.id, accepted=True, migration_id=m.id)
         m = self.conductor.wait(m.id, _SETTLED, timeout=self.migration_timeout)
-        if m.status == records.ERROR:
-            self.store.update_drain_row(row.id, status="error", error=m.error)
+        if m.status == MigrationStatus.ERROR:
+            self.store.update_drain_row(row.id, status=RowStatus.ERROR, error=m.error)
         elif m.status in _SETTLED:
-            self.store.update_drain_row(row.id, status="done")
+            self.store.update_drain_row(row.id, status=RowStatus.DONE)
         else:
-            self.store.update_drain_row(row.id, status="error",
+            self.store.update_drain_row(row.id, status=RowStatus.ERROR,
                                         error=f"migration {m.id} still {m.status} after "
                                               f"{self.migration_timeout:.0f} s; see 'coldferry server "
                                               f"migration show {m.id}'")

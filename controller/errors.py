@@ -36,7 +36,15 @@ class NoValidHost(ControllerError):
 
 
 class AgentError(ControllerError):
-    """An agent could not be reached or answered with an error."""
+    """An agent could not be reached or answered with an error.
 
-    status = 502
+    ``status`` is what the controller's API answers: 502 (the agent is at fault)
+    unless a raise passes the agent's own 4xx through. ``agent_status`` is the
+    code the agent answered with, None when it did not answer.
+    """
+
+    status: int = 502
+    agent_status: int | None = None
+    host: str
+    reason: str
     msg = "agent of host {host}: {reason}"

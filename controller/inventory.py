@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from driver.model import Flavor, HostResources
+from agent.schemas import InstanceOut
+from driver.model import Flavor, HostResources, PowerState
 
-from . import records
 from .agents import AgentClient
 from .errors import AgentError, Conflict, NotFound
-from .records import HostRecord, MigrationRecord
+from .records import HostRecord, MigrationStatus, MigrationType
 from .scheduler import HostState
 from .store import Store
 
+log = logging.getLogger(__name__)
+
 # Where a server is while a migration is open: Nova moves instance.host to the
 # destination when the destination's finish step begins.
-_ON_DEST = frozenset({records.POST_MIGRATING, records.FINISHED, records.CONFIRMING, records.COMPLETED})
+_ON_DEST = frozenset({MigrationStatus.POST_MIGRATING, MigrationStatus.FINISHED, MigrationStatus.CONFIRMING,
+                      MigrationStatus.COMPLETED})
 
-_STATUS = {1: "ACTIVE", 3: "PAUSED", 4: "SHUTOFF", 6: "SHUTOFF", 7: "SUSPENDED", 0: "UNKNOWN"}
+# Nova's server status of each power state.
+_STATUS = {PowerState.RUNNING: "ACTIVE", PowerState.PAUSED: "PAUSED", PowerState.SHUTDOWN: "SHUTOFF",
+           PowerState.CRASHED: "SHUTOFF", PowerState.SUSPENDED: "SUSPENDED", PowerState.NOSTATE: "UNKNOWN"}
+_RESOURCES = frozenset(f.name for f in fields(HostResources))
 
 
 @dataclass
@@ -29,7 +36,7 @@ class Server:
     id: str
     name: str
     host: str
-    power_state: int
+    power_state: PowerState
     state: str
     flavor: dict[str, Any]
     status: str = "UNKNOWN"
@@ -41,7 +48,7 @@ class Server:
         return Flavor.from_dict(self.flavor)
 
     def to_api(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 class Inventory:
@@ -69,8 +76,7 @@ class Inventory:
             res = self.agent(rec.name).host()
         except AgentError as e:
             return HostState(rec.name, rec.enabled, rec.disabled_reason, False, None, str(e))
-        known = {f.name for f in fields(HostResources)}
-        resources = HostResources(**{k: v for k, v in res.items() if k in known})
+        resources = HostResources(**res.model_dump(include=_RESOURCES))
         return HostState(rec.name, rec.enabled, rec.disabled_reason, True, resources, None)
 
     def host_states(self) -> list[HostState]:
@@ -82,15 +88,16 @@ class Inventory:
         """The API's Hypervisor object of one host."""
         st = state or self.host_state(rec)
         r = st.resources
-        out: dict[str, Any] = {
+        return {
             "name": rec.name, "state": "up" if st.up else "down",
             "status": "enabled" if rec.enabled else "disabled", "disabled_reason": rec.disabled_reason,
-            "address": rec.address, "agent_url": rec.agent_url, "error": st.error}
-        for key in ("instances", "vcpus", "vcpus_used", "memory_mb", "memory_mb_used", "disk_gb", "disk_gb_used"):
-            out[key] = getattr(r, key) if r else 0
-        for key in ("arch", "hypervisor_type", "hypervisor_version"):
-            out[key] = getattr(r, key) if r else None
-        return out
+            "address": rec.address, "agent_url": rec.agent_url, "error": st.error,
+            "instances": r.instances if r else 0, "vcpus": r.vcpus if r else 0,
+            "vcpus_used": r.vcpus_used if r else 0, "memory_mb": r.memory_mb if r else 0,
+            "memory_mb_used": r.memory_mb_used if r else 0, "disk_gb": r.disk_gb if r else 0,
+            "disk_gb_used": r.disk_gb_used if r else 0, "arch": r.arch if r else None,
+            "hypervisor_type": r.hypervisor_type if r else None,
+            "hypervisor_version": r.hypervisor_version if r else None}
 
     def hypervisors(self) -> list[dict[str, Any]]:
         recs = {r.name: r for r in self.store.list_hosts()}
@@ -98,21 +105,31 @@ class Inventory:
 
     # -- servers ---------------------------------------------------------------
 
-    def _instances(self, host: str) -> list[dict[str, Any]]:
+    def _instances(self, host: str) -> list[InstanceOut] | AgentError:
         try:
             return self.agent(host).instances()
-        except AgentError:
-            return []  # a host that is down shows no servers; `host list` says it is down
+        except AgentError as e:
+            return e
 
     def servers(self, host: str | None = None) -> list[Server]:
-        """Every server on every reachable host, once each, on the host it belongs to now."""
+        """Every server on every reachable host, once each, on the host it belongs to now;
+        with ``host``, those on that host only.
+
+        A host whose agent does not answer shows no servers (`host list` says it is down),
+        except ``host`` itself: its servers are asked for, so Conflict when it does not answer.
+        """
         names = [h.name for h in self.store.list_hosts()]
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
             per_host = dict(zip(names, pool.map(self._instances, names)))
-        seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        seen: dict[str, list[tuple[str, InstanceOut]]] = {}
         for h, insts in per_host.items():
+            if isinstance(insts, AgentError):
+                if h == host:
+                    raise Conflict(reason=f"cannot list the servers of host {h}: {insts}")
+                log.warning("host %s shows no servers: %s", h, insts)
+                continue
             for inst in insts:
-                seen.setdefault(inst["uuid"], []).append((h, inst))
+                seen.setdefault(inst.uuid, []).append((h, inst))
         out = []
         for uuid, places in seen.items():
             server = self._server(uuid, places)
@@ -120,23 +137,24 @@ class Inventory:
                 out.append(server)
         return sorted(out, key=lambda s: (s.name, s.id))
 
-    def _server(self, uuid: str, places: list[tuple[str, dict[str, Any]]]) -> Server:
+    def _server(self, uuid: str, places: list[tuple[str, InstanceOut]]) -> Server:
         mig = self.store.open_migration_for(uuid)
         host, inst = places[0]
         if len(places) > 1:
             wanted = None
             if mig is not None:
                 wanted = mig.dest_compute if mig.status in _ON_DEST else mig.source_compute
-            running = [p for p in places if p[1].get("power_state") == 1]
+            running = [p for p in places if p[1].power_state == PowerState.RUNNING]
             host, inst = next((p for p in places if p[0] == wanted), (running or places)[0])
-        server = Server(uuid, inst["name"], host, int(inst.get("power_state", 0)),
-                        inst.get("state", ""), inst.get("flavor", {}))
-        server.status = _STATUS.get(server.power_state, "UNKNOWN")
+        # The agent client refused power states PowerState does not know.
+        power_state = PowerState(inst.power_state)
+        server = Server(uuid, inst.name, host, power_state, inst.state, inst.flavor.model_dump(),
+                        status=_STATUS[power_state])
         if mig is not None:
             server.migration_id = mig.id
             server.task_state = mig.task_state
-            server.status = "VERIFY_RESIZE" if mig.status == records.FINISHED else (
-                "MIGRATING" if mig.migration_type == records.LIVE else "RESIZE")
+            server.status = "VERIFY_RESIZE" if mig.status == MigrationStatus.FINISHED else (
+                "MIGRATING" if mig.migration_type == MigrationType.LIVE else "RESIZE")
         return server
 
     def find(self, ref: str) -> Server:

@@ -3,33 +3,58 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Nova's migration statuses.
-PRE_MIGRATING = "pre-migrating"
-MIGRATING = "migrating"
-POST_MIGRATING = "post-migrating"
-FINISHED = "finished"
-CONFIRMING = "confirming"
-CONFIRMED = "confirmed"
-REVERTING = "reverting"
-REVERTED = "reverted"
-ERROR = "error"
-COMPLETED = "completed"   # a live migration that ended well (there is nothing to confirm)
-STATUSES = (PRE_MIGRATING, MIGRATING, POST_MIGRATING, FINISHED, CONFIRMING, CONFIRMED, REVERTING,
-            REVERTED, COMPLETED, ERROR)
-FINAL = frozenset({CONFIRMED, REVERTED, COMPLETED, ERROR})
-# Statuses in which a controller or agent restart leaves work to reconcile.
-IN_FLIGHT = frozenset({PRE_MIGRATING, MIGRATING, POST_MIGRATING, CONFIRMING, REVERTING})
+from driver.model import PowerState
 
-COLD = "migration"
-LIVE = "live-migration"
+
+class MigrationStatus(enum.StrEnum):
+    """Nova's migration statuses, in the order a migration passes them."""
+
+    PRE_MIGRATING = "pre-migrating"
+    MIGRATING = "migrating"
+    POST_MIGRATING = "post-migrating"
+    FINISHED = "finished"
+    CONFIRMING = "confirming"
+    CONFIRMED = "confirmed"
+    REVERTING = "reverting"
+    REVERTED = "reverted"
+    COMPLETED = "completed"   # a live migration that ended well (there is nothing to confirm)
+    ERROR = "error"
+
+
+class MigrationType(enum.StrEnum):
+    COLD = "migration"
+    LIVE = "live-migration"
+
+
+class DrainStatus(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+
+
+class RowStatus(enum.StrEnum):
+    """What became of one instance of a drain."""
+
+    QUEUED = "queued"
+    MIGRATING = "migrating"
+    DONE = "done"
+    ERROR = "error"
+    PLANNED = "planned"       # a dry run: it would be moved
+
+
+_S = MigrationStatus
+FINAL = frozenset({_S.CONFIRMED, _S.REVERTED, _S.COMPLETED, _S.ERROR})
+# Statuses in which a controller or agent restart leaves work to reconcile.
+IN_FLIGHT = frozenset({_S.PRE_MIGRATING, _S.MIGRATING, _S.POST_MIGRATING, _S.CONFIRMING, _S.REVERTING})
 
 # The instance's task state alongside each status (Nova's names).
-TASK_STATES = {PRE_MIGRATING: "resize_prep", MIGRATING: "resize_migrating", POST_MIGRATING: "resize_finish",
-               FINISHED: None, CONFIRMING: "resize_confirming", REVERTING: "resize_reverting",
-               CONFIRMED: None, REVERTED: None, COMPLETED: None, ERROR: None}
+TASK_STATES: dict[MigrationStatus, str | None] = {
+    _S.PRE_MIGRATING: "resize_prep", _S.MIGRATING: "resize_migrating", _S.POST_MIGRATING: "resize_finish",
+    _S.FINISHED: None, _S.CONFIRMING: "resize_confirming", _S.REVERTING: "resize_reverting",
+    _S.CONFIRMED: None, _S.REVERTED: None, _S.COMPLETED: None, _S.ERROR: None}
 LIVE_TASK_STATE = "migrating"
 
 
@@ -63,11 +88,11 @@ class MigrationRecord:
     source_compute: str
     dest_compute: str
     dest_address: str
-    status: str = PRE_MIGRATING
-    migration_type: str = COLD
+    status: MigrationStatus = MigrationStatus.PRE_MIGRATING
+    migration_type: MigrationType = MigrationType.COLD
     task_state: str | None = "resize_prep"
     forced: bool = False
-    old_power_state: int = 0
+    old_power_state: PowerState = PowerState.NOSTATE
     flavor: dict[str, Any] = field(default_factory=dict)
     progress: dict[str, Any] | None = None
     bytes_sent: int = 0
@@ -80,6 +105,8 @@ class MigrationRecord:
     bytes_before_power_off: int = 0
     bytes_after_power_off: int = 0
     error: str | None = None
+    # Internal: the instance directory is on storage both hosts see (None until the copy reports it).
+    shared: bool | None = None
     # Internal: what the conductor needs to pick a migration up again after a restart.
     disk_info: str | None = None
     source_job: str | None = None
@@ -88,9 +115,15 @@ class MigrationRecord:
     created_at: dt.datetime = field(default_factory=utcnow)
     updated_at: dt.datetime = field(default_factory=utcnow)
 
+    def __post_init__(self) -> None:
+        # The store hands back plain strings and ints: make them the enums again.
+        self.status = MigrationStatus(self.status)
+        self.migration_type = MigrationType(self.migration_type)
+        self.old_power_state = PowerState(self.old_power_state)
+
     def to_api(self) -> dict[str, Any]:
         d = asdict(self)
-        for internal in ("disk_info", "source_job", "dest_job", "powered_off_at", "flavor"):
+        for internal in ("shared", "disk_info", "source_job", "dest_job", "powered_off_at", "flavor"):
             d.pop(internal)
         d["created_at"] = isotime(self.created_at)
         d["updated_at"] = isotime(self.updated_at)
@@ -106,11 +139,15 @@ class DrainRowRecord:
     server: str
     name: str
     state_before: str
-    migration_type: str | None = None
+    migration_type: MigrationType | None = None
     accepted: bool = False
-    status: str = "queued"   # planned | queued | migrating | done | error
+    status: RowStatus = RowStatus.QUEUED
     error: str | None = None
     migration_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self.status = RowStatus(self.status)
+        self.migration_type = None if self.migration_type is None else MigrationType(self.migration_type)
 
     def to_api(self) -> dict[str, Any]:
         d = asdict(self)
@@ -130,13 +167,16 @@ class DrainRecord:
     dry_run: bool = False
     target_host: str | None = None
     force: bool = False
-    status: str = "running"   # running | done
+    status: DrainStatus = DrainStatus.RUNNING
     rows: list[DrainRowRecord] = field(default_factory=list)
     created_at: dt.datetime = field(default_factory=utcnow)
     updated_at: dt.datetime = field(default_factory=utcnow)
 
+    def __post_init__(self) -> None:
+        self.status = DrainStatus(self.status)
+
     def totals(self) -> dict[str, int]:
-        t = {"total": len(self.rows), "queued": 0, "migrating": 0, "done": 0, "error": 0, "planned": 0}
+        t = {"total": len(self.rows), **{str(s): 0 for s in RowStatus}}
         for r in self.rows:
-            t[r.status] = t.get(r.status, 0) + 1
+            t[r.status] += 1
         return t

@@ -93,6 +93,7 @@ _migrations = sa.Table(
     sa.Column("bytes_before_power_off", sa.BigInteger, nullable=False),
     sa.Column("bytes_after_power_off", sa.BigInteger, nullable=False),
     sa.Column("error", sa.Text),
+    sa.Column("shared", sa.Boolean),
     sa.Column("disk_info", sa.Text),
     sa.Column("source_job", sa.String(64)),
     sa.Column("dest_job", sa.String(64)),
@@ -136,7 +137,7 @@ _drain_rows = sa.Table(
 # its own transaction. A step spells out its own DDL (ALTER TABLE ... ADD ...): the tables above
 # describe only the newest version. To change the schema, change the tables, append a step and
 # raise SCHEMA_VERSION to its version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _add_precopy_columns(conn: Connection) -> None:
@@ -148,8 +149,14 @@ def _add_precopy_columns(conn: Connection) -> None:
     conn.exec_driver_sql("UPDATE migrations SET bytes_after_power_off = bytes_sent WHERE migration_type = 'migration'")
 
 
+def _add_shared_column(conn: Connection) -> None:
+    # Old rows: not known (NULL); the copy reports it from now on.
+    conn.exec_driver_sql("ALTER TABLE migrations ADD COLUMN shared BOOLEAN")
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "pre-copy and bytes before/after power-off on migrations", _add_precopy_columns),
+    (3, "whether a migration's instance directory is on shared storage", _add_shared_column),
 ]
 
 _MIGRATION_FIELDS = frozenset(f.name for f in dataclasses.fields(MigrationRecord))
@@ -277,8 +284,8 @@ class Store:
         found = self._migrations(_migrations.c.id == id)
         return found[0] if found else None
 
-    def list_migrations(self, host: str | None = None, status: str | None = None, server: str | None = None,
-                        migration_type: str | None = None,
+    def list_migrations(self, host: str | None = None, status: records.MigrationStatus | None = None,
+                        server: str | None = None, migration_type: records.MigrationType | None = None,
                         changes_since: dt.datetime | None = None) -> list[MigrationRecord]:
         """Migrations newest first. ``host`` matches source or destination, ``server`` the
         server's uuid or name; ``changes_since`` keeps those updated at or after it."""
@@ -314,14 +321,15 @@ class Store:
                      target_host: str | None, force: bool) -> DrainRecord:
         now = self._clock()
         values: dict[str, Any] = dict(host=host, live=live, max_servers=max_servers, dry_run=dry_run,
-                      target_host=target_host, force=force, status="running", created_at=now, updated_at=now)
+                      target_host=target_host, force=force, status=records.DrainStatus.RUNNING, created_at=now,
+                      updated_at=now)
         with self._write() as conn:
             new_id = _insert(conn, _drains, values)
         return DrainRecord(id=new_id, **values)
 
     def add_drain_row(self, drain_id: int, server: str, name: str, state_before: str,
-                      migration_type: str | None, accepted: bool, status: str, error: str | None = None,
-                      migration_id: int | None = None) -> DrainRowRecord:
+                      migration_type: records.MigrationType | None, accepted: bool, status: records.RowStatus,
+                      error: str | None = None, migration_id: int | None = None) -> DrainRowRecord:
         """Append a row to drain ``drain_id``. Raises NotFound for an unknown drain."""
         values: dict[str, Any] = dict(drain_id=drain_id, server=server, name=name, state_before=state_before,
                       migration_type=migration_type, accepted=accepted, status=status, error=error,

@@ -7,15 +7,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from .. import records
 from ..config import UserConfig
+from ..records import IN_FLIGHT, DrainRecord, MigrationStatus, MigrationType
 from .auth import viewer
 from .context import Dashboard, local_path
 from .render import redirect
 
 # The migrations page shows this many, newest first; filters narrow it down.
 MIGRATIONS_SHOWN = 200
-_TYPES = (records.COLD, records.LIVE)
+_STATUSES = tuple(MigrationStatus)
+_TYPES = tuple(MigrationType)
 
 
 def router(d: Dashboard) -> APIRouter:
@@ -37,7 +38,7 @@ def router(d: Dashboard) -> APIRouter:
     @pages.get("/hypervisors")
     def hypervisors(request: Request, user: UserConfig = Depends(who)) -> HTMLResponse:
         hosts = d.inventory.hypervisors()
-        last: dict[str, records.DrainRecord] = {}
+        last: dict[str, DrainRecord] = {}
         for drain in d.store.list_drains():  # newest first: the first seen per host is its last
             last.setdefault(drain.host, drain)
         return d.renderer.page(request, "hypervisors.html", user, page="hypervisors", hosts=hosts,
@@ -62,17 +63,19 @@ def router(d: Dashboard) -> APIRouter:
     def migrations(request: Request, host: str = "", status: str = "", server: str = "",
                    migration_type: str = "", user: UserConfig = Depends(who)) -> HTMLResponse:
         # A filter value the list cannot hold is shown as "any" rather than refused.
-        status = status if status in records.STATUSES else ""
+        status = status if status in _STATUSES else ""
         migration_type = migration_type if migration_type in _TYPES else ""
-        found = d.store.list_migrations(host=host.strip() or None, status=status or None,
-                                        server=server.strip() or None, migration_type=migration_type or None)
+        found = d.store.list_migrations(host=host.strip() or None,
+                                        status=MigrationStatus(status) if status else None,
+                                        server=server.strip() or None,
+                                        migration_type=MigrationType(migration_type) if migration_type else None)
         here = "/migrations" + ("?" + request.url.query if request.url.query else "")
         return d.renderer.page(
             request, "migrations.html", user, page="migrations",
             migrations=[m.to_api() for m in found[:MIGRATIONS_SHOWN]], more=max(0, len(found) - MIGRATIONS_SHOWN),
             filters={"host": host.strip(), "status": status, "server": server.strip(),
                      "migration_type": migration_type},
-            hosts=[h.name for h in d.store.list_hosts()], statuses=records.STATUSES, types=_TYPES,
-            busy=any(m.status in records.IN_FLIGHT for m in found[:MIGRATIONS_SHOWN]), here=here)
+            hosts=[h.name for h in d.store.list_hosts()], statuses=_STATUSES, types=_TYPES,
+            busy=any(m.status in IN_FLIGHT for m in found[:MIGRATIONS_SHOWN]), here=here)
 
     return pages

@@ -22,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from controller import records
+from controller.records import MigrationStatus
 from controller.config import UserConfig
 from controller.web.passwords import hash_password
 from driver.model import PowerState
@@ -207,7 +207,7 @@ def test_admin_disables_drains_and_confirms(site: Site, page: Page) -> None:
     shot(page, "07-migrations-confirmed")
     where = site.env.where(SERVERS[2][0])
     assert list(where) == ["host2"]
-    assert {m.status for m in site.env.conductor.store.list_migrations()} == {records.CONFIRMED, records.COMPLETED}
+    assert {m.status for m in site.env.conductor.store.list_migrations()} == {MigrationStatus.CONFIRMED, MigrationStatus.COMPLETED}
 
 
 def test_reader_sees_no_actions_and_is_refused(site: Site, page: Page) -> None:
@@ -236,7 +236,7 @@ def test_reader_sees_no_actions_and_is_refused(site: Site, page: Page) -> None:
         assert answer.status == 403, (path, answer.status)
         assert "only an admin" in answer.text()
     assert env.ctl.store.get_host("host1").enabled is False  # type: ignore[union-attr]
-    assert env.ctl.store.list_drains() == [] and env.conductor.get(mid).status == records.FINISHED
+    assert env.ctl.store.list_drains() == [] and env.conductor.get(mid).status == MigrationStatus.FINISHED
 
 
 def test_post_without_the_csrf_token_is_refused(site: Site, page: Page) -> None:

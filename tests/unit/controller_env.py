@@ -13,7 +13,7 @@ from agent import JobRunner, create_app
 from controller import records
 from controller.agents import AgentClient
 from controller.config import ControllerConfig, HostConfig
-from controller.records import MigrationRecord
+from controller.records import MigrationRecord, MigrationStatus
 from controller.service import Controller, build
 from controller.store import Store
 from driver.memory import MemoryCloud, MemoryDriver
@@ -83,7 +83,7 @@ class Env:
                 continue
         return out
 
-    def wait(self, migration_id: int, until: frozenset[str] = frozenset({records.FINISHED, *records.FINAL}),
+    def wait(self, migration_id: int, until: frozenset[str] = frozenset({MigrationStatus.FINISHED, *records.FINAL}),
              timeout: float = 10.0) -> MigrationRecord:
         deadline = time.monotonic() + timeout
         while True:

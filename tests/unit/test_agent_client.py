@@ -10,6 +10,7 @@ import pytest
 from fastapi import FastAPI, Header, HTTPException
 from fastapi.testclient import TestClient
 
+from agent.schemas import FinishResult, HostOut, InstanceOut, JobOut, MigrateResult
 from controller.agents import AgentClient
 from controller.errors import AgentError
 
@@ -43,30 +44,75 @@ def client(agent: PlayedAgent, token: str = TOKEN, **kw) -> AgentClient:
     return AgentClient("compute1", BASE, token, http=http, **kw)
 
 
-def job(state: str, done: int = 0, **extra) -> dict:
-    return {"id": "j1", "op": "migrate-disk-and-power-off", "instance_uuid": "u1", "state": state,
+def job(state: str, done: int = 0, op: str = "migrate-disk-and-power-off", **extra) -> dict:
+    return {"id": "j1", "op": op, "instance_uuid": "u1", "state": state,
             "progress": {"file": "disk", "done": done, "total": 10, "rate": 1.0, "eta": None, "fraction": done / 10},
             "result": None, "error": None, "started_at": "2026-11-23T11:40:00Z", "ended_at": None, **extra}
 
 
-def test_reads_host_instances_and_one_instance():
-    inst = {"uuid": "u1", "name": "web1", "flavor": {}, "host": "compute1", "power_state": 1, "state": "running"}
-    agent = PlayedAgent({("GET", "/v1/host"): (200, {"hostname": "compute1", "address": "198.18.0.11"}),
-                         ("GET", "/v1/instances"): (200, {"instances": [inst]}),
-                         ("GET", "/v1/instances/u1"): (200, inst)})
+HOST = {"hostname": "compute1", "address": "198.18.0.11", "arch": "x86_64", "hypervisor_type": "QEMU",
+        "hypervisor_version": 8002000, "vcpus": 8, "vcpus_used": 2, "memory_mb": 16384, "memory_mb_used": 2048,
+        "disk_gb": 500, "disk_gb_used": 40, "instances": 1, "extra": {}}
+INST = {"uuid": "u1", "name": "web1", "host": "compute1", "power_state": 1, "state": "running",
+        "flavor": {"name": "small", "vcpus": 1, "memory_mb": 512, "root_gb": 1, "ephemeral_gb": 0}}
+MIGRATED = {"disk_info": "[]", "copies": [{"method": "stream", "size": 100, "sent": 60, "wire": 40, "skipped": 40,
+                                           "resumed": 0, "seconds": 2.0, "digest": "xxh3:ab"}],
+            "shared": False, "precopy": False, "was_running": True, "powered_off_at": 1.5,
+            "bytes_before_power_off": 0, "bytes_after_power_off": 60, "bytes_sent": 60, "bytes_skipped": 40,
+            "rate": 30.0, "digests": ["xxh3:ab"]}
+
+
+def test_reads_host_instances_and_one_instance_as_the_agents_models():
+    agent = PlayedAgent({("GET", "/v1/host"): (200, HOST),
+                         ("GET", "/v1/instances"): (200, {"instances": [INST]}),
+                         ("GET", "/v1/instances/u1"): (200, INST)})
     c = client(agent)
-    assert c.host()["address"] == "198.18.0.11"
-    assert c.instances() == [inst]
-    assert c.instance("u1") == inst
+    host = c.host()
+    assert isinstance(host, HostOut) and (host.address, host.vcpus) == ("198.18.0.11", 8)
+    assert c.instances() == [InstanceOut.model_validate(INST)]
+    inst = c.instance("u1")
+    assert isinstance(inst, InstanceOut) and (inst.power_state, inst.flavor.memory_mb) == (1, 512)
     assert c.instance("nope") is None
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in agent.requests)
 
 
+@pytest.mark.parametrize("path, body, call, text", [
+    ("/v1/host", {"hostname": "compute1", "address": "198.18.0.11"}, lambda c: c.host(),
+     "/v1/host answered with a HostOut that does not fit (arch: Field required"),
+    ("/v1/instances", {"instances": [{**INST, "power_state": "on"}]}, lambda c: c.instances(),
+     "/v1/instances answered with a InstancesOut that does not fit (instances.0.power_state"),
+    ("/v1/instances", {"instances": [{**INST, "power_state": 9}]}, lambda c: c.instances(),
+     "/v1/instances answered with power state 9 of instance u1, which is none of"),
+    ("/v1/jobs/j1", {"id": "j1"}, lambda c: c.job("j1"), "/v1/jobs/j1 answered with a JobOut that does not fit"),
+    ("/v1/jobs/j1", job("done", result={"disk_info": "[]"}), lambda c: c.job("j1"),
+     "/v1/jobs/j1 answered with a migrate-disk-and-power-off result that does not fit (copies: Field required"),
+])
+def test_a_reply_that_does_not_fit_names_the_url(path, body, call, text):
+    with pytest.raises(AgentError) as e:
+        call(client(PlayedAgent({("GET", path): (200, body)})))
+    assert f"http://198.18.0.11:8797{text}" in str(e.value), str(e.value)
+    assert "same coldferry version" in str(e.value) or "none of" in str(e.value)
+    assert e.value.status == 502 and e.value.agent_status is None
+
+
+def test_a_done_job_carries_its_ops_result_model():
+    agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, job("done", 10, result=MIGRATED)),
+                         ("GET", "/v1/jobs/j2"): (200, job("done", op="finish-migration",
+                                                           result={"running_at": 5.0})),
+                         ("GET", "/v1/jobs/j3"): (200, job("done", op="power-on", result={"ignored": 1}))})
+    c = client(agent)
+    migrated = c.job("j1").result
+    assert isinstance(migrated, MigrateResult)
+    assert (migrated.bytes_sent, migrated.rate, migrated.digests) == (60, 30.0, ["xxh3:ab"])
+    assert c.job("j2").result == FinishResult(running_at=5.0)
+    assert c.job("j3").result is None   # power-on has no result
+
+
 def test_start_posts_the_body_and_returns_the_job():
     agent = PlayedAgent({("POST", "/v1/instances/u1/migrate-disk-and-power-off"): (202, job("running"))})
-    got = client(agent).start("u1", "migrate-disk-and-power-off", {"dest": "198.18.0.12", "timeout": 60})
-    assert got["id"] == "j1"
-    assert json.loads(agent.requests[0].content) == {"dest": "198.18.0.12", "timeout": 60}
+    got = client(agent).start("u1", "migrate-disk-and-power-off", {"dest": "198.18.0.12"})
+    assert isinstance(got, JobOut) and (got.id, got.state, got.result) == ("j1", "running", None)
+    assert json.loads(agent.requests[0].content) == {"dest": "198.18.0.12"}
 
 
 def test_ids_cannot_change_the_path():
@@ -151,13 +197,13 @@ class FakeTime:
 
 
 def test_wait_polls_until_the_job_ends():
-    states = iter([job("running", 2), job("running", 6), job("done", 10, result={"running_at": 5.0})])
+    states = iter([job("running", 2), job("running", 6), job("done", 10, result=MIGRATED)])
     agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, lambda: next(states))})
     t = FakeTime()
     seen: list[int] = []
     final = client(agent, sleep=t.sleep, clock=t.clock, poll_interval=0.5).wait(
-        "j1", on_update=lambda j: seen.append(j["progress"]["done"]))
-    assert final["state"] == "done" and final["result"] == {"running_at": 5.0}
+        "j1", on_update=lambda j: seen.append(j.progress.done))
+    assert final.state == "done" and final.result == MigrateResult.model_validate(MIGRATED)
     assert seen == [2, 6, 10]
     assert t.sleeps == [0.5, 0.5]
 
@@ -165,7 +211,7 @@ def test_wait_polls_until_the_job_ends():
 def test_wait_returns_a_failed_job_without_raising():
     failed = job("error", error={"kind": "PowerOffFailed", "message": "guest ignored ACPI"})
     agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, failed)})
-    assert client(agent, sleep=FakeTime().sleep).wait("j1")["error"]["kind"] == "PowerOffFailed"
+    assert client(agent, sleep=FakeTime().sleep).wait("j1").error.kind == "PowerOffFailed"
 
 
 def test_wait_gives_up_after_its_timeout():
@@ -180,7 +226,7 @@ def test_wait_on_a_job_the_agent_lost():
     with pytest.raises(AgentError) as e:
         client(PlayedAgent({}), sleep=FakeTime().sleep).wait("j9")
     assert "job j9 is unknown to http://198.18.0.11:8797: the agent restarted" in str(e.value)
-    assert e.value.status == 404
+    assert e.value.status == e.value.agent_status == 404
 
 
 def test_relative_paths_on_a_fastapi_test_client():
@@ -190,9 +236,9 @@ def test_relative_paths_on_a_fastapi_test_client():
     def host(authorization: str = Header("")) -> dict:
         if authorization != f"Bearer {TOKEN}":
             raise HTTPException(401, "missing or wrong token")
-        return {"hostname": "compute1", "address": "198.18.0.11"}
+        return HOST
 
     with TestClient(app) as http:
-        assert AgentClient("compute1", "http://testserver", TOKEN, http=http).host()["hostname"] == "compute1"
+        assert AgentClient("compute1", "http://testserver", TOKEN, http=http).host().hostname == "compute1"
         with pytest.raises(AgentError, match="refused the token"):
             AgentClient("compute1", "http://testserver", "bad", http=http).host()

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from controller import records
+from controller.records import MigrationStatus
 from driver.model import PowerState
 from tests.unit.controller_env import TOKEN, Env
 
@@ -64,7 +65,7 @@ def test_invalid_json_is_400(api: TestClient) -> None:
 
 @pytest.mark.parametrize("server, body, status, text", [
     ("web", {"migrate": {"host": None, "force": True}}, 400, "force needs a target host"),
-    ("web", {"migrate": {"host": "host1"}}, 400, "already on host host1"),
+    ("web", {"migrate": {"host": "host1"}}, 400, "target host host1 is the source host"),
     ("web", {"migrate": {"host": "host9"}}, 400, "unknown host 'host9'"),
     ("cache", {"migrate": {"host": "host2"}}, 409, "paused"),
     ("nobody", {"migrate": {"host": "host2"}}, 404, "server nobody not found"),
@@ -105,7 +106,7 @@ def test_migration_records_list_show_confirm(env: Env, api: TestClient) -> None:
     assert api.get("/v1/os-migrations", params={"status": "done"}).status_code == 400
     assert api.get("/v1/os-migrations/999").status_code == 404
     assert api.post(f"/v1/os-migrations/{mid}/confirm").status_code == 202
-    assert env.wait(mid, frozenset(records.FINAL)).status == records.CONFIRMED
+    assert env.wait(mid, frozenset(records.FINAL)).status == MigrationStatus.CONFIRMED
     r = api.post(f"/v1/os-migrations/{mid}/revert")
     assert r.status_code == 409 and "only a finished migration" in r.json()["detail"]
 
@@ -157,7 +158,8 @@ def test_drain_moves_running_and_stopped_and_reports_the_paused_one(api: TestCli
     ("host9", {}, "unknown host"),
     ("host1", {"max_servers": 0}, "max_servers"),
     ("host1", {"force": True}, "force needs a target host"),
-    ("host1", {"target_host": "host1"}, "cannot be the drained host"),
+    ("host1", {"target_host": "host1"}, "target host host1 is the source host"),
+    ("host1", {"target_host": "host9"}, "unknown host 'host9'"),
     ("host1", {"live": "maybe"}, "live"),
 ])
 def test_drain_bad_inputs(api: TestClient, host: str, body: Any, text: str) -> None:
@@ -173,3 +175,14 @@ def test_drain_of_a_host_whose_agent_is_down_is_refused(api: TestClient, env: En
     r = env.api().post("/v1/os-hypervisors/host1/drain", json={})
     assert r.status_code == 409 and "does not answer" in r.json()["detail"]
     assert env.api().get("/v1/os-hypervisors/host1").json()["state"] == "down"
+
+
+def test_the_servers_of_a_host_whose_agent_is_down_are_not_shown_as_none(env: Env) -> None:
+    from controller.agents import AgentClient
+    env.add("host2", "00000000-0000-4000-8000-0000000000b1", "mail")
+    env.agents["host1"] = AgentClient("host1", "http://127.0.0.1:9", "x", timeout=0.5)
+    env.start_controller()
+    r = env.api().get("/v1/servers", params={"host": "host1"})
+    assert r.status_code == 409 and "cannot list the servers of host host1" in r.json()["detail"]
+    # Listing every host still shows those that answer.
+    assert [s["name"] for s in env.api().get("/v1/servers").json()["servers"]] == ["mail"]

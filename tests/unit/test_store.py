@@ -16,10 +16,12 @@ import pytest
 import sqlalchemy as sa
 
 from controller import records
+from controller.records import DrainStatus, MigrationStatus, MigrationType, RowStatus
 from controller.errors import NotFound
 from controller.records import HostRecord
 from controller import store as store_module
 from controller.store import SCHEMA_VERSION, Store, StoreError
+from driver.model import PowerState
 
 PG_URL = os.environ.get("COLDFERRY_PG_URL")
 BASE_STEPS = list(store_module.STEPS)
@@ -168,14 +170,14 @@ def test_upgrade_from_version_1_adds_the_precopy_figures(url, clock):
     everything after the power-off, live ones nothing."""
     with Store(url, clock=clock) as s:
         cold = migration(s, bytes_sent=5000)
-        live = migration(s, server="uuid-2", migration_type=records.LIVE)
+        live = migration(s, server="uuid-2", migration_type=MigrationType.LIVE)
         with s._write() as conn:
-            for column in ("precopy", "bytes_before_power_off", "bytes_after_power_off"):
+            for column in ("precopy", "bytes_before_power_off", "bytes_after_power_off", "shared"):
                 conn.execute(sa.text(f"ALTER TABLE migrations DROP COLUMN {column}"))
             conn.execute(sa.text("UPDATE schema_version SET version = 1"))
     assert "precopy" not in columns(url, "migrations")
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert s.schema_version() == SCHEMA_VERSION == 3
         got = s.get_migration(cold.id)
         assert (got.precopy, got.bytes_before_power_off, got.bytes_after_power_off, got.bytes_sent) == (
             False, 0, 5000, 5000)
@@ -183,6 +185,20 @@ def test_upgrade_from_version_1_adds_the_precopy_figures(url, clock):
         moved = s.update_migration(cold.id, precopy=True, bytes_before_power_off=2**33, bytes_after_power_off=7)
         assert (moved.precopy, moved.bytes_before_power_off, moved.bytes_after_power_off) == (True, 2**33, 7)
         assert moved.to_api()["bytes_before_power_off"] == 2**33
+
+
+def test_upgrade_from_version_2_adds_the_shared_flag(url, clock):
+    """A version-2 database gets ``shared``: unknown (None) for the migrations it has."""
+    with Store(url, clock=clock) as s:
+        old = migration(s)
+        with s._write() as conn:
+            conn.execute(sa.text("ALTER TABLE migrations DROP COLUMN shared"))
+            conn.execute(sa.text("UPDATE schema_version SET version = 2"))
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == 3
+        assert s.get_migration(old.id).shared is None
+        assert s.update_migration(old.id, shared=True).shared is True
+        assert "shared" not in s.get_migration(old.id).to_api()   # internal, as disk_info is
 
 
 def test_newer_schema_is_refused(url, monkeypatch):
@@ -244,10 +260,16 @@ def test_create_migration_defaults_and_round_trip(store, clock):
     m = migration(store, flavor={"name": "m1.small", "vcpus": 1}, old_power_state=1)
     assert m.id >= 1 and len(m.uuid) == 36
     assert (m.status, m.migration_type, m.task_state, m.forced, m.digests) == (
-        records.PRE_MIGRATING, records.COLD, "resize_prep", False, [])
+        MigrationStatus.PRE_MIGRATING, MigrationType.COLD, "resize_prep", False, [])
     assert m.created_at == m.updated_at == T0
     got = store.get_migration(m.id)
     assert got == m and got.created_at.tzinfo == dt.timezone.utc
+    # The enums come back as enums, and the database holds their plain values.
+    assert (type(got.status), type(got.migration_type), got.old_power_state) == (
+        MigrationStatus, MigrationType, PowerState.RUNNING)
+    with store._read() as conn:
+        assert tuple(conn.execute(sa.text("SELECT status, migration_type, old_power_state FROM migrations"))
+                     .one()) == ("pre-migrating", "migration", 1)
     other = migration(store)
     assert other.id == m.id + 1 and other.uuid != m.uuid
     assert store.get_migration(other.id + 100) is None
@@ -266,10 +288,10 @@ def test_update_migration(store, clock):
     m = migration(store)
     clock.advance(30)
     progress = {"file": "disk", "done": 5, "total": 10, "rate": 1.5, "eta": None, "fraction": 0.5}
-    u = store.update_migration(m.id, status=records.MIGRATING, progress=progress, digests=["a", "b"],
+    u = store.update_migration(m.id, status=MigrationStatus.MIGRATING, progress=progress, digests=["a", "b"],
                                bytes_sent=2**40, downtime_s=0.25)
     assert (u.status, u.progress, u.digests, u.bytes_sent, u.downtime_s) == (
-        records.MIGRATING, progress, ["a", "b"], 2**40, 0.25)
+        MigrationStatus.MIGRATING, progress, ["a", "b"], 2**40, 0.25)
     assert (u.created_at, u.updated_at) == (T0, T0 + dt.timedelta(seconds=30))
     assert store.get_migration(m.id) == u
     assert store.update_migration(m.id, progress=None).progress is None
@@ -278,13 +300,13 @@ def test_update_migration(store, clock):
     with pytest.raises(TypeError, match="created_at"):
         store.update_migration(m.id, created_at=T0)
     with pytest.raises(NotFound, match="migration 999 not found"):
-        store.update_migration(999, status=records.ERROR)
+        store.update_migration(999, status=MigrationStatus.ERROR)
 
 
 def test_list_migrations_filters_newest_first(store, clock):
     m1 = migration(store, server="u1", name="web1", source="a", dest="b")
     clock.advance(60)
-    m2 = migration(store, server="u2", name="db1", source="b", dest="c", migration_type=records.LIVE)
+    m2 = migration(store, server="u2", name="db1", source="b", dest="c", migration_type=MigrationType.LIVE)
     clock.advance(60)
     m3 = migration(store, server="u1", name="web1", source="b", dest="c")
     ids = lambda ms: [m.id for m in ms]  # noqa: E731
@@ -292,27 +314,27 @@ def test_list_migrations_filters_newest_first(store, clock):
     assert ids(store.list_migrations(host="a")) == [m1.id]
     assert ids(store.list_migrations(host="c")) == [m3.id, m2.id]
     assert ids(store.list_migrations(server="u1")) == ids(store.list_migrations(server="web1")) == [m3.id, m1.id]
-    assert ids(store.list_migrations(migration_type=records.LIVE)) == [m2.id]
-    store.update_migration(m1.id, status=records.ERROR)  # updated now: T0 + 120
-    assert ids(store.list_migrations(status=records.ERROR)) == [m1.id]
+    assert ids(store.list_migrations(migration_type=MigrationType.LIVE)) == [m2.id]
+    store.update_migration(m1.id, status=MigrationStatus.ERROR)  # updated now: T0 + 120
+    assert ids(store.list_migrations(status=MigrationStatus.ERROR)) == [m1.id]
     assert ids(store.list_migrations(changes_since=T0 + dt.timedelta(seconds=60))) == [m3.id, m2.id, m1.id]
     assert ids(store.list_migrations(changes_since=T0 + dt.timedelta(seconds=61))) == [m3.id, m1.id]
     # Another zone, same instant; and a naive time is taken as UTC.
     cet = dt.timezone(dt.timedelta(hours=1))
     assert ids(store.list_migrations(changes_since=(T0 + dt.timedelta(seconds=61)).astimezone(cet))) == [m3.id, m1.id]
     assert ids(store.list_migrations(changes_since=dt.datetime(2026, 11, 23, 11, 41, 1))) == [m3.id, m1.id]
-    assert store.list_migrations(host="c", server="web1", status=records.PRE_MIGRATING) == [m3]
+    assert store.list_migrations(host="c", server="web1", status=MigrationStatus.PRE_MIGRATING) == [m3]
 
 
 def test_in_flight_and_open_migrations(store, clock):
     done = migration(store, server="u1")
-    store.update_migration(done.id, status=records.CONFIRMED)
+    store.update_migration(done.id, status=MigrationStatus.CONFIRMED)
     assert store.open_migration_for("u1") is None
     clock.advance(1)
-    finished = migration(store, server="u1", status=records.FINISHED)
+    finished = migration(store, server="u1", status=MigrationStatus.FINISHED)
     assert store.open_migration_for("u1") == finished  # finished still waits for confirm or revert
     running = [migration(store, server=f"r{i}", status=s) for i, s in enumerate(sorted(records.IN_FLIGHT))]
-    migration(store, server="e", status=records.ERROR)
+    migration(store, server="e", status=MigrationStatus.ERROR)
     assert [m.id for m in store.in_flight_migrations()] == [m.id for m in running]
     assert store.open_migration_for("r0") == running[0]
     assert store.open_migration_for("unknown") is None
@@ -328,7 +350,7 @@ def test_concurrent_writers_from_threads(store):
         try:
             for i in range(10):
                 m = migration(store, server=f"t{n}-{i}")
-                created.append(store.update_migration(m.id, status=records.MIGRATING, bytes_sent=i).id)
+                created.append(store.update_migration(m.id, status=MigrationStatus.MIGRATING, bytes_sent=i).id)
                 store.update_migration(shared.id, bytes_sent=n * 100 + i)
                 store.set_service("a", i % 2 == 0, f"thread {n}")
                 store.list_migrations(host="a")
@@ -342,7 +364,7 @@ def test_concurrent_writers_from_threads(store):
         t.join()
     assert errors == []
     assert len(set(created)) == 60
-    assert len(store.list_migrations(status=records.MIGRATING)) == 60
+    assert len(store.list_migrations(status=MigrationStatus.MIGRATING)) == 60
     assert store.get_migration(shared.id).bytes_sent % 100 == 9  # some thread's last write won whole
 
 
@@ -359,23 +381,25 @@ def test_in_memory_database_is_shared_between_threads():
 
 def test_drains_with_rows(store, clock):
     d = store.create_drain("a", live=True, max_servers=2, dry_run=False, target_host=None, force=False)
-    assert (d.host, d.live, d.max_servers, d.status, d.rows, d.created_at) == ("a", True, 2, "running", [], T0)
-    r1 = store.add_drain_row(d.id, "u1", "web1", "running", records.LIVE, True, "queued")
-    r2 = store.add_drain_row(d.id, "u2", "db1", "paused", None, False, "error", error="paused servers stay")
+    assert (d.host, d.live, d.max_servers, d.status, d.rows, d.created_at) == (
+        "a", True, 2, DrainStatus.RUNNING, [], T0)
+    r1 = store.add_drain_row(d.id, "u1", "web1", "running", MigrationType.LIVE, True, RowStatus.QUEUED)
+    r2 = store.add_drain_row(d.id, "u2", "db1", "paused", None, False, RowStatus.ERROR, error="paused servers stay")
     m = migration(store, server="u1")
     clock.advance(10)
-    updated = store.update_drain_row(r1.id, status="migrating", migration_id=m.id)
-    assert (updated.status, updated.migration_id, updated.name) == ("migrating", m.id, "web1")
+    updated = store.update_drain_row(r1.id, status=RowStatus.MIGRATING, migration_id=m.id)
+    assert (updated.status, updated.migration_id, updated.name) == (RowStatus.MIGRATING, m.id, "web1")
     got = store.get_drain(d.id)
     assert [r.server for r in got.rows] == ["u1", "u2"]
     assert got.rows[0] == updated and got.rows[1] == r2
     assert got.updated_at == T0 + dt.timedelta(seconds=10)  # a row change touches its drain
     assert got.totals() == {"total": 2, "queued": 0, "migrating": 1, "done": 0, "error": 1, "planned": 0}
-    done = store.update_drain(d.id, status="done")
-    assert done.status == "done" and len(done.rows) == 2
+    done = store.update_drain(d.id, status=DrainStatus.DONE)
+    assert done.status is DrainStatus.DONE and len(done.rows) == 2
+    assert type(done.rows[0].status) is RowStatus and done.rows[0].migration_type is MigrationType.LIVE
     clock.advance(10)
     d2 = store.create_drain("b", live=False, max_servers=1, dry_run=True, target_host="c", force=True)
-    store.add_drain_row(d2.id, "u3", "x", "shutdown", records.COLD, True, "planned")
+    store.add_drain_row(d2.id, "u3", "x", "shutdown", MigrationType.COLD, True, RowStatus.PLANNED)
     listed = store.list_drains()
     assert [(x.id, len(x.rows)) for x in listed] == [(d2.id, 1), (d.id, 2)]
     assert (listed[0].dry_run, listed[0].target_host, listed[0].force) == (True, "c", True)
@@ -384,13 +408,13 @@ def test_drains_with_rows(store, clock):
 
 def test_drain_errors(store):
     with pytest.raises(NotFound, match="drain 5 not found"):
-        store.add_drain_row(5, "u", "n", "running", None, False, "queued")
+        store.add_drain_row(5, "u", "n", "running", None, False, RowStatus.QUEUED)
     with pytest.raises(NotFound, match="drain row 9 not found"):
-        store.update_drain_row(9, status="done")
+        store.update_drain_row(9, status=RowStatus.DONE)
     with pytest.raises(NotFound, match="drain 5 not found"):
-        store.update_drain(5, status="done")
+        store.update_drain(5, status=DrainStatus.DONE)
     d = store.create_drain("a", live=False, max_servers=1, dry_run=False, target_host=None, force=False)
-    row = store.add_drain_row(d.id, "u", "n", "running", None, False, "queued")
+    row = store.add_drain_row(d.id, "u", "n", "running", None, False, RowStatus.QUEUED)
     with pytest.raises(TypeError, match="drain_id"):
         store.update_drain_row(row.id, drain_id=7)
     with pytest.raises(TypeError, match="rows"):

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from controller import records
+from controller.records import MigrationStatus, MigrationType
 from controller.config import UserConfig
 from controller.web.passwords import hash_password
 from driver.model import PowerState
@@ -144,8 +145,8 @@ def test_a_drain_from_the_form_and_its_results(env: Env) -> None:
     d = c.get(f"/ui/api/drains/{m.group(1)}").json()
     assert (d["live"], d["max_servers"], d["dry_run"], d["target_host"]) == (True, 2, False, None)
     rows = {row["name"]: row for row in d["rows"]}
-    assert rows["web"]["status"] == "done" and rows["web"]["migration_type"] == records.LIVE
-    assert rows["db"]["status"] == "done" and rows["db"]["migration_type"] == records.COLD
+    assert rows["web"]["status"] == "done" and rows["web"]["migration_type"] == MigrationType.LIVE
+    assert rows["db"]["status"] == "done" and rows["db"]["migration_type"] == MigrationType.COLD
     assert rows["cache"]["status"] == "error" and "paused" in rows["cache"]["error"]
     page = c.get(r.headers["location"]).text
     assert 'data-total="done">2<' in page and 'data-total="error">1<' in page
@@ -165,7 +166,7 @@ def test_drain_form_options_reach_the_drainer(env: Env) -> None:
     ({"max_servers": "0"}, "max_servers must be from 1 to 64"),
     ({"max_servers": "lots"}, "max_servers must be a whole number"),
     ({"force": "on"}, "force needs a target host"),
-    ({"target_host": "host1"}, "cannot be the drained host"),
+    ({"target_host": "host1"}, "target host host1 is the source host"),
 ])
 def test_a_refused_drain_comes_back_with_the_reason(env: Env, form: dict[str, str], text: str) -> None:
     c, tok = login(env, "ada", "ada-pw")
@@ -183,7 +184,7 @@ def test_confirm_and_revert_from_the_migrations_page(env: Env) -> None:
     assert f'action="/ui/migrations/{mid}/confirm"' in page and f'action="/ui/migrations/{mid}/revert"' in page
     r = c.post(f"/ui/migrations/{mid}/confirm", data={"csrf_token": tok, "next": "/migrations?status=finished"})
     assert r.headers["location"] == "/ui/migrations?status=finished"
-    assert env.wait(mid, frozenset(records.FINAL)).status == records.CONFIRMED
+    assert env.wait(mid, frozenset(records.FINAL)).status == MigrationStatus.CONFIRMED
     c.post(f"/ui/migrations/{mid}/revert", data={"csrf_token": tok})
     assert "only a finished migration" in c.get("/ui/migrations").text
 
@@ -215,7 +216,7 @@ def test_a_reader_sees_everything_and_can_change_nothing(env: Env) -> None:
         assert r.status_code == 403 and "only an admin" in r.text, path
     assert service(env, "host1") == (False, "maintenance") and service(env, "host2") == (True, None)
     assert env.ctl.store.list_drains() == []  # type: ignore[union-attr]
-    assert env.conductor.get(mid).status == records.FINISHED
+    assert env.conductor.get(mid).status == MigrationStatus.FINISHED
 
 
 @pytest.mark.parametrize("sent", [None, "", "not-the-token"])
