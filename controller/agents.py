@@ -81,14 +81,15 @@ class AgentClient:
         data = self._call("GET", path, missing_ok=True)
         return None if data is None else self._check_power_state(self._parse(InstanceOut, data, path), path)
 
-    def start(self, uuid: str, op: str, body: dict[str, Any]) -> JobOut:
+    def start(self, uuid: str, op: str, body: pydantic.BaseModel) -> JobOut:
         """Start job ``op`` (a path word such as ``migrate-disk-and-power-off``) on instance
-        ``uuid`` and return the job as the agent accepted it. Raises ValueError for an op
-        that is not a path word."""
+        ``uuid`` with ``body``, the op's request model of agent/schemas.py (only the fields
+        set are sent, so the agent's defaults apply to the others); return the job as the
+        agent accepted it. Raises ValueError for an op that is not a path word."""
         if not _OP.match(op):
             raise ValueError(f"agent operation {op!r} is not a path word such as power-on")
         path = f"/v1/instances/{_quote(uuid)}/{op}"
-        return self._job(self._call("POST", path, body=body), path)
+        return self._job(self._call("POST", path, body=body.model_dump(mode="json", exclude_unset=True)), path)
 
     def job(self, job_id: str) -> JobOut | None:
         """The job, or None when the agent does not know it (e.g. it restarted). A done job's

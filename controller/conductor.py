@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from agent import schemas as s
 from agent.schemas import FinishResult, JobOut, LiveResult, MigrateResult
 from driver.model import MOVABLE_STATES, PowerState
 
@@ -259,7 +260,7 @@ class Conductor:
         log.error("migration %d failed: %s", m.id, message)
         self.store.update_migration(m.id, status=_S.ERROR, task_state=None, error=message, progress=None)
 
-    def _run(self, m: MigrationRecord, side: Side, op: str, body: dict[str, Any]) -> JobOut:
+    def _run(self, m: MigrationRecord, side: Side, op: str, body: BaseModel) -> JobOut:
         """Start ``op`` on the ``side`` host (or pick up the job the record names) and wait for it to end.
 
         :returns: the job, done.
@@ -302,7 +303,7 @@ class Conductor:
 
     def _copy(self, m: MigrationRecord) -> None:
         # The shutdown timeout is the source host's own ([driver] in its configuration).
-        body = {"dest": m.dest_address, "flavor": m.flavor}
+        body = s.MigrateRequest(dest=m.dest_address, flavor=m.flavor or None)  # none: the current flavor
         try:
             result = _result(self._run(m, "source", "migrate-disk-and-power-off", body), MigrateResult)
         except LostJob as e:
@@ -316,8 +317,8 @@ class Conductor:
 
     def _finish_on_dest(self, m: MigrationRecord) -> None:
         was_running = m.old_power_state == PowerState.RUNNING
-        body = {"name": m.server_name, "flavor": m.flavor, "disk_info": m.disk_info or "[]",
-                "migration": _migration_ref(m), "resize_instance": False, "power_on": was_running}
+        body = s.FinishMigrationRequest(name=m.server_name, flavor=m.flavor, disk_info=m.disk_info or "[]",
+                                        migration=_migration_ref(m), resize_instance=False, power_on=was_running)
         try:
             running_at = _result(self._run(m, "dest", "finish-migration", body), FinishResult).running_at
         except LostJob:
@@ -337,8 +338,8 @@ class Conductor:
     def _roll_back(self, m: MigrationRecord, why: str) -> None:
         """Remove the destination's copy, bring the source back as it was, and end in error."""
         notes = []
-        steps: tuple[tuple[Side, str, dict[str, Any]], ...] = (
-            ("dest", "destroy", {"destroy_disks": True}),
+        steps: tuple[tuple[Side, str, BaseModel], ...] = (
+            ("dest", "destroy", s.DestroyRequest(destroy_disks=True)),
             ("source", "finish-revert-migration", _revert_body(m)))
         for side, op, body in steps:
             try:
@@ -350,7 +351,7 @@ class Conductor:
 
     def _confirm(self, m: MigrationRecord) -> None:
         try:
-            self._run(m, "source", "confirm-migration", {"migration": _migration_ref(m)})
+            self._run(m, "source", "confirm-migration", s.ConfirmRequest(migration=_migration_ref(m)))
         except LostJob:
             self.store.update_migration(m.id, source_job=None)  # confirming twice is harmless: start again
             return
@@ -358,7 +359,7 @@ class Conductor:
 
     def _revert(self, m: MigrationRecord) -> None:
         try:
-            self._run(m, "dest", "destroy", {"destroy_disks": True})
+            self._run(m, "dest", "destroy", s.DestroyRequest(destroy_disks=True))
         except LostJob:
             self.store.update_migration(m.id, dest_job=None)
             return
@@ -377,7 +378,7 @@ class Conductor:
 
     def _live(self, m: MigrationRecord) -> None:
         try:
-            result = _result(self._run(m, "source", "live-migrate", {"dest": m.dest_address}), LiveResult)
+            result = _result(self._run(m, "source", "live-migrate", s.LiveMigrateRequest(dest=m.dest_address)), LiveResult)
         except LostJob as e:
             where = self.inventory.agent(m.dest_compute).instance(m.server)
             if where is not None and where.power_state == PowerState.RUNNING:
@@ -439,12 +440,11 @@ def _result(job: JobOut, model: type[R]) -> R:
     return job.result
 
 
-def _migration_ref(m: MigrationRecord) -> dict[str, str]:
-    """The agent's MigrationRef of ``m``."""
-    return {"id": str(m.id), "source_host": m.source_compute, "dest_host": m.dest_compute}
+def _migration_ref(m: MigrationRecord) -> s.MigrationRef:
+    return s.MigrationRef(id=str(m.id), source_host=m.source_compute, dest_host=m.dest_compute)
 
 
-def _revert_body(m: MigrationRecord) -> dict[str, Any]:
+def _revert_body(m: MigrationRecord) -> s.RevertRequest:
     """finish-revert-migration's body: the source comes back as it was."""
-    return {"power_on": m.old_power_state == PowerState.RUNNING, "migration": _migration_ref(m)}
+    return s.RevertRequest(power_on=m.old_power_state == PowerState.RUNNING, migration=_migration_ref(m))
 

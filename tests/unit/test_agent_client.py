@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from agent import schemas as s
+
 import json
 import socket
 
@@ -110,7 +112,7 @@ def test_a_done_job_carries_its_ops_result_model():
 
 def test_start_posts_the_body_and_returns_the_job():
     agent = PlayedAgent({("POST", "/v1/instances/u1/migrate-disk-and-power-off"): (202, job("running"))})
-    got = client(agent).start("u1", "migrate-disk-and-power-off", {"dest": "198.18.0.12"})
+    got = client(agent).start("u1", "migrate-disk-and-power-off", s.MigrateRequest(dest="198.18.0.12"))
     assert isinstance(got, JobOut) and (got.id, got.state, got.result) == ("j1", "running", None)
     assert json.loads(agent.requests[0].content) == {"dest": "198.18.0.12"}
 
@@ -123,7 +125,7 @@ def test_ids_cannot_change_the_path():
     with pytest.raises(ValueError, match="not an instance or job id"):
         c.job("..")
     with pytest.raises(ValueError, match="not a path word"):
-        c.start("u1", "power-on/../../destroy", {})
+        c.start("u1", "power-on/../../destroy", s.PowerOnRequest())
 
 
 def test_refused_token_names_the_setting_to_fix():
@@ -139,7 +141,7 @@ def test_refused_token_names_the_setting_to_fix():
 def test_client_errors_pass_the_detail_and_status_through(status):
     agent = PlayedAgent({("POST", "/v1/instances/u1/power-on"): (status, {"detail": "instance u1 is paused"})})
     with pytest.raises(AgentError) as e:
-        client(agent).start("u1", "power-on", {})
+        client(agent).start("u1", "power-on", s.PowerOnRequest())
     assert str(e.value) == "agent of host compute1: instance u1 is paused"
     assert e.value.status == e.value.agent_status == status
 

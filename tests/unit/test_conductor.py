@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from agent import schemas as s
+
 import time
 from pathlib import Path
 
@@ -132,7 +134,7 @@ def test_restarted_controller_finishes_a_migration_its_agent_kept_running(env: E
                                dest_address="198.18.0.12", status=MigrationStatus.MIGRATING,
                                task_state="resize_migrating", old_power_state=RUNNING,
                                flavor=env.drivers["host1"].get_instance(VM).to_dict()["flavor"])
-    job = env.agents["host1"].start(VM, "migrate-disk-and-power-off", {"dest": "198.18.0.12"})
+    job = env.agents["host1"].start(VM, "migrate-disk-and-power-off", s.MigrateRequest(dest="198.18.0.12"))
     store.update_migration(m.id, source_job=job.id)
     env.start_controller()
     assert env.ctl.start() == [m.id]
@@ -143,7 +145,7 @@ def test_restarted_controller_finishes_a_migration_its_agent_kept_running(env: E
 
 def test_restarted_agent_that_lost_the_copy_job_is_rolled_back(env: Env) -> None:
     store = env.ctl.store
-    job = env.agents["host1"].start(VM, "migrate-disk-and-power-off", {"dest": "198.18.0.12"})
+    job = env.agents["host1"].start(VM, "migrate-disk-and-power-off", s.MigrateRequest(dest="198.18.0.12"))
     env.agents["host1"].wait(job.id)
     m = store.create_migration(server=VM, server_name="web", source_compute="host1", dest_compute="host2",
                                dest_address="198.18.0.12", status=MigrationStatus.MIGRATING, old_power_state=RUNNING,
@@ -221,7 +223,8 @@ def test_copy_asks_the_source_for_the_target_address_and_flavor_only(env: Env) -
     agent.start = start  # type: ignore[method-assign]
     m = env.wait(env.conductor.migrate("web", "host2").id)
     assert m.status == MigrationStatus.FINISHED, m.error
-    op, body = bodies[0]
+    op, request = bodies[0]
+    body = request.model_dump(mode="json", exclude_unset=True)
     assert op == "migrate-disk-and-power-off" and set(body) == {"dest", "flavor"}
     assert body["dest"] == "198.18.0.12"   # the target's data-plane address, never its name
 
