@@ -8,6 +8,7 @@ live next to the shapes they convert.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
@@ -172,22 +173,9 @@ class ProgressOut(_Response):
 
 # -- job results: what a driver call returned, as the agent serializes it and the controller parses it --
 
-class CopyOut(_Response):
-    """One finished copy (transfer.CopyResult)."""
-
-    method: str
-    size: int
-    sent: int
-    wire: int
-    skipped: int
-    resumed: int
-    seconds: float
-    digest: str
-
-    @classmethod
-    def of(cls, c: CopyResult) -> "CopyOut":
-        return cls(method=c.method, size=c.size, sent=c.sent, wire=c.wire, skipped=c.skipped, resumed=c.resumed,
-                   seconds=c.seconds, digest=c.digest)
+# One finished copy: transfer.CopyResult's fields.
+CopyOut = create_model("CopyOut", __base__=_Response,
+                       **{name: (hint, ...) for name, hint in get_type_hints(CopyResult).items()})
 
 
 class MigrateResult(_Response):
@@ -209,7 +197,7 @@ class MigrateResult(_Response):
 
     @classmethod
     def of(cls, o: MigrateOutcome) -> "MigrateResult":
-        return cls(disk_info=DiskInfo.dumps(o.disk_info), copies=[CopyOut.of(c) for c in o.copies], shared=o.shared,
+        return cls(disk_info=DiskInfo.dumps(o.disk_info), copies=[CopyOut(**asdict(c)) for c in o.copies], shared=o.shared,
                    precopy=o.precopy, was_running=o.was_running, powered_off_at=o.powered_off_at,
                    bytes_before_power_off=o.bytes_before_power_off, bytes_after_power_off=o.bytes_after_power_off,
                    bytes_sent=o.bytes_sent, bytes_skipped=o.bytes_skipped, rate=o.rate, digests=o.digests)
