@@ -67,11 +67,19 @@ def vifs(network_info: list[VifBody]) -> list[Vif]:
 
 # -- requests ------------------------------------------------------------------------
 
-class PowerOnRequest(_Request):
+class _JobRequest(_Request):
+    """A request that starts a job; the caller may name it, so that asking again is safe."""
+
+    job_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$",
+                               description="the caller's name for the job: a start naming a job the agent "
+                                           "already has returns that job instead of starting another")
+
+
+class PowerOnRequest(_JobRequest):
     pass
 
 
-class PowerOffRequest(_Request):
+class PowerOffRequest(_JobRequest):
     timeout: int | None = Field(default=None, ge=0, description="seconds of clean shutdown before forcing")
     retry_interval: int | None = Field(default=None, ge=0, description="seconds between shutdown requests")
 
@@ -83,7 +91,7 @@ class MigrateRequest(PowerOffRequest):
     network_info: list[VifBody] = []
 
 
-class FinishMigrationRequest(_Request):
+class FinishMigrationRequest(_JobRequest):
     name: str
     flavor: FlavorBody
     disk_info: str = Field(description="disk_info as migrate-disk-and-power-off returned it")
@@ -105,20 +113,20 @@ class FinishMigrationRequest(_Request):
         return DiskInfo.loads(self.disk_info)
 
 
-class ConfirmRequest(_Request):
+class ConfirmRequest(_JobRequest):
     migration: MigrationRef | None = None
 
 
-class RevertRequest(_Request):
+class RevertRequest(_JobRequest):
     migration: MigrationRef | None = None
     power_on: bool = True
 
 
-class DestroyRequest(_Request):
+class DestroyRequest(_JobRequest):
     destroy_disks: bool = True
 
 
-class LiveMigrateRequest(_Request):
+class LiveMigrateRequest(_JobRequest):
     dest: str = Field(min_length=1)
 
 
