@@ -3,6 +3,13 @@
 Reads answer at once; every operation that changes an instance runs as a
 background job (202 with the job) that the controller polls. All of
 ``/v1`` requires the agent's bearer token.
+
+Errors: 404 for an unknown instance or job, 409 for an instance in the
+wrong state, a busy instance or a job name already used for another
+operation, 503 with the driver's message when the hypervisor side failed
+(the agent itself is fine), and 500 only for a bug (an exception the
+driver contract does not allow), with a generic message and the traceback
+in the agent's log.
 """
 
 from __future__ import annotations
@@ -10,11 +17,11 @@ from __future__ import annotations
 import hmac
 import logging
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from driver.base import ComputeDriver
@@ -23,7 +30,7 @@ from driver.model import Flavor, Instance, Migration, ProgressHook
 from transfer.progress import Progress
 
 from . import schemas as s
-from .jobs import JobConflict, JobNotFound, JobRunner, Report
+from .jobs import JobConflict, JobIdTaken, JobNotFound, JobRunner, Report
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +102,30 @@ def _add_error_handlers(app: FastAPI, expected: bytes) -> None:
 
     @app.exception_handler(DriverError)
     async def driver_error(request: Request, exc: DriverError) -> JSONResponse:
-        status = 404 if isinstance(exc, InstanceNotFound) else 409 if isinstance(exc, InvalidInstanceState) else 500
-        if status == 500:
+        status = 404 if isinstance(exc, InstanceNotFound) else 409 if isinstance(exc, InvalidInstanceState) else 503
+        if status == 503:
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
         return error(status, str(exc))
 
-    @app.exception_handler(JobConflict)
-    async def conflict(request: Request, exc: JobConflict) -> JSONResponse:
+    async def conflict(request: Request, exc: Exception) -> JSONResponse:
         return error(409, str(exc))
+
+    app.add_exception_handler(JobConflict, conflict)
+    app.add_exception_handler(JobIdTaken, conflict)
 
     @app.exception_handler(JobNotFound)
     async def no_job(request: Request, exc: JobNotFound) -> JSONResponse:
         return error(404, str(exc))
+
+    @app.middleware("http")
+    async def bug(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # Every expected failure has its handler above; what still escapes is a bug. Caught
+        # here rather than by an Exception handler, which Starlette re-raises to the server.
+        try:
+            return await call_next(request)
+        except Exception:
+            log.exception("%s %s failed with an unexpected error", request.method, request.url.path)
+            return error(500, "internal error in the agent (a bug); the agent's log has the traceback")
 
 
 def validation_reason(errors: Any) -> str:
@@ -158,9 +177,21 @@ def _migration(uuid: str, ref: s.MigrationRef | None) -> Migration:
 
 def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
                     shutdown_defaults: tuple[int, int]) -> None:
-    def start(op: str, uuid: str, work: Callable[[ProgressHook], s.Outcome | None]) -> dict[str, Any]:
-        """Run ``work(progress)`` as job ``op``; the driver's outcome, serialized, is the job's result."""
-        return runner.start(op, uuid, lambda report: s.dump_result(work(_progress(report)))).to_dict()
+    def start(op: str, uuid: str, job_id: str | None,
+              work: Callable[[ProgressHook], s.Outcome | None]) -> dict[str, Any]:
+        """Run ``work(progress)`` as job ``op`` (named ``job_id``); the driver's outcome, serialized,
+        is the job's result. A job_id the runner has returns that job instead."""
+        return runner.start(op, uuid, lambda report: s.dump_result(work(_progress(report))), job_id).to_dict()
+
+    def start_on(op: str, uuid: str, job_id: str | None,
+                 work: Callable[[Instance, ProgressHook], s.Outcome | None]) -> dict[str, Any]:
+        """As start, on the instance defined here (404 if unknown), looked up only for a new job:
+        asking again for a job that moved the instance away still finds the job."""
+        known = runner.named(job_id, op, uuid)
+        if known is not None:
+            return known.to_dict()
+        inst = driver.get_instance(uuid)
+        return start(op, uuid, job_id, lambda progress: work(inst, progress))
 
     def shutdown(body: s.PowerOffRequest) -> tuple[int, int]:
         timeout, retry = shutdown_defaults
@@ -168,54 +199,61 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
                 retry if body.retry_interval is None else body.retry_interval)
 
     job = {"status_code": 202, "response_model": s.JobOut}
+    again = "; naming a job_id the agent has answers 202 with that job, whatever its state"
 
-    @api.post("/instances/{uuid}/power-on", **job, summary="start a stopped instance")
+    @api.post("/instances/{uuid}/power-on", **job, summary="start a stopped instance" + again)
     def power_on(uuid: str, body: s.PowerOnRequest | None = None) -> dict[str, Any]:
-        inst = driver.get_instance(uuid)
-        return start("power-on", uuid, lambda progress: driver.power_on(inst))
+        body = body or s.PowerOnRequest()
+        return start_on("power-on", uuid, body.job_id, lambda inst, progress: driver.power_on(inst))
 
-    @api.post("/instances/{uuid}/power-off", **job, summary="clean shutdown, forced after the timeout")
+    @api.post("/instances/{uuid}/power-off", **job, summary="clean shutdown, forced after the timeout" + again)
     def power_off(uuid: str, body: s.PowerOffRequest | None = None) -> dict[str, Any]:
-        inst = driver.get_instance(uuid)
-        timeout, retry = shutdown(body or s.PowerOffRequest())
-        return start("power-off", uuid, lambda progress: driver.power_off(inst, timeout, retry))
+        body = body or s.PowerOffRequest()
+        timeout, retry = shutdown(body)
+        return start_on("power-off", uuid, body.job_id, lambda inst, progress: driver.power_off(inst, timeout, retry))
 
     @api.post("/instances/{uuid}/migrate-disk-and-power-off", **job,
-              summary="source side: power off and copy the disks to dest")
+              summary="source side: power off and copy the disks to dest" + again)
     def migrate(uuid: str, body: s.MigrateRequest) -> dict[str, Any]:
-        inst = driver.get_instance(uuid)
-        flavor = body.flavor.to_flavor() if body.flavor else inst.flavor
         timeout, retry = shutdown(body)
-        return start("migrate-disk-and-power-off", uuid, lambda progress: driver.migrate_disk_and_power_off(
-            inst, body.dest, flavor, s.vifs(body.network_info), None, timeout, retry, progress=progress))
 
-    @api.post("/instances/{uuid}/finish-migration", **job, summary="destination side: define and start")
+        def work(inst: Instance, progress: ProgressHook) -> s.Outcome:
+            flavor = body.flavor.to_flavor() if body.flavor else inst.flavor
+            return driver.migrate_disk_and_power_off(inst, body.dest, flavor, s.vifs(body.network_info), None,
+                                                     timeout, retry, progress=progress)
+        return start_on("migrate-disk-and-power-off", uuid, body.job_id, work)
+
+    @api.post("/instances/{uuid}/finish-migration", **job, summary="destination side: define and start" + again)
     def finish(uuid: str, body: s.FinishMigrationRequest) -> dict[str, Any]:
         migration = body.migration.to_migration(uuid)
         inst = Instance(uuid, body.name, body.flavor.to_flavor(), migration.dest_host)
         disk_info = body.disks()
-        return start("finish-migration", uuid, lambda progress: driver.finish_migration(
+        return start("finish-migration", uuid, body.job_id, lambda progress: driver.finish_migration(
             migration, inst, disk_info, s.vifs(body.network_info), {}, body.resize_instance, None, body.power_on))
 
-    @api.post("/instances/{uuid}/confirm-migration", **job, summary="source side: drop the kept copy")
+    @api.post("/instances/{uuid}/confirm-migration", **job, summary="source side: drop the kept copy" + again)
     def confirm(uuid: str, body: s.ConfirmRequest | None = None) -> dict[str, Any]:
-        migration = _migration(uuid, (body or s.ConfirmRequest()).migration)
-        return start("confirm-migration", uuid,
+        body = body or s.ConfirmRequest()
+        migration = _migration(uuid, body.migration)
+        return start("confirm-migration", uuid, body.job_id,
                      lambda progress: driver.confirm_migration(migration, _bare(uuid, migration.source_host), []))
 
-    @api.post("/instances/{uuid}/finish-revert-migration", **job, summary="source side: restart from the kept copy")
+    @api.post("/instances/{uuid}/finish-revert-migration", **job,
+              summary="source side: restart from the kept copy" + again)
     def revert(uuid: str, body: s.RevertRequest | None = None) -> dict[str, Any]:
         body = body or s.RevertRequest()
         migration = _migration(uuid, body.migration)
-        return start("finish-revert-migration", uuid, lambda progress: driver.finish_revert_migration(
+        return start("finish-revert-migration", uuid, body.job_id, lambda progress: driver.finish_revert_migration(
             _bare(uuid, migration.source_host), [], migration, None, body.power_on))
 
-    @api.post("/instances/{uuid}/destroy", **job, summary="stop and undefine here, removing disks if asked")
+    @api.post("/instances/{uuid}/destroy", **job, summary="stop and undefine here, removing disks if asked" + again)
     def destroy(uuid: str, body: s.DestroyRequest | None = None) -> dict[str, Any]:
-        destroy_disks = (body or s.DestroyRequest()).destroy_disks
-        return start("destroy", uuid, lambda progress: driver.destroy(_bare(uuid), [], destroy_disks))
+        body = body or s.DestroyRequest()
+        destroy_disks = body.destroy_disks
+        return start("destroy", uuid, body.job_id, lambda progress: driver.destroy(_bare(uuid), [], destroy_disks))
 
-    @api.post("/instances/{uuid}/live-migrate", **job, summary="move a running instance, keeping it running")
+    @api.post("/instances/{uuid}/live-migrate", **job,
+              summary="move a running instance, keeping it running" + again)
     def live_migrate(uuid: str, body: s.LiveMigrateRequest) -> dict[str, Any]:
-        inst = driver.get_instance(uuid)
-        return start("live-migrate", uuid, lambda progress: driver.live_migration(inst, body.dest, progress=progress))
+        return start_on("live-migrate", uuid, body.job_id,
+                        lambda inst, progress: driver.live_migration(inst, body.dest, progress=progress))

@@ -3,9 +3,11 @@
 A job records its state (running, done, error), the latest progress, the
 result or the error, and when it started and ended. Only one job runs per
 instance at a time: two operations interleaved on one instance (a power-on
-while its disks are being copied) could break the source. Finished jobs
-are kept, newest last, up to a bound, so a controller that polls late still
-finds the outcome. A job's work gets its own ``report`` callable, so
+while its disks are being copied) could break the source. A caller may
+name a job (``job_id``): a start naming a job the runner has returns that
+job instead of starting another, so a caller that lost the reply can ask
+again safely. Finished jobs are kept, newest last, up to a bound, so a
+controller that polls late still finds the outcome. A job's work gets its own ``report`` callable, so
 progress lands on that job whichever thread reports it.
 """
 
@@ -42,6 +44,16 @@ class JobConflict(JobError):
         self.running = running
         super().__init__(f"instance {instance_uuid} already has a running job {running.id} ({running.op}); "
                          "wait for it to end")
+
+
+class JobIdTaken(JobError):
+    """A start names a job that exists for another operation or instance."""
+
+    def __init__(self, job_id: str, existing: "Job", op: str, instance_uuid: str) -> None:
+        self.job_id = job_id
+        self.existing = existing
+        super().__init__(f"job {job_id} is {existing.op} on instance {existing.instance_uuid}, not {op} on "
+                         f"instance {instance_uuid}; name a new job for a different operation")
 
 
 class JobNotFound(JobError):
@@ -92,21 +104,28 @@ class JobRunner:
         self._ended: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def start(self, op: str, instance_uuid: str, work: Callable[[Report], Any]) -> Job:
+    def start(self, op: str, instance_uuid: str, work: Callable[[Report], Any], job_id: str | None = None) -> Job:
         """Run ``work(report)`` in a new thread as job ``op`` on ``instance_uuid``.
 
         ``report`` sets this job's progress (see Report). The work's return
         value becomes the job's result; an exception ends the job in state
         error with the exception's class name and message.
 
-        :returns: a snapshot of the new job.
-        :raises JobConflict: the instance has a running job.
+        :param job_id: the caller's name for the job (a new uuid if None). If
+            the runner has a job of that name, nothing starts: that job is
+            returned, whatever its state.
+        :returns: a snapshot of the new job, or of the named one it already had.
+        :raises JobIdTaken: ``job_id`` names a job of another operation or instance.
+        :raises JobConflict: the instance has a running job (of another name).
         """
         with self._lock:
+            known = self._named(job_id, op, instance_uuid)
+            if known is not None:
+                return known
             for other in self._jobs.values():
                 if other.instance_uuid == instance_uuid and other.state == RUNNING:
                     raise JobConflict(instance_uuid, replace(other))
-            job = Job(uuidlib.uuid4().hex, op, instance_uuid, iso_utc(self.clock()))
+            job = Job(job_id or uuidlib.uuid4().hex, op, instance_uuid, iso_utc(self.clock()))
             self._jobs[job.id] = job
             self._ended[job.id] = threading.Event()
             self._prune()
@@ -114,6 +133,22 @@ class JobRunner:
                                       daemon=True)
             thread.start()
             return replace(job)
+
+    def named(self, job_id: str | None, op: str, instance_uuid: str) -> Job | None:
+        """A snapshot of the job ``job_id`` if the runner has it (None for no name or an unknown one).
+
+        :raises JobIdTaken: that job is another operation or on another instance.
+        """
+        with self._lock:
+            return self._named(job_id, op, instance_uuid)
+
+    def _named(self, job_id: str | None, op: str, instance_uuid: str) -> Job | None:
+        job = self._jobs.get(job_id) if job_id else None
+        if job is None:
+            return None
+        if (job.op, job.instance_uuid) != (op, instance_uuid):
+            raise JobIdTaken(job.id, _snapshot(job), op, instance_uuid)
+        return _snapshot(job)
 
     def _run(self, job: Job, work: Callable[[Report], Any]) -> None:
         log.info("job %s: %s on instance %s started", job.id, job.op, job.instance_uuid)

@@ -51,3 +51,12 @@ class ImageError(DriverError):
 
 class RemoteOpFailed(DriverError):
     msg = "on {host}: {reason}"
+
+
+class HostError(DriverError):
+    msg = "could not {what} on host {host}: {reason}"
+
+
+class InstancesPathMissing(DriverError):
+    msg = ("the instances directory {path} does not exist on host {host}; create it, or correct "
+           "instances_path in the [driver] section of the agent's configuration")

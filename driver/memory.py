@@ -7,6 +7,11 @@ reporting progress, optionally sleeping ``step_delay`` seconds per step.
 The state machine mirrors the libvirt driver: the source keeps its disks
 aside (the ``_resize`` directory) until confirm or revert, and every
 failure after power-off restores the source's power state.
+
+Hosts the cloud names together in ``shared_storage`` see one instances
+directory, as on NFS: a migration between them copies nothing, marks the
+directory with the source's name until confirm or revert, and while it is
+marked a ``destroy`` on another host keeps the disks.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterable
 
 from transfer.progress import Progress
 from transfer.result import CopyResult
@@ -33,11 +38,25 @@ EPHEMERAL_DISK = "disk.local"
 
 
 class MemoryCloud:
-    """The hosts that can reach each other, by host name and by address."""
+    """The hosts that can reach each other, by host name and by address.
 
-    def __init__(self) -> None:
+    :param shared_storage: groups of host names whose hosts see one instances
+        directory (``[("host1", "host2")]``); every other host has its own.
+    """
+
+    def __init__(self, shared_storage: Iterable[Iterable[str]] = ()) -> None:
         self._hosts: dict[str, MemoryDriver] = {}
         self._lock = threading.Lock()
+        self._storage: dict[str, _Storage] = {}
+        for group in shared_storage:
+            storage = _Storage()
+            for name in group:
+                self._storage[name] = storage
+
+    def storage(self, host_name: str) -> "_Storage":
+        """The instances directory host ``host_name`` sees: its group's, or a private one."""
+        with self._lock:
+            return self._storage.get(host_name) or _Storage()
 
     def register(self, driver: "MemoryDriver") -> None:
         """Make ``driver`` reachable under its host name and its address."""
@@ -57,10 +76,20 @@ class MemoryCloud:
 
 @dataclass
 class _Dir:
-    """An instance directory: its disks (name -> bytes) and the saved definition (domain.xml)."""
+    """An instance directory: its disks (name -> bytes), the saved definition (domain.xml) and,
+    on shared storage, the host whose migration of it is not confirmed or reverted yet."""
 
     disks: dict[str, int] = field(default_factory=dict)
     definition: Instance | None = None
+    shared_by: str = ""
+
+
+@dataclass
+class _Storage:
+    """One instances directory (uuid -> _Dir) and the lock of every host that sees it."""
+
+    dirs: dict[str, _Dir] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
 
 class MemoryDriver(ComputeDriver):
@@ -93,11 +122,12 @@ class MemoryDriver(ComputeDriver):
         self.sleep = sleep
         self.clock = clock
         self.now = now
+        storage = self.cloud.storage(host_name)
         self._defined: dict[str, Instance] = {}
-        self._dirs: dict[str, _Dir] = {}
+        self._dirs = storage.dirs
         self._kept: dict[str, _Dir] = {}   # the source's copy until confirm or revert
         self._failures: dict[str, BaseException] = {}
-        self._lock = threading.RLock()
+        self._lock = storage.lock
         self.cloud.register(self)
 
     # -- test knobs -------------------------------------------------------------
@@ -139,6 +169,15 @@ class MemoryDriver(ComputeDriver):
         with self._lock:
             d = self._kept.get(uuid)
             return dict(d.disks) if d else {}
+
+    def shared_by(self, uuid: str) -> str:
+        """The host whose migration marked the (shared) instance directory; "" if none."""
+        with self._lock:
+            d = self._dirs.get(uuid)
+            return d.shared_by if d else ""
+
+    def _shares_storage_with(self, other: "MemoryDriver") -> bool:
+        return other._dirs is self._dirs
 
     def _maybe_fail(self, op_name: str) -> None:
         with self._lock:
@@ -210,13 +249,21 @@ class MemoryDriver(ComputeDriver):
         disks = self.disks(uuid)
         _check_flavor(current, flavor, disks)
         target = self._target(dest)
-        target._check_space(uuid, dest, sum(disks.values()))
+        shared = self._shares_storage_with(target)
+        if not shared:
+            target._check_space(uuid, dest, sum(disks.values()))
         was_running = current.power_state == PowerState.RUNNING
         self.power_off(current, timeout, retry_interval)
         powered_off_at = self.now()
-        with self._lock:  # the directory moves aside, as libvirt's becomes <uuid>_resize
+        disk_info = [_disk_info(uuid, name, size, i) for i, (name, size) in enumerate(disks.items())]
+        with self._lock:
             self._dirs[uuid].definition = replace(current, power_state=PowerState.SHUTDOWN)
-            self._kept[uuid] = self._dirs.pop(uuid)
+            if shared:  # the one copy both hosts see stays; marked as this host's migration
+                self._dirs[uuid].shared_by = self.host_name
+            else:  # the directory moves aside, as libvirt's becomes <uuid>_resize
+                self._kept[uuid] = self._dirs.pop(uuid)
+        if shared:
+            return MigrateOutcome(disk_info, [], shared=True, was_running=was_running, powered_off_at=powered_off_at)
         try:
             target._receive_dir(uuid, replace(current, power_state=PowerState.SHUTDOWN))
             copies = [self._copy(uuid, name, size, target, progress) for name, size in disks.items()]
@@ -224,8 +271,7 @@ class MemoryDriver(ComputeDriver):
             restored = self._rollback(current, target, was_running)
             raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__,
                                   restored=restored) from e
-        return MigrateOutcome([_disk_info(uuid, name, size, i) for i, (name, size) in enumerate(disks.items())],
-                              copies, was_running=was_running, powered_off_at=powered_off_at)
+        return MigrateOutcome(disk_info, copies, was_running=was_running, powered_off_at=powered_off_at)
 
     def _target(self, dest: str) -> "MemoryDriver":
         target = self.cloud.lookup(dest)
@@ -321,6 +367,7 @@ class MemoryDriver(ComputeDriver):
                                            reason="the source copy is running; refusing to remove it")
             self._kept.pop(instance.uuid, None)
             self._defined.pop(instance.uuid, None)
+            self._unmark(instance.uuid)
 
     def finish_revert_migration(self, instance: Instance, network_info: list[Vif], migration: Migration,
                                 block_device_info: dict | None = None, power_on: bool = True) -> None:
@@ -337,13 +384,24 @@ class MemoryDriver(ComputeDriver):
                 self._defined[uuid] = replace(d.definition, host=self.host_name)
         if power_on:
             self._set_state(uuid, PowerState.RUNNING)
+        with self._lock:
+            self._unmark(uuid)
+
+    def _unmark(self, uuid: str) -> None:
+        """End this host's shared-storage migration of ``uuid``: the directory is no longer marked."""
+        d = self._dirs.get(uuid)
+        if d is not None and d.shared_by == self.host_name:
+            d.shared_by = ""
 
     def destroy(self, instance: Instance, network_info: list[Vif], destroy_disks: bool = True) -> None:
+        """Undefine here; with ``destroy_disks`` drop the directory too, unless another host's
+        migration marked it (shared storage): then the disks stay, for that host."""
         self._maybe_fail("destroy")
         with self._lock:
             self._defined.pop(instance.uuid, None)
-            if destroy_disks:
-                self._dirs.pop(instance.uuid, None)
+            d = self._dirs.get(instance.uuid)
+            if destroy_disks and d is not None and d.shared_by in ("", self.host_name):
+                self._dirs.pop(instance.uuid)
 
     # -- live migration ---------------------------------------------------------------
 
@@ -361,22 +419,29 @@ class MemoryDriver(ComputeDriver):
                                        reason="live migration moves running instances; use a cold migration")
         disks = self.disks(uuid)
         target = self._target(dest)
-        target._check_space(uuid, dest, sum(disks.values()))
+        shared = self._shares_storage_with(target)
         started = self.clock()
-        target._receive_dir(uuid, current)
-        try:
-            copies = [self._copy(uuid, name, size, target, progress) for name, size in disks.items()]
-        except BaseException as e:
-            target._drop_dir(uuid)
-            raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__,
-                                  restored=" (it kept running here)") from e
+        copies = [] if shared else self._copy_live(uuid, dest, disks, target, progress)
         paused_at = self.clock()
         target._adopt_running(replace(current, host=target.host_name))
         with self._lock:
             self._defined.pop(uuid, None)
-            self._dirs.pop(uuid, None)
+            if not shared:
+                self._dirs.pop(uuid, None)
         done = self.clock()
-        return LiveOutcome(downtime_s=done - paused_at, migration_s=done - started, copies=copies)
+        return LiveOutcome(downtime_s=done - paused_at, shared=shared, migration_s=done - started, copies=copies)
+
+    def _copy_live(self, uuid: str, dest: str, disks: dict[str, int], target: "MemoryDriver",
+                   progress: ProgressHook | None) -> list[CopyResult]:
+        """Copy the disks of a running instance to ``target``; on failure drop the partial copy."""
+        target._check_space(uuid, dest, sum(disks.values()))
+        target._receive_dir(uuid, self._copy_of(uuid))
+        try:
+            return [self._copy(uuid, name, size, target, progress) for name, size in disks.items()]
+        except BaseException as e:
+            target._drop_dir(uuid)
+            raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__,
+                                  restored=" (it kept running here)") from e
 
     def _adopt_running(self, instance: Instance) -> None:
         """Define an instance that arrived by live migration, running."""

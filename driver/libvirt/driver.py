@@ -10,12 +10,13 @@ domain for this host, make sure its bridges exist, define and start.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Concatenate, ParamSpec, TypeVar
 
 import libvirt
 from tenacity import Retrying, stop_after_attempt, wait_fixed
@@ -24,18 +25,34 @@ from transfer.remotefs import RemoteFS
 from transfer.result import CopyResult
 
 from ..base import ComputeDriver
-from ..errors import DriverError, InvalidInstanceState, MigrationFailed, ResizeDown
+from ..errors import (DriverError, InstanceNotFound, InstancesPathMissing, InvalidInstanceState, MigrationFailed,
+                      ResizeDown)
 from ..model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
                      Migration, PowerState, ProgressHook, Vif)
-from . import bridges, domain_xml, images, live, precopy
+from . import bridges, domain_xml, images, live, precopy, sharing
 from .config import DriverConfig
-from .host import LibvirtHost
+from .host import LibvirtHost, host_errors
 from .layout import CACHE_DIR, Layout, write_atomic
 from .mover import DiskMover
 
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Method = Callable[Concatenate["LibvirtDriver", _P], _R]
+
+
+def _host_errors(what: str) -> Callable[[_Method[_P, _R]], _Method[_P, _R]]:
+    """A public method whose libvirt, OS and transfer errors become a HostError (see host_errors):
+    the contract lets only DriverErrors out."""
+    def wrap(method: _Method[_P, _R]) -> _Method[_P, _R]:
+        @functools.wraps(method)
+        def guarded(self: "LibvirtDriver", *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with host_errors(what, self.config.host_name):
+                return method(self, *args, **kwargs)
+        return guarded
+    return wrap
 
 
 class LibvirtDriver(ComputeDriver):
@@ -59,19 +76,30 @@ class LibvirtDriver(ComputeDriver):
 
     # -- inventory and power ------------------------------------------------
 
+    @_host_errors("list the instances")
     def list_instances(self) -> list[Instance]:
-        return [self.host.instance(d) for d in self.host.conn.listAllDomains()]
+        return self.host.instances()
 
+    @_host_errors("read the instance")
     def get_instance(self, uuid: str) -> Instance:
-        return self.host.instance(self.host.domain(uuid))
+        try:
+            return self.host.instance(self.host.domain(uuid))
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # undefined while being read
+                raise InstanceNotFound(uuid=uuid, host=self.config.host_name) from None
+            raise
 
+    @_host_errors("read the host's resources")
     def host_resources(self) -> HostResources:
         conn = self.host.conn
         _model, mem_mb, cpus, *_ = conn.getInfo()
         caps = domain_xml.parse(conn.getCapabilities())
         arch = caps.findtext("./host/cpu/arch") or os.uname().machine
-        doms = [self.host.instance(d) for d in conn.listAllDomains()]
-        st = os.statvfs(self.config.instances_path)
+        doms = self.host.instances()
+        try:
+            st = os.statvfs(self.config.instances_path)
+        except FileNotFoundError:
+            raise InstancesPathMissing(path=self.config.instances_path, host=self.config.host_name) from None
         return HostResources(
             hostname=self.config.host_name, arch=arch, hypervisor_type=self.hypervisor_type,
             hypervisor_version=conn.getVersion(), vcpus=cpus, vcpus_used=sum(i.flavor.vcpus for i in doms),
@@ -79,14 +107,17 @@ class LibvirtDriver(ComputeDriver):
             disk_gb=st.f_blocks * st.f_frsize // GiB, disk_gb_used=(st.f_blocks - st.f_bavail) * st.f_frsize // GiB,
             instances=len(doms))
 
+    @_host_errors("power on the instance")
     def power_on(self, instance: Instance) -> None:
         self.host.power_on(instance)
 
+    @_host_errors("power off the instance")
     def power_off(self, instance: Instance, timeout: int = 0, retry_interval: int = 0) -> None:
         self.host.power_off(instance, timeout, retry_interval)
 
     # -- migration: source side ---------------------------------------------
 
+    @_host_errors("migrate the instance")
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor, network_info: list[Vif],
                                    block_device_info: dict | None = None, timeout: int = 0,
                                    retry_interval: int = 0, progress: ProgressHook | None = None) -> MigrateOutcome:
@@ -119,7 +150,9 @@ class LibvirtDriver(ComputeDriver):
             copies: list[CopyResult] = []
             try:
                 write_atomic(self.layout.definition(uuid), xml)
-                if not shared:
+                if shared:  # the directory stays where it is: the one copy both hosts see
+                    sharing.mark(self.layout, uuid, self.config.host_name, dest)
+                else:
                     rfs.mkdir(uuid)
                     if cache_needed:
                         rfs.mkdir(CACHE_DIR)
@@ -175,7 +208,9 @@ class LibvirtDriver(ComputeDriver):
     def _rollback(self, instance: Instance, dest: str, shared: bool, was_running: bool, sent: list[str]) -> str:
         """Undo a failed migration on both hosts; return how the source was left, for the message."""
         notes = []
-        if not shared:
+        if shared:
+            sharing.unmark(self.layout, instance.uuid, self.config.host_name)
+        else:
             notes.append(self.mover.remove_on_dest(dest, [instance.uuid, *sent]))
             inst_dir, resize_dir = self.layout.instance_dir(instance.uuid), self.layout.resize_dir(instance.uuid)
             if os.path.exists(resize_dir) and not os.path.exists(inst_dir):
@@ -190,12 +225,14 @@ class LibvirtDriver(ComputeDriver):
 
     # -- live migration ---------------------------------------------------------
 
+    @_host_errors("live-migrate the instance")
     def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None) -> LiveOutcome:
         """Move the running ``instance`` to ``dest``'s libvirtd with its disks (see live.py)."""
         return live.LiveMigration(self.host, self.mover, instance, dest, progress).run()
 
     # -- migration: destination side ------------------------------------------
 
+    @_host_errors("finish the migration")
     def finish_migration(self, migration: Migration, instance: Instance, disk_info: list[DiskInfo],
                          network_info: list[Vif], image_meta: dict, resize_instance: bool,
                          block_device_info: dict | None = None, power_on: bool = True) -> FinishOutcome:
@@ -231,7 +268,10 @@ class LibvirtDriver(ComputeDriver):
 
     # -- confirm and revert ------------------------------------------------------
 
+    @_host_errors("confirm the migration")
     def confirm_migration(self, migration: Migration, instance: Instance, network_info: list[Vif]) -> None:
+        """Drop the kept ``_resize`` copy and the source's definition. On shared storage there is no
+        kept copy: only the domain goes, the directory is the destination's now."""
         dom = self.host.domain_or_none(instance.uuid)
         if dom is not None and dom.isActive():
             raise InvalidInstanceState(uuid=instance.uuid, state="running here",
@@ -243,12 +283,17 @@ class LibvirtDriver(ComputeDriver):
                     shutil.rmtree(resize_dir)
         if dom is not None:
             self.host.call(instance.uuid, "undefine the source copy", dom.undefine)
+        sharing.unmark(self.layout, instance.uuid, self.config.host_name)
 
+    @_host_errors("revert the migration")
     def finish_revert_migration(self, instance: Instance, network_info: list[Vif], migration: Migration,
                                 block_device_info: dict | None = None, power_on: bool = True) -> None:
+        """Put the kept copy back and define and start from it. On shared storage (a marker, no
+        ``_resize``) the directory never moved: define and start from it as it is."""
         uuid = instance.uuid
         inst_dir, resize_dir = self.layout.instance_dir(uuid), self.layout.resize_dir(uuid)
-        if os.path.exists(resize_dir):
+        shared = sharing.source_host(self.layout, uuid) is not None
+        if os.path.exists(resize_dir) and not shared:
             if os.path.exists(inst_dir):
                 shutil.rmtree(inst_dir)
             os.rename(resize_dir, inst_dir)
@@ -263,12 +308,24 @@ class LibvirtDriver(ComputeDriver):
             dom = self.host.define(uuid, xml, "define it again")
         if power_on:
             self.host.start(dom, uuid)
+        sharing.unmark(self.layout, uuid, self.config.host_name)
 
+    @_host_errors("destroy the instance")
     def destroy(self, instance: Instance, network_info: list[Vif], destroy_disks: bool = True) -> None:
+        """Stop and undefine; with ``destroy_disks``, remove the directory too, unless a migration
+        over shared storage still shares it (its marker, whichever host wrote it): then the other
+        host may run from it, and the files stay until that migration is confirmed or reverted."""
         dom = self.host.domain_or_none(instance.uuid)
         if dom is not None:
             if dom.isActive():
                 self.host.call(instance.uuid, "stop it", dom.destroy)
             self.host.call(instance.uuid, "undefine it", dom.undefine)
-        if destroy_disks:
-            shutil.rmtree(self.layout.instance_dir(instance.uuid), ignore_errors=True)
+        if not destroy_disks:
+            return
+        inst_dir = self.layout.instance_dir(instance.uuid)
+        owner = sharing.source_host(self.layout, instance.uuid)
+        if owner is not None:
+            log.warning("destroy of %s keeps %s: it is on shared storage and %s's migration of it has "
+                        "not been confirmed or reverted (%s)", instance.uuid, inst_dir, owner, sharing.MARKER)
+            return
+        shutil.rmtree(inst_dir, ignore_errors=True)

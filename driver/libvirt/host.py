@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import libvirt
 
-from ..errors import DriverError, ImageError, InstanceNotFound, PowerOffFailed, StartFailed
+from transfer.errors import TransferError
+
+from ..errors import DriverError, HostError, ImageError, InstanceNotFound, PowerOffFailed, StartFailed
 from ..model import DiskInfo, Flavor, Instance, PowerState
 from . import domain_xml, images, power
 from .config import DriverConfig
@@ -67,6 +70,18 @@ class LibvirtHost:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise InstanceNotFound(uuid=uuid, host=self.name) from None
             raise DriverError(reason=f"libvirt lookup of {uuid}: {e.get_error_message()}") from None
+
+    def instances(self) -> list[Instance]:
+        """Every domain defined here; one undefined while being read is left out, not an error."""
+        out = []
+        for dom in self.conn.listAllDomains():
+            try:
+                out.append(self.instance(dom))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                log.info("a domain went away while the instances were listed; left out (%s)", e.get_error_message())
+        return out
 
     def domain_or_none(self, uuid: str) -> Any | None:
         try:
@@ -167,6 +182,16 @@ class LibvirtHost:
             return fn(*args)
         except libvirt.libvirtError as e:
             raise DriverError(reason=f"could not {what} (instance {uuid}): {e.get_error_message()}") from None
+
+
+@contextmanager
+def host_errors(what: str, host: str) -> Iterator[None]:
+    """libvirt, OS and transfer errors raised inside become a HostError saying what could not be
+    done, so a caller sees DriverErrors only (DriverErrors pass unchanged)."""
+    try:
+        yield
+    except (libvirt.libvirtError, OSError, TransferError) as e:
+        raise HostError(what=what, host=host, reason=libvirt_reason(e)) from e
 
 
 def libvirt_reason(e: BaseException) -> str:

@@ -38,6 +38,11 @@ def libvirt_error(message: str, code: int = libvirt.VIR_ERR_INTERNAL_ERROR) -> l
     return e
 
 
+def _raise_if(fail: dict[str, libvirt.libvirtError], op: str) -> None:
+    if op in fail:
+        raise fail[op]
+
+
 class FakeClock:
     """A monotonic clock that only moves when something sleeps."""
 
@@ -58,7 +63,9 @@ class FakeDomain:
 
     ``shutdown_takes``: seconds after the first ACPI signal until the guest
     is off, or None for a guest that ignores ACPI. ``start_state``: the state
-    ``create`` leaves it in. ``fail``: method name -> libvirtError to raise.
+    ``create`` leaves it in. ``fail``: method name -> libvirtError to raise
+    (``state`` and ``XMLDesc`` too, without recording a call); ``vanish``
+    undefines it behind the driver's back.
     """
 
     def __init__(self, uuid: str, name: str, xml: str, state: int = libvirt.VIR_DOMAIN_SHUTOFF,
@@ -88,7 +95,16 @@ class FakeDomain:
         if op in self.fail:
             raise self.fail[op]
 
+    def vanish(self) -> None:
+        """Undefine the domain behind the driver's back: reads of it fail with VIR_ERR_NO_DOMAIN."""
+        gone = libvirt_error(f"Domain not found: no domain with matching uuid '{self.uuid}'",
+                             libvirt.VIR_ERR_NO_DOMAIN)
+        self.fail.update(state=gone, XMLDesc=gone)
+        if self.conn is not None:
+            self.conn.domains.pop(self.uuid, None)
+
     def state(self, flags: int = 0) -> list[int]:
+        _raise_if(self.fail, "state")
         self._settle()
         return [self._state, 1]
 
@@ -132,6 +148,7 @@ class FakeDomain:
         return 0
 
     def XMLDesc(self, flags: int = 0) -> str:
+        _raise_if(self.fail, "XMLDesc")
         self.xml_flags.append(flags)
         return self.xml
 
@@ -143,7 +160,9 @@ class FakeDomain:
 
 
 class FakeConn:
-    """The virConnect methods the driver uses."""
+    """The virConnect methods the driver uses. ``fail``: method name (listAllDomains, getInfo,
+    getCapabilities, getVersion) -> libvirtError to raise. ``listed``: domains listAllDomains
+    answers besides the defined ones (gone meanwhile, say)."""
 
     def __init__(self, *domains: FakeDomain, clock: FakeClock | None = None) -> None:
         self.clock = clock or FakeClock()
@@ -158,6 +177,8 @@ class FakeConn:
         self.capabilities = ("<capabilities><host><uuid>0</uuid><cpu><arch>aarch64</arch></cpu></host>"
                              "</capabilities>")
         self.version = 8_000_000
+        self.fail: dict[str, libvirt.libvirtError] = {}
+        self.listed: list[FakeDomain] = []
 
     def add(self, dom: FakeDomain) -> FakeDomain:
         dom.conn = self
@@ -176,7 +197,8 @@ class FakeConn:
         return self.domains[uuid]
 
     def listAllDomains(self, flags: int = 0) -> list[FakeDomain]:
-        return list(self.domains.values())
+        _raise_if(self.fail, "listAllDomains")
+        return [*self.listed, *self.domains.values()]
 
     def defineXML(self, xml: str) -> FakeDomain:
         self.defined.append(xml)
@@ -191,12 +213,15 @@ class FakeConn:
         return dom
 
     def getInfo(self) -> list[Any]:
+        _raise_if(self.fail, "getInfo")
         return list(self.info)
 
     def getCapabilities(self) -> str:
+        _raise_if(self.fail, "getCapabilities")
         return self.capabilities
 
     def getVersion(self) -> int:
+        _raise_if(self.fail, "getVersion")
         return self.version
 
 

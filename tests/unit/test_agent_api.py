@@ -157,14 +157,36 @@ def test_confirm_does_not_look_the_instance_up(cloud):
     assert dst.job("confirm-migration", {"migration": MIGRATION})["state"] == "done"
 
 
-def test_sync_driver_errors_map_to_status(cloud):
+def test_sync_driver_errors_map_to_status(cloud, caplog):
     src, _ = cloud
     src.driver.fail("host_resources", DriverError(reason="libvirt is down"))
     r = src.client.get("/v1/host")
-    assert (r.status_code, r.json()) == (500, {"detail": "driver error: libvirt is down"})
+    assert (r.status_code, r.json()) == (503, {"detail": "driver error: libvirt is down"})
+    assert "GET /v1/host failed: driver error: libvirt is down" in caplog.text
     src.driver.fail("get_instance", InvalidInstanceState(uuid=UUID, state="odd", reason="try later"))
     r = src.client.get(f"/v1/instances/{UUID}")
     assert r.status_code == 409 and "try later" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("method, path, op", [
+    ("get", "/v1/host", "host_resources"), ("get", "/v1/instances", "list_instances"),
+    ("get", f"/v1/instances/{UUID}", "get_instance"), ("post", f"/v1/instances/{UUID}/power-on", "get_instance")])
+def test_a_driver_failure_on_any_read_path_is_503_with_its_message(cloud, method, path, op):
+    src, _ = cloud
+    src.driver.fail(op, DriverError(reason="libvirt: connection reset"))
+    r = getattr(src.client, method)(path)
+    assert (r.status_code, r.json()) == (503, {"detail": "driver error: libvirt: connection reset"})
+
+
+def test_an_unexpected_exception_is_500_with_a_generic_message_and_a_logged_traceback(cloud, caplog):
+    src, _ = cloud
+    src.driver.fail("list_instances", KeyError("flavor"))
+    r = src.client.get("/v1/instances")
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal error in the agent (a bug); the agent's log has the traceback"}
+    assert "GET /v1/instances failed with an unexpected error" in caplog.text
+    assert "KeyError: 'flavor'" in caplog.text  # the traceback
+    assert src.client.get("/v1/instances").status_code == 200  # the agent goes on serving
 
 
 def test_unknown_job_is_404(cloud):
@@ -298,6 +320,69 @@ def test_second_op_on_a_busy_instance_is_409(cloud, gate):
         assert f"already has a running job {first['id']}" in r.json()["detail"]
     gate.open()
     assert src.wait(first["id"])["state"] == "done"
+
+
+def test_a_repeated_job_id_returns_the_same_job_and_calls_the_driver_once(cloud, gate):
+    src, dst = cloud
+    calls = []
+    src.driver.migrate_disk_and_power_off = _counting(src.driver.migrate_disk_and_power_off, calls)
+    body = {"dest": "h2", "job_id": "m7-migrate"}
+    first = src.client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off", json=body)
+    again = src.client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off", json=body)
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert first.json()["id"] == again.json()["id"] == "m7-migrate" and again.json()["state"] == "running"
+    gate.open()
+    assert src.wait("m7-migrate")["state"] == "done"
+    late = src.client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off", json=body)
+    assert late.status_code == 202 and late.json() == src.client.get("/v1/jobs/m7-migrate").json()
+    assert late.json()["state"] == "done" and len(calls) == 1
+    assert [j["id"] for j in src.client.get("/v1/jobs").json()["jobs"]] == ["m7-migrate"]
+
+
+def test_a_repeated_job_id_finds_its_job_after_the_instance_left(cloud, gate):
+    src, _ = cloud
+    gate.open()
+    job = src.job("live-migrate", {"dest": "h2", "job_id": "live-1"})
+    assert job["state"] == "done"
+    assert src.client.get(f"/v1/instances/{UUID}").status_code == 404  # gone from here
+    r = src.client.post(f"/v1/instances/{UUID}/live-migrate", json={"dest": "h2", "job_id": "live-1"})
+    assert (r.status_code, r.json()["id"], r.json()["state"]) == (202, "live-1", "done")
+
+
+@pytest.mark.parametrize("other", ["power-on", "destroy"])
+def test_a_job_id_used_for_another_operation_is_409(cloud, other):
+    src, _ = cloud
+    assert src.job("power-off", {"job_id": "j1"})["state"] == "done"
+    r = src.client.post(f"/v1/instances/{UUID}/{other}", json={"job_id": "j1"})
+    assert r.status_code == 409
+    assert r.json()["detail"] == (f"job j1 is power-off on instance {UUID}, not {other} on instance {UUID}; "
+                                  "name a new job for a different operation")
+
+
+def test_a_job_id_used_on_another_instance_is_409(cloud):
+    src, _ = cloud
+    src.driver.add_instance("vm2-uuid", "vm2", SMALL, PowerState.SHUTDOWN)
+    assert src.job("power-off", {"job_id": "j1"})["state"] == "done"
+    r = src.client.post("/v1/instances/vm2-uuid/power-off", json={"job_id": "j1"})
+    assert r.status_code == 409 and "not power-off on instance vm2-uuid" in r.json()["detail"]
+
+
+def test_a_new_job_id_on_a_busy_instance_is_409(cloud, gate):
+    src, _ = cloud
+    first = src.client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off",
+                            json={"dest": "h2", "job_id": "a"}).json()
+    gate.arrived.acquire(timeout=WAIT)
+    r = src.client.post(f"/v1/instances/{UUID}/power-on", json={"job_id": "b"})
+    assert r.status_code == 409 and f"already has a running job {first['id']}" in r.json()["detail"]
+    gate.open()
+    assert src.wait("a")["state"] == "done"
+
+
+def _counting(method: Any, calls: list[Any]) -> Any:
+    def counted(*args: Any, **kw: Any) -> Any:
+        calls.append(args)
+        return method(*args, **kw)
+    return counted
 
 
 def test_cold_migration_through_two_agents_and_confirm(cloud, gate):

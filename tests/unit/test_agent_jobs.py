@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from agent.jobs import JobConflict, JobNotFound, JobRunner, iso_utc
+from agent.jobs import JobConflict, JobIdTaken, JobNotFound, JobRunner, iso_utc
 
 WAIT = 5.0
 
@@ -138,6 +138,64 @@ def test_running_jobs_are_never_pruned():
     assert slow.id in {j.id for j in runner.list()}
     assert fast.id not in {j.id for j in runner.list()}
     go.set()
+
+
+def test_a_named_start_twice_runs_the_work_once_and_returns_that_job(runner):
+    release, calls = threading.Event(), []
+
+    def work(report):
+        calls.append(1)
+        release.wait(WAIT)
+        return "moved"
+
+    first = runner.start("migrate-disk-and-power-off", "u1", work, job_id="m1")
+    again = runner.start("migrate-disk-and-power-off", "u1", work, job_id="m1")
+    assert first.id == again.id == "m1" and again.state == "running"
+    release.set()
+    assert runner.wait("m1", WAIT).result == "moved"
+    late = runner.start("migrate-disk-and-power-off", "u1", work, job_id="m1")
+    assert (late.id, late.state, late.result) == ("m1", "done", "moved")
+    assert calls == [1] and [j.id for j in runner.list()] == ["m1"]
+
+
+def test_a_named_start_finds_a_job_that_ended_in_error(runner):
+    def boom(report):
+        raise ValueError("disk on fire")
+
+    runner.wait(runner.start("destroy", "u1", boom, job_id="d1").id, WAIT)
+    again = runner.start("destroy", "u1", lambda report: None, job_id="d1")
+    assert again.state == "error" and again.error == {"kind": "ValueError", "message": "disk on fire"}
+
+
+@pytest.mark.parametrize("op, instance", [("power-off", "u1"), ("power-on", "u2")])
+def test_a_name_reused_for_another_op_or_instance_conflicts(runner, op, instance):
+    runner.wait(runner.start("power-on", "u1", lambda report: None, job_id="j1").id, WAIT)
+    with pytest.raises(JobIdTaken, match=f"job j1 is power-on on instance u1, not {op} on instance {instance}"):
+        runner.start(op, instance, lambda report: None, job_id="j1")
+    assert runner.named("j1", "power-on", "u1").state == "done"
+    assert runner.named("j2", "power-on", "u1") is None and runner.named(None, "power-on", "u1") is None
+
+
+def test_a_new_name_on_a_busy_instance_conflicts(runner):
+    release = threading.Event()
+    runner.start("migrate-disk-and-power-off", "u1", lambda report: release.wait(WAIT), job_id="m1")
+    with pytest.raises(JobConflict, match="already has a running job m1"):
+        runner.start("power-on", "u1", lambda report: None, job_id="p1")
+    release.set()
+    runner.wait("m1", WAIT)
+    with pytest.raises(JobNotFound):
+        runner.get("p1")
+
+
+def test_a_running_named_job_survives_pruning():
+    runner = JobRunner(clock=Clock(), keep=1)
+    go = threading.Event()
+    runner.start("migrate-disk-and-power-off", "u0", lambda report: go.wait(WAIT), job_id="slow")
+    for i in range(3):
+        runner.wait(runner.start("power-on", f"u{i + 1}", lambda report: None).id, WAIT)
+    assert runner.start("migrate-disk-and-power-off", "u0", lambda report: None, job_id="slow").state == "running"
+    go.set()
+    assert runner.wait("slow", WAIT).state == "done"
 
 
 def test_unknown_job(runner):

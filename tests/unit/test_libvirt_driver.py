@@ -19,7 +19,7 @@ import libvirt
 import pytest
 
 import transfer
-from driver.errors import (BridgeMissing, DriverError, ImageError, InstanceNotFound, InsufficientSpace,
+from driver.errors import (BridgeMissing, DriverError, HostError, ImageError, InstanceNotFound, InsufficientSpace,
                            InvalidInstanceState, MigrationFailed, PowerOffFailed, ResizeDown, StartFailed)
 from driver.libvirt import DriverConfig, LibvirtDriver, bridges, domain_xml
 from driver.libvirt import driver as driver_mod
@@ -939,7 +939,8 @@ def test_confirm_gives_up_after_five_tries(env, mocker):
     inst, dom = env.add_instance(state=libvirt.VIR_DOMAIN_SHUTOFF)
     os.rename(env.inst_dir, env.resize_dir)
     rmtree = mocker.patch.object(driver_mod.shutil, "rmtree", side_effect=OSError(16, "Device or resource busy"))
-    with pytest.raises(OSError):
+    with pytest.raises(HostError, match=r"could not confirm the migration on host hostA: \[Errno 16\] Device or "
+                                        "resource busy"):
         env.driver.confirm_migration(MIGRATION, inst, [])
     assert rmtree.call_count == 5
     assert env.clock.sleeps == [1.0] * 4

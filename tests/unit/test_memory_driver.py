@@ -258,3 +258,57 @@ def test_finish_reports_when_it_ran_and_a_stopped_source_was_not_running(hosts):
     assert outcome.was_running is False
     finished = dst.finish_migration(migration(), Instance(UUID, "vm1", SMALL, "h2"), outcome.disk_info, [], {}, False)
     assert finished.running_at == outcome.powered_off_at + 10  # the next reading of the shared clock
+
+
+# -- shared storage -------------------------------------------------------------------------
+
+@pytest.fixture
+def shared():
+    cloud = MemoryCloud(shared_storage=[("h1", "h2")])
+    src, dst = MemoryDriver("h1", cloud, "198.18.0.11"), MemoryDriver("h2", cloud, "198.18.0.12")
+    src.add_instance(UUID, "vm1", SMALL)
+    return src, dst
+
+
+def test_shared_storage_migration_copies_nothing_and_marks_the_directory(shared):
+    src, dst = shared
+    outcome = migrate(src, dst)
+    assert outcome.shared is True and outcome.copies == [] and outcome.bytes_sent == 0
+    assert [d.path for d in outcome.disk_info] == [f"/memory/{UUID}/disk"]
+    assert src.kept_disks(UUID) == {} and src.disks(UUID) == dst.disks(UUID) == {"disk": 10 * GiB}
+    assert src.shared_by(UUID) == dst.shared_by(UUID) == "h1"
+    assert dst.get_instance(UUID).power_state == PowerState.RUNNING
+
+
+def test_shared_storage_revert_keeps_the_disks_through_the_destinations_destroy(shared):
+    src, dst = shared
+    migrate(src, dst)
+    dst.destroy(dst.get_instance(UUID), [], destroy_disks=True)
+    assert dst.list_instances() == [] and src.disks(UUID) == {"disk": 10 * GiB}
+    src.finish_revert_migration(src.get_instance(UUID), [], migration())
+    assert src.get_instance(UUID).power_state == PowerState.RUNNING and src.shared_by(UUID) == ""
+
+
+def test_shared_storage_confirm_only_undefines_the_source(shared):
+    src, dst = shared
+    migrate(src, dst)
+    src.confirm_migration(migration(), src.get_instance(UUID), [])
+    assert src.list_instances() == [] and dst.disks(UUID) == {"disk": 10 * GiB} and dst.shared_by(UUID) == ""
+    dst.destroy(dst.get_instance(UUID), [], destroy_disks=True)  # the destination's own now
+    assert dst.disks(UUID) == {}
+
+
+def test_shared_storage_live_migration_moves_only_the_definition(shared):
+    src, dst = shared
+    outcome = src.live_migration(src.get_instance(UUID), "h2")
+    assert outcome.shared is True and outcome.copies == []
+    assert src.list_instances() == [] and dst.disks(UUID) == {"disk": 10 * GiB}
+    assert dst.get_instance(UUID).power_state == PowerState.RUNNING
+
+
+def test_hosts_outside_a_shared_group_keep_their_own_directory():
+    cloud = MemoryCloud(shared_storage=[("h1", "h2")])
+    h1, h3 = MemoryDriver("h1", cloud), MemoryDriver("h3", cloud)
+    h1.add_instance(UUID, "vm1", SMALL)
+    assert h3.disks(UUID) == {}
+    assert h1.migrate_disk_and_power_off(h1.get_instance(UUID), "h3", SMALL, []).shared is False
