@@ -9,13 +9,14 @@ live next to the shapes they convert.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 
 from driver.model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
                           Migration, Vif)
 from transfer.progress import Progress
+from transfer.endpoint import is_host_address
 from transfer.result import CopyResult
 
 
@@ -84,8 +85,17 @@ class PowerOffRequest(_JobRequest):
     retry_interval: int | None = Field(default=None, ge=0, description="seconds between shutdown requests")
 
 
+def _host_address(text: str) -> str:
+    if not is_host_address(text):
+        raise ValueError("must be a host name or an IP address (nothing else: no user, port, path or query)")
+    return text
+
+
+HostAddress = Annotated[str, AfterValidator(_host_address)]
+
+
 class MigrateRequest(PowerOffRequest):
-    dest: str = Field(min_length=1, description="the destination host's data-plane address")
+    dest: HostAddress = Field(description="the destination host's data-plane address: a host name or an IP address")
     flavor: FlavorBody | None = Field(default=None, description="the flavor on the destination; "
                                                                  "the current one if omitted")
     network_info: list[VifBody] = []
@@ -127,7 +137,7 @@ class DestroyRequest(_JobRequest):
 
 
 class LiveMigrateRequest(_JobRequest):
-    dest: str = Field(min_length=1)
+    dest: HostAddress = Field(description="the destination host's address: a host name or an IP address")
 
 
 # -- responses -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -10,7 +11,20 @@ from dataclasses import dataclass, field, replace
 from .errors import InvalidArgument
 
 DEFAULT_REMOTE_COMMAND = ("coldferry", "receive")
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _SPEC = re.compile(r"^(?:(?P<user>[^@/:\s]+)@)?(?P<host>\[[0-9a-fA-F:.]+\]|[^@/:\s\[\]]+):(?P<path>.+)$")
+
+
+def is_host_address(text: str) -> bool:
+    """Whether ``text`` is a host name or an IP address and nothing else: no user, port, path,
+    query or any character that could change a URI or a command line it is put into."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 @dataclass(frozen=True)

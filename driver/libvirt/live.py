@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import libvirt
 
 import transfer
+from transfer.endpoint import is_host_address
 from transfer.remotefs import RemoteFS
 from transfer.result import CopyResult
 
@@ -60,16 +61,29 @@ def uri_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+#: Query parameters that would switch host key checking off: never taken from the template.
+_UNSAFE = ("no_verify", "known_hosts_verify")
+_PLACEHOLDER = "coldferry-dest.invalid"
+
+
 def dest_uri(config: DriverConfig, dest: str) -> str:
     """The libvirt URI of ``dest``'s libvirtd, from the ``live_migration_uri`` template.
 
-    For libssh and libssh2 the host key is checked against ``ssh_known_hosts``
-    (an unknown key is refused, never added), and ``ssh_identity`` is the key.
+    ``dest`` fills only the host part: the query is the template's own, so
+    nothing in ``dest`` can add a parameter. For libssh and libssh2 the host
+    key is checked against ``ssh_known_hosts`` (an unknown key is refused,
+    never added): ``known_hosts_verify=normal`` is always forced, whatever the
+    template says. ``ssh_identity`` is the key.
+
+    :raises DriverError: ``dest`` is not a host name or an IP address.
     """
-    uri = config.live_migration_uri.format(dest=uri_host(dest), user=config.ssh_user, port=config.ssh_port)
+    if not is_host_address(dest):
+        raise DriverError(reason=f"live migration destination {dest!r} is not a host name or an IP address")
+    uri = config.live_migration_uri.format(dest=_PLACEHOLDER, user=config.ssh_user, port=config.ssh_port)
     parts = urlsplit(uri)
+    netloc = parts.netloc.replace(_PLACEHOLDER, uri_host(dest))
     transport = parts.scheme.partition("+")[2]
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _UNSAFE]
     have = {key for key, _ in query}
     add: list[tuple[str, str]] = []
     if transport in ("libssh", "libssh2"):
@@ -79,7 +93,7 @@ def dest_uri(config: DriverConfig, dest: str) -> str:
     if transport in SSH_TRANSPORTS and config.ssh_identity:
         add.append(("keyfile", config.ssh_identity))
     query += [(k, v) for k, v in add if k not in have]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="/,")))
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="/,")))
 
 
 def flags(shared: bool, keep_backing: bool) -> int:

@@ -525,3 +525,16 @@ def test_job_results_parse_with_the_result_models_the_controller_uses(cloud, gat
     assert finished["result"] == {"running_at": None}  # power_on false: it never ran here
     assert schemas.parse_result("power-on", None) is None
     assert migrated["result"]["disk_info"] == schemas.MigrateResult.model_validate(migrated["result"]).disk_info
+
+
+INJECTED = "198.18.0.12/system?known_hosts_verify=ignore&known_hosts=/dev/null#"
+
+
+@pytest.mark.parametrize("op", ["live-migrate", "migrate-disk-and-power-off"])
+@pytest.mark.parametrize("dest", [INJECTED, "root@198.18.0.12", "198.18.0.12:22", "h2?command=sh", "-oProxyCommand=x",
+                                  "h2 h3", "", "[fd00::12]"])
+def test_dest_that_is_not_a_host_name_or_address_is_refused_before_any_job(cloud, op, dest):
+    src, _ = cloud
+    r = src.client.post(f"/v1/instances/{UUID}/{op}", json={"dest": dest})
+    assert r.status_code == 400 and "host name or an IP address" in r.json()["detail"]
+    assert src.client.get("/v1/jobs").json() == {"jobs": []}

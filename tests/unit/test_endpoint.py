@@ -6,7 +6,7 @@ import getpass
 
 import pytest
 
-from transfer.endpoint import DEFAULT_REMOTE_COMMAND, Endpoint
+from transfer.endpoint import DEFAULT_REMOTE_COMMAND, Endpoint, is_host_address
 from transfer.errors import InvalidArgument
 
 
@@ -107,3 +107,14 @@ def test_bad_port_is_refused(kh, port):
 @pytest.mark.parametrize("port", [1, 65535])
 def test_port_limits_are_accepted(kh, port):
     assert Endpoint.parse("host2:/d.img", known_hosts=kh, port=port).port == port
+
+
+@pytest.mark.parametrize("text", ["h2", "host-2.lab.example", "host2.", "198.18.0.12", "fd00::12", "a" * 63])
+def test_host_addresses(text):
+    assert is_host_address(text)
+
+
+@pytest.mark.parametrize("text", ["", "h2/system", "h2?x=1", "h2#", "user@h2", "h2:22", "[fd00::12]", "-h2", "h2-",
+                                  "h 2", "h2\n", "a" * 64, "a." * 127 + "a", "h..2"])
+def test_not_host_addresses(text):
+    assert not is_host_address(text)

@@ -347,3 +347,17 @@ def test_source_still_defined_after_moving_keeps_its_files(env, monkeypatch):
 def test_driver_command_live_migrate_passes_uuid_and_dest(env):
     assert driver_cmd.CALLS["live-migrate"](env.driver, {"uuid": UUID, "dest": DEST}).downtime_s == 0.104
     assert UUID in env.dconn.domains
+
+
+@pytest.mark.parametrize("dest", ["198.18.0.12/system?known_hosts_verify=ignore&known_hosts=/dev/null#",
+                                  "198.18.0.12?command=/bin/sh", "root@198.18.0.12"])
+def test_dest_uri_refuses_a_dest_that_could_add_uri_parameters(dest):
+    with pytest.raises(DriverError, match="not a host name or an IP address"):
+        live.dest_uri(DriverConfig(), dest)
+
+
+def test_dest_uri_keeps_host_key_checking_forced_whatever_the_dest():
+    uri = live.dest_uri(DriverConfig(live_migration_uri="qemu+libssh://{user}@{dest}:{port}/system?sshauth=agent"),
+                        "h2.lab")
+    assert uri.startswith("qemu+libssh://root@h2.lab:22/system?") and "known_hosts_verify=normal" in uri
+    assert uri.count("known_hosts_verify") == 1 and "no_verify" not in uri
