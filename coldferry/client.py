@@ -260,6 +260,10 @@ class ControllerClient:
     def revert_migration(self, id: int) -> dict[str, Any]:
         return self._call("POST", f"/v1/os-migrations/{int(id)}/revert")
 
+    def recover_migration(self, id: int) -> dict[str, Any]:
+        """Take a migration out of needs-recovery (409 while a host still does not answer)."""
+        return self._call("POST", f"/v1/os-migrations/{int(id)}/recover")
+
     # Drains
 
     def drain(self, host: str, live: bool = False, max_servers: int = 1, dry_run: bool = False,

@@ -23,7 +23,8 @@ from transfer.units import format_size
 # Migration statuses (docs/api.md) at which --wait stops: the copy is over, one way or the other.
 FINISHED = "finished"
 ERROR = "error"
-WAIT_ENDS = frozenset({FINISHED, ERROR, "confirmed", "reverted"})
+NEEDS_RECOVERY = "needs-recovery"   # docs/safety.md: a host did not answer; the server is kept safe
+WAIT_ENDS = frozenset({FINISHED, ERROR, NEEDS_RECOVERY, "confirmed", "reverted"})
 DEFAULT_TIMEOUT = 3600
 
 SERVER_COLUMNS = (Column("ID", "id"), Column("Name", "name"), Column("Status", "status"),
@@ -95,6 +96,7 @@ examples:
   coldferry server migration list --status finished
   coldferry server migration confirm 12
   coldferry server migration revert vm1
+  coldferry server migration recover 12
 """
 
 MIGRATION_LIST_HELP = """\
@@ -133,6 +135,20 @@ examples:
   coldferry server migration revert vm1
 """
 
+RECOVER_HELP = """\
+Take a migration out of needs-recovery. A migration goes there when a host
+did not answer long enough (or a rollback could not finish): the server's
+disks are kept, the source stays stopped, and nothing is guessed. Once both
+hosts answer, the controller does this by itself every recovery_interval
+seconds; this command does it now. The migration goes on from the step it
+stopped in, acting on what both hosts say: it finishes (VERIFY_RESIZE) or
+rolls back to the source. Fails (409) naming the host that still does not
+answer. See docs/safety.md.
+
+example:
+  coldferry server migration recover 12
+"""
+
 TARGET_HELP = "a migration id (all digits) or a server's name or UUID (use the UUID for an all-digit name)"
 
 
@@ -166,6 +182,8 @@ def _register_migration(cmds: argparse._SubParsersAction) -> None:
     p.add_argument("target", metavar="ID_OR_SERVER", help=TARGET_HELP)
     p = add_command(sub, "revert", run_revert, "revert a finished migration", REVERT_HELP)
     p.add_argument("target", metavar="ID_OR_SERVER", help=TARGET_HELP)
+    p = add_command(sub, "recover", run_recover, "recover a migration in needs-recovery", RECOVER_HELP)
+    p.add_argument("id", type=int, metavar="ID", help="migration id")
 
 
 def run_list(args: argparse.Namespace, c: ControllerClient) -> int:
@@ -207,6 +225,14 @@ def run_revert(args: argparse.Namespace, c: ControllerClient) -> int:
     return _settle(args, c.revert_migration, c.revert_resize)
 
 
+def run_recover(args: argparse.Namespace, c: ControllerClient) -> int:
+    record = c.recover_migration(args.id)
+    output.print_record(record, args.format, MIGRATION_SHOWN)
+    output.note(f"migration {record['id']} is recovering from {record.get('status')}; follow it with: "
+                f"coldferry server migration show {record['id']}")
+    return 0
+
+
 def _settle(args: argparse.Namespace, by_id: Callable[[int], Row], by_server: Callable[[str], Row]) -> int:
     """Confirm or revert: by migration id when the argument is all digits, else by the server's action."""
     target: str = args.target
@@ -227,6 +253,8 @@ def wait_for_migration(c: ControllerClient, record: Row, timeout: float, fmt: st
     output.print_record(final, fmt, MIGRATION_SHOWN)
     if final["status"] == ERROR:
         return fail(f"migration {mid} of server {final.get('server_name')} failed: {final.get('error')}")
+    if final["status"] == NEEDS_RECOVERY:
+        return fail(f"migration {mid} of server {final.get('server_name')} needs recovery: {final.get('error')}")
     if final["status"] not in WAIT_ENDS:
         return fail(f"migration {mid} is still {final['status']} after {timeout:g} s and goes on; "
                     f"follow it with: coldferry server migration show {mid}")

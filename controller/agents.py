@@ -11,11 +11,12 @@ from typing import Any, TypeVar
 
 import httpx
 import pydantic
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from agent.schemas import HostOut, InstanceOut, InstancesOut, JobOut, parse_result
 from driver.model import PowerState
 
-from .errors import AgentError
+from .errors import AgentError, AgentUnreachable
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 _POWER_STATES = frozenset(PowerState)
@@ -29,8 +30,12 @@ class AgentClient:
 
     ``http`` is an httpx.Client to send through (tests pass a FastAPI
     TestClient); without one the client opens its own on ``base_url`` with
-    ``timeout`` seconds per request. ``sleep`` and ``clock`` pace wait().
+    ``timeout`` seconds per request. ``sleep`` and ``clock`` pace wait() and
+    the retries.
 
+    Every request that gets no answer (a transport error or a timeout; not an
+    HTTP answer, whatever its code) is sent again with exponential backoff for
+    up to ``retry_seconds`` (0: once); then it raises AgentUnreachable.
     Every method raises AgentError: for transport problems, timeouts, a
     refused token and 5xx answers with a reason naming the URL and the fix;
     for other 4xx answers with the agent's ``detail`` as reason and the
@@ -42,11 +47,13 @@ class AgentClient:
 
     def __init__(self, host_name: str, base_url: str, token: str, http: httpx.Client | None = None,
                  timeout: float = 10.0, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic, poll_interval: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, poll_interval: float = 1.0,
+                 retry_seconds: float = 15.0) -> None:
         self.host_name = host_name
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.poll_interval = poll_interval
+        self.retry_seconds = retry_seconds
         self._headers = {"Authorization": f"Bearer {token}"}
         self._own = http is None
         self._http = http if http is not None else httpx.Client(base_url=self.base_url, timeout=timeout)
@@ -159,19 +166,30 @@ class AgentClient:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               missing_ok: bool = False) -> Any:
-        """Send one request; return the JSON of a 2xx answer (None for a 404 when
-        ``missing_ok``), raise AgentError for the rest."""
+        """Send one request, again while the agent cannot be reached (up to retry_seconds);
+        return the JSON of a 2xx answer (None for a 404 when ``missing_ok``), raise
+        AgentError for the rest (AgentUnreachable when it never answered)."""
+        start = self._clock()
+
+        def out_of_time(state: RetryCallState) -> bool:
+            return self._clock() - start >= self.retry_seconds
+
+        retrying = Retrying(retry=retry_if_exception_type(AgentUnreachable), stop=out_of_time,
+                            wait=wait_exponential(multiplier=0.25, max=5.0), sleep=self._sleep, reraise=True)
+        return retrying(self._send, method, path, body, missing_ok)
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None, missing_ok: bool) -> Any:
         url = f"{self.base_url}{path}"
         try:
             response = self._http.request(method, path, json=body, headers=self._headers)
         except httpx.TimeoutException:
-            raise AgentError(host=self.host_name, agent_status=None,
-                             reason=f"no answer from {url} within {self.timeout} s: check that the agent "
-                                    f"runs and is not overloaded, or raise agent_timeout") from None
+            raise AgentUnreachable(host=self.host_name, agent_status=None,
+                                   reason=f"no answer from {url} within {self.timeout} s: check that the agent "
+                                          f"runs and is not overloaded, or raise agent_timeout") from None
         except httpx.TransportError as e:
-            raise AgentError(host=self.host_name, agent_status=None,
-                             reason=f"cannot reach {url}: {e or e.__class__.__name__}: check that the agent "
-                                    f"runs and that agent_url of host {self.host_name} is right") from None
+            raise AgentUnreachable(host=self.host_name, agent_status=None,
+                                   reason=f"cannot reach {url}: {e or e.__class__.__name__}: check that the "
+                                          f"agent runs and that agent_url of host {self.host_name} is right") from None
         code = response.status_code
         if code == 404 and missing_ok:
             return None

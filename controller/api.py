@@ -159,6 +159,10 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
     def revert(migration_id: int) -> dict[str, Any]:
         return conductor.revert(migration_id).to_api()
 
+    @api.post("/os-migrations/{migration_id}/recover", status_code=status.HTTP_202_ACCEPTED)
+    def recover(migration_id: int) -> dict[str, Any]:
+        return conductor.recover(migration_id).to_api()
+
     @api.get("/os-hypervisors")
     def hypervisors() -> dict[str, Any]:
         return {"hypervisors": inv.hypervisors()}

@@ -8,10 +8,15 @@ Cold migration, as the data-flow picture in ARCHITECTURE.md shows it::
     confirming -> confirmed           source: confirm-migration
     reverting  -> reverted            dest: destroy; source: finish-revert-migration
 
-Every step first looks for the job it started before (its id is on the
-record), so a controller restarted in the middle picks a migration up where
-it was; a job an agent lost (the agent restarted) is rolled back to the
-source instead. Any failure ends in ``error`` with the source as it was.
+Every job is named (``job_name``) and the name written on the record before
+the agent is asked to start it, so a controller restarted in the middle finds
+its job again by name; a name the agent does not know (never started, or the
+agent restarted) takes the safe path. A failure after the power-off rolls
+back on facts (``rolling-back``: the destination's destroy succeeded or it
+does not run the server, then the source comes back) and ends in ``error``;
+a host that stays out of reach, or a rollback that cannot finish, ends in
+``needs-recovery``, left when both hosts answer again (``recover``).
+docs/safety.md gives the invariant and each step's failure.
 
 The host a server moves to has one name per layer:
 
@@ -33,12 +38,14 @@ from agent import schemas as s
 from agent.schemas import FinishResult, JobOut, LiveResult, MigrateResult
 from driver.model import MOVABLE_STATES, PowerState
 
-from . import scheduler
+from . import facts, scheduler
 from .agents import AgentClient
 from .config import ControllerConfig
 from .errors import AgentError, BadRequest, Conflict, ControllerError, NotFound, NoValidHost
 from .inventory import Inventory, Server
-from .records import FINAL, LIVE_TASK_STATE, TASK_STATES, HostRecord, MigrationRecord, MigrationStatus, MigrationType
+from .facts import Unsettled
+from .records import (FINAL, LIVE_TASK_STATE, RECOVERABLE, TASK_STATES, HostRecord, MigrationRecord, MigrationStatus,
+                      MigrationType)
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -47,7 +54,10 @@ Spawn = Callable[[Callable[[], None]], None]
 #: Which agent a step asks: the source's (``source_compute``, ``source_job``) or the destination's.
 Side = Literal["source", "dest"]
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
 _S, _COLD, _LIVE = MigrationStatus, MigrationType.COLD, MigrationType.LIVE
+# Where a needs-recovery message turns from what went wrong to what the hosts say.
+_KNOWN = ". Known now: "
 _UNMOVABLE_WHY = {PowerState.PAUSED: "paused: unpause it or shut it off",
                   PowerState.SUSPENDED: "suspended: resume it or shut it off"}
 
@@ -73,15 +83,15 @@ class Conductor:
 
     def __init__(self, store: Store, inventory: Inventory, config: ControllerConfig, *,
                  spawn: Spawn = spawn_thread, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, agent_lost_seconds: float = 120.0) -> None:
+                 sleep: Callable[[float], None] = time.sleep, agent_lost_seconds: float | None = None) -> None:
         self.store = store
         self.inventory = inventory
         self.config = config
         self.spawn = spawn
         self.clock = clock
         self.sleep = sleep
-        #: How long an agent may be out of reach while its job runs before the step fails.
-        self.agent_lost_seconds = agent_lost_seconds
+        #: How long a host may stay out of reach in a step before the migration needs recovery.
+        self.agent_lost_seconds = config.agent_lost_seconds if agent_lost_seconds is None else agent_lost_seconds
         self._lock = threading.Lock()   # one migration start at a time: checks and record creation
         self._driving: set[int] = set()
 
@@ -143,6 +153,8 @@ class Conductor:
         open_m = self.store.open_migration_for(server.id)
         if open_m is not None:
             what = ("confirm or revert it first" if open_m.status == _S.FINISHED
+                    else f"it recovers by itself once both hosts answer, or run 'coldferry server migration "
+                         f"recover {open_m.id}'" if open_m.status == _S.NEEDS_RECOVERY
                     else "wait until it ends")
             raise Conflict(reason=f"server {server.name} ({server.id}) already has migration {open_m.id} in "
                                   f"status {open_m.status}; {what}")
@@ -217,12 +229,13 @@ class Conductor:
 
     # -- driving -----------------------------------------------------------------
 
-    def _start_driving(self, migration_id: int) -> None:
+    def _start_driving(self, migration_id: int) -> bool:
         with self._lock:
             if migration_id in self._driving:
-                return
+                return False
             self._driving.add(migration_id)
         self.spawn(lambda: self.drive(migration_id))
+        return True
 
     def drive(self, migration_id: int) -> None:
         """Run a migration's steps until it waits for the operator or ends."""
@@ -234,11 +247,13 @@ class Conductor:
                     return
                 try:
                     step(m)
+                except Unsettled as e:
+                    self._needs_recovery(self.get(migration_id), str(e))
                 except (StepFailed, ControllerError) as e:
-                    self._fail(self.get(migration_id), str(e))
+                    self._step_failed(self.get(migration_id), str(e))
                 except Exception as e:  # noqa: BLE001 - a bug must not leave a record in flight
                     log.exception("migration %d: unexpected error", migration_id)
-                    self._fail(self.get(migration_id), f"{type(e).__name__}: {e}")
+                    self._step_failed(self.get(migration_id), f"{type(e).__name__}: {e}")
         finally:
             with self._lock:
                 self._driving.discard(migration_id)
@@ -247,6 +262,7 @@ class Conductor:
         return {(_COLD, _S.PRE_MIGRATING): lambda m: self._set(m, _S.MIGRATING),
                 (_COLD, _S.MIGRATING): self._copy,
                 (_COLD, _S.POST_MIGRATING): self._finish_on_dest,
+                (_COLD, _S.ROLLING_BACK): self._roll_back,
                 (_COLD, _S.CONFIRMING): self._confirm,
                 (_COLD, _S.REVERTING): self._revert,
                 (_LIVE, _S.PRE_MIGRATING): lambda m: self._set(m, _S.MIGRATING),
@@ -260,54 +276,97 @@ class Conductor:
         log.error("migration %d failed: %s", m.id, message)
         self.store.update_migration(m.id, status=_S.ERROR, task_state=None, error=message, progress=None)
 
+    def _step_failed(self, m: MigrationRecord, why: str) -> None:
+        """After the power-off a failure rolls back on facts; while undoing, it needs recovery."""
+        if m.migration_type == _COLD and m.status in (_S.MIGRATING, _S.POST_MIGRATING):
+            self._begin_rollback(m, why)
+        elif m.migration_type == _COLD and m.status in (_S.ROLLING_BACK, _S.REVERTING):
+            self._needs_recovery(m, why)
+        else:
+            self._fail(m, why)
+
+    def _begin_rollback(self, m: MigrationRecord, why: str) -> None:
+        log.warning("migration %d: %s; rolling back", m.id, why)
+        self._set(m, _S.ROLLING_BACK, error=why, source_job=None, dest_job=None, progress=None)
+
+    def _needs_recovery(self, m: MigrationRecord, why: str) -> None:
+        """Stop where the facts run out: the server stays where it is, the step is remembered."""
+        stopped_in = m.status if m.status in RECOVERABLE else (m.stopped_in or _S.ROLLING_BACK)
+        if m.status == _S.ROLLING_BACK and m.error:
+            why = f"{m.error}; rolling back: {why}"
+        known = "; ".join(self._facts(m))
+        message = (f"{why}{_KNOWN}{known}. The server's disks are kept; the controller retries every "
+                   f"{self.config.recovery_interval:g} s until both hosts answer, or run: "
+                   f"coldferry server migration recover {m.id}")
+        log.error("migration %d needs recovery (stopped in %s): %s", m.id, stopped_in, message)
+        self._set(m, _S.NEEDS_RECOVERY, stopped_in=str(stopped_in), error=message, progress=None)
+
+    def _facts(self, m: MigrationRecord) -> list[str]:
+        return [facts.describe(role, host, facts.where(self.inventory.agent(host), m.server))
+                for role, host in (("source", m.source_compute), ("destination", m.dest_compute))]
+
+    def _ask(self, host: str, fn: Callable[[AgentClient], T], reach: facts.Reach | None = None) -> T:
+        patience = facts.Patience(self.agent_lost_seconds, self.config.poll_interval, self.clock, self.sleep)
+        return patience.ask(self.inventory.agent(host), fn, reach)
+
     def _run(self, m: MigrationRecord, side: Side, op: str, body: BaseModel) -> JobOut:
-        """Start ``op`` on the ``side`` host (or pick up the job the record names) and wait for it to end.
+        """Start ``op`` on the ``side`` host under a new name written on the record first, or find
+        the job the record names; wait for it to end.
 
         :returns: the job, done.
-        :raises StepFailed: the job ended in error, or the agent no longer knows it.
+        :raises LostJob: the agent does not know the named job (never started, or the agent restarted).
+        :raises StepFailed: the job ended in error, or the agent refused to start it.
+        :raises HostLost: the agent stayed out of reach past agent_lost_seconds.
         """
-        host, job_id = (m.source_compute, m.source_job) if side == "source" else (m.dest_compute, m.dest_job)
-        agent = self.inventory.agent(host)
-        if job_id:
-            job = agent.job(job_id)
+        host, name = (m.source_compute, m.source_job) if side == "source" else (m.dest_compute, m.dest_job)
+        if name:
+            job = self._ask(host, lambda a: a.job(name))
             if job is None or job.op != op:
-                raise LostJob(f"the agent of {host} no longer knows job {job_id} ({op}); it was restarted")
+                raise LostJob(f"the agent of {host} does not know job {name} ({op}): it never started, "
+                              "or the agent restarted")
         else:
-            job = agent.start(m.server, op, body)
-            m = self.store.update_migration(m.id, **{f"{side}_job": job.id})
+            name = job_name(m, op)
+            m = self.store.update_migration(m.id, job_seq=m.job_seq + 1, **{f"{side}_job": name})
+            named = body.model_copy(update={"job_id": name})
+            try:
+                job = self._ask(host, lambda a: a.start(m.server, op, named))
+            except AgentError as e:
+                raise StepFailed(f"{host} refused {op}: {e}") from None
+            if job.id != name:  # an agent that does not take the caller's job names
+                self.store.update_migration(m.id, **{f"{side}_job": job.id})
 
         def on_update(j: JobOut) -> None:
             if j.progress is not None:
                 self.store.update_migration(m.id, progress=j.progress.model_dump())
 
-        job = self._wait_job(agent, host, job.id, on_update)
+        job = self._wait_job(host, job.id, on_update)
         if job.state == "error":
             raise StepFailed(f"{op} on {host}: {job.error.message if job.error else 'failed'}")
         return job
 
-    def _wait_job(self, agent: AgentClient, host: str, job_id: str,
-                  on_update: Callable[[JobOut], None]) -> JobOut:
-        """Wait for a job; an agent out of reach for a while is waited for, not given up on at once,
-        because the job goes on without us."""
-        deadline = self.clock() + self.agent_lost_seconds
-        while True:
-            try:
-                return agent.wait(job_id, on_update=on_update)
-            except AgentError as e:
-                if e.agent_status == 404:
-                    raise LostJob(f"the agent of {host} no longer knows job {job_id}; it was restarted") from None
-                if self.clock() >= deadline:
-                    raise StepFailed(f"lost the agent of {host} while job {job_id} ran: {e}") from None
-                log.warning("agent of %s out of reach while job %s runs (%s); retrying", host, job_id, e)
-                self.sleep(self.config.poll_interval)
+    def _wait_job(self, host: str, job_id: str, on_update: Callable[[JobOut], None]) -> JobOut:
+        """Wait for a job; an agent out of reach is asked again until it has been silent for
+        agent_lost_seconds, because the job goes on without us."""
+        reach = facts.Reach(self.clock)
+
+        def seen(j: JobOut) -> None:
+            reach.answered()
+            on_update(j)
+
+        try:
+            return self._ask(host, lambda a: a.wait(job_id, on_update=seen), reach)
+        except AgentError as e:
+            if e.agent_status == 404:
+                raise LostJob(f"the agent of {host} no longer knows job {job_id}; it was restarted") from None
+            raise
 
     def _copy(self, m: MigrationRecord) -> None:
         # The shutdown timeout is the source host's own ([driver] in its configuration).
         body = s.MigrateRequest(dest=m.dest_address, flavor=m.flavor or None)  # none: the current flavor
         try:
             result = _result(self._run(m, "source", "migrate-disk-and-power-off", body), MigrateResult)
-        except LostJob as e:
-            self._roll_back(m, f"{e}; the copy was abandoned")
+        except (StepFailed, facts.HostLost) as e:  # the source may be off: undo on facts
+            self._begin_rollback(m, f"{e}; the copy was abandoned" if isinstance(e, LostJob) else str(e))
             return
         self._set(m, _S.POST_MIGRATING, disk_info=result.disk_info, dest_job=None, shared=result.shared,
                   powered_off_at=result.powered_off_at, precopy=result.precopy, bytes_sent=result.bytes_sent,
@@ -322,34 +381,67 @@ class Conductor:
         try:
             running_at = _result(self._run(m, "dest", "finish-migration", body), FinishResult).running_at
         except LostJob:
-            inst = self.inventory.agent(m.dest_compute).instance(m.server)
+            inst = self._ask(m.dest_compute, lambda a: a.instance(m.server))
             if inst is None or (was_running and inst.power_state != PowerState.RUNNING):
-                self._roll_back(m, f"the agent of {m.dest_compute} restarted while finishing the migration")
+                self._begin_rollback(m, f"the agent of {m.dest_compute} lost the finish-migration job "
+                                        "(it restarted) before the server ran there")
                 return
             running_at = None
         except StepFailed as e:
-            self._roll_back(m, str(e))
+            self._begin_rollback(m, str(e))
             return
         downtime = None
         if was_running and running_at and m.powered_off_at:
             downtime = round(running_at - m.powered_off_at, 3)
         self._set(m, _S.FINISHED, downtime_s=downtime, progress=None)
 
-    def _roll_back(self, m: MigrationRecord, why: str) -> None:
-        """Remove the destination's copy, bring the source back as it was, and end in error."""
-        notes = []
-        steps: tuple[tuple[Side, str, BaseModel], ...] = (
-            ("dest", "destroy", s.DestroyRequest(destroy_disks=True)),
-            ("source", "finish-revert-migration", _revert_body(m)))
-        for side, op, body in steps:
-            try:
-                self._run(self.store.update_migration(m.id, **{f"{side}_job": None}), side, op, body)
-            except (StepFailed, ControllerError) as e:
-                notes.append(str(e))
-        restored = "the source was restored" if not notes else "rolling back also failed: " + "; ".join(notes)
-        self._fail(self.get(m.id), f"{why}; {restored}")
+    def _roll_back(self, m: MigrationRecord) -> None:
+        """Undo a failed step on facts: the destination stops running the server (or is known not
+        to), then the source comes back as it was; the migration ends in error."""
+        why = m.error or "a step failed"
+        note = self._clear_dest(m, f"{why}; rolling back")
+        self._restore_source(self.get(m.id), f"{why}; rolling back")
+        self._fail(self.get(m.id), f"{why}; the source was restored: the server is on {m.source_compute} "
+                                   f"as before{note}")
+
+    def _clear_dest(self, m: MigrationRecord, doing: str) -> str:
+        """Destroy the server on the destination, its disks only when they are not the source's too
+        (``shared`` known False). Returns a note on what stayed there.
+
+        :raises Unsettled: the destroy failed and the destination still runs the server.
+        :raises HostLost: the destination does not answer.
+        """
+        try:
+            self._run(m, "dest", "destroy", s.DestroyRequest(destroy_disks=m.shared is False))
+            return "" if m.shared is not None else (
+                f"; whether {m.dest_compute} shares the instance storage is not known, so its files of the "
+                f"server were kept: if that storage is not shared, remove them there by hand")
+        except StepFailed as e:
+            inst = self._ask(m.dest_compute, lambda a: a.instance(m.server))
+            if inst is None:
+                return ""
+            if inst.power_state in facts.STOPPED:
+                return f"; {m.dest_compute} still defines the stopped server ({e}): remove it there by hand"
+            raise Unsettled(f"{doing}: {e}; the server still runs on {m.dest_compute}, so "
+                            f"{m.source_compute} was left stopped") from None
+
+    def _restore_source(self, m: MigrationRecord, doing: str) -> None:
+        """Bring the source back as it was (finish-revert-migration) unless it already is.
+
+        :raises Unsettled: the source could not be brought back.
+        """
+        inst = self._ask(m.source_compute, lambda a: a.instance(m.server))
+        if inst is not None and inst.power_state == m.old_power_state == PowerState.RUNNING:
+            return  # its driver restarted it already, or an earlier attempt did
+        try:
+            self._run(m, "source", "finish-revert-migration", _revert_body(m))
+        except StepFailed as e:
+            raise Unsettled(f"{doing}: {e}; the server runs nowhere, its disks are kept on "
+                            f"{m.source_compute}") from None
 
     def _confirm(self, m: MigrationRecord) -> None:
+        # Only the source's kept copy goes (on shared storage the source driver keeps none and
+        # only undefines the server there); nothing the destination uses is touched.
         try:
             self._run(m, "source", "confirm-migration", s.ConfirmRequest(migration=_migration_ref(m)))
         except LostJob:
@@ -359,22 +451,24 @@ class Conductor:
 
     def _revert(self, m: MigrationRecord) -> None:
         try:
-            self._run(m, "dest", "destroy", s.DestroyRequest(destroy_disks=True))
+            note = self._clear_dest(m, "revert")
         except LostJob:
             self.store.update_migration(m.id, dest_job=None)
             return
-        except StepFailed as e:
+        except facts.HostLost:
+            raise
+        except Unsettled as e:
             # Nothing changed on the source: the server stays in VERIFY_RESIZE, so revert can be retried.
-            self._set(m, _S.FINISHED, error=f"revert failed: {e}; the server still runs on "
-                                            f"{m.dest_compute}: revert again, or confirm")
+            self._set(m, _S.FINISHED, revert_failed=True,
+                      error=f"revert failed: {e}; the server still runs on {m.dest_compute}: revert again, "
+                            "or confirm (auto-confirm leaves it to you)")
             return
-        m = self.get(m.id)
         try:
-            self._run(m, "source", "finish-revert-migration", _revert_body(m))
+            self._restore_source(self.get(m.id), "revert")
         except LostJob:
             self.store.update_migration(m.id, source_job=None)
             return
-        self._set(m, _S.REVERTED)
+        self._set(self.get(m.id), _S.REVERTED, error=note.lstrip("; ") or None)
 
     def _live(self, m: MigrationRecord) -> None:
         try:
@@ -396,20 +490,72 @@ class Conductor:
         for m in self.store.in_flight_migrations():
             log.info("migration %d was %s when the controller stopped; picking it up", m.id, m.status)
             if m.status == _S.MIGRATING and m.migration_type == _COLD and not m.source_job:
-                # Stopped between the status change and the job start: nothing ran on the agent.
+                # Stopped between the status change and naming the job: nothing ran on the agent.
                 self._set(m, _S.PRE_MIGRATING)
             ids.append(m.id)
             self._start_driving(m.id)
         return ids
 
+    def recover(self, migration_id: int) -> MigrationRecord:
+        """Take a migration out of needs-recovery once both hosts answer: it goes on from the step it
+        stopped in, which acts on what the hosts say (finishes, or rolls back on facts).
+
+        :raises Conflict: it is not in needs-recovery, or a host still does not answer (named).
+        """
+        with self._lock:
+            m = self.get(migration_id)
+            if m.status != _S.NEEDS_RECOVERY or migration_id in self._driving:
+                raise Conflict(reason=f"migration {m.id} is {m.status}; only a migration in "
+                                      f"{_S.NEEDS_RECOVERY} can be recovered")
+        silent = [f"{role} {host} does not answer ({fact.reason})"
+                  for role, host in (("source", m.source_compute), ("destination", m.dest_compute))
+                  if isinstance(fact := facts.where(self.inventory.agent(host), m.server), AgentError)]
+        if silent:
+            raise Conflict(reason=f"cannot recover migration {m.id} yet: the facts cannot be established: "
+                                  + "; ".join(silent) + "; start its agent or fix the network, then try again")
+        step = MigrationStatus(m.stopped_in or _S.ROLLING_BACK)
+        jobs = {}
+        if step in (_S.CONFIRMING, _S.REVERTING, _S.ROLLING_BACK):
+            jobs = self._failed_jobs(m)  # steps re-run from scratch get new job names
+        log.info("migration %d: both hosts answer; recovering from %s", m.id, step)
+        why = (m.error or "").split(_KNOWN)[0].split("; rolling back: ")[0] if step == _S.ROLLING_BACK else None
+        m = self._set(m, step, stopped_in=None, error=why, **jobs)
+        self._start_driving(m.id)
+        return m
+
+    def _failed_jobs(self, m: MigrationRecord) -> dict[str, None]:
+        """The record's job fields naming jobs that ended in error or that the agent does not know."""
+        out = {}
+        for field, host, name in (("source_job", m.source_compute, m.source_job),
+                                  ("dest_job", m.dest_compute, m.dest_job)):
+            if name:
+                job = self.inventory.agent(host).job(name)
+                if job is None or job.state == "error":
+                    out[field] = None
+        return out
+
+    def recover_all(self) -> list[int]:
+        """One pass over the migrations in needs-recovery: those whose hosts both answer go on."""
+        done = []
+        for m in self.store.migrations_in(_S.NEEDS_RECOVERY):
+            try:
+                self.recover(m.id)
+                done.append(m.id)
+            except ControllerError as e:
+                log.info("migration %d still needs recovery: %s", m.id, e)
+        return done
+
     def auto_confirm(self) -> list[int]:
-        """Confirm finished migrations older than ``auto_confirm_seconds`` (0: never)."""
+        """Confirm finished migrations older than ``auto_confirm_seconds`` (0: never), except those
+        whose revert failed: the operator asked for the server back, so only the operator confirms."""
         window = self.config.auto_confirm_seconds
         if window <= 0:
             return []
         now = self.clock()
         done = []
         for m in self.store.list_migrations(status=_S.FINISHED):
+            if m.revert_failed:
+                continue
             if now - m.updated_at.timestamp() >= window:
                 try:
                     self.confirm(m.id)
@@ -438,6 +584,12 @@ def _result(job: JobOut, model: type[R]) -> R:
     if not isinstance(job.result, model):
         raise TypeError(f"job {job.id} ({job.op}) has no {model.__name__} result")
     return job.result
+
+
+def job_name(m: MigrationRecord, op: str) -> str:
+    """The name of the next job of ``m``: ``{migration uuid}-{op}-{n}``, n counting every job the
+    conductor named for it, so that a step run again gets a new name."""
+    return f"{m.uuid}-{op}-{m.job_seq + 1}"
 
 
 def _migration_ref(m: MigrationRecord) -> s.MigrationRef:

@@ -109,6 +109,10 @@ class ControllerConfig:
     everyone out on restart) and lasts ``session_max_age`` seconds.
     How long a guest gets to shut down is each host's setting (the
     ``[driver]`` table of its agent), not the controller's.
+    An agent call that cannot reach its agent is retried for
+    ``agent_retry_seconds``; a host out of reach for ``agent_lost_seconds``
+    during a migration step puts the migration in needs-recovery, which the
+    controller re-examines every ``recovery_interval`` seconds (docs/safety.md).
     """
 
     token: str = setting(secret=True, hint="the admin API token clients send as a Bearer token")
@@ -124,6 +128,15 @@ class ControllerConfig:
     disk_allocation_ratio: float = setting(1.0, hint="a number above 0, e.g. 1.0", check=positive)
     agent_timeout: float = setting(10.0, hint="seconds above 0 to wait for an agent's answer", check=positive)
     poll_interval: float = setting(1.0, hint="seconds above 0 between polls of an agent's job", check=positive)
+    agent_retry_seconds: float = setting(15.0, check=not_negative,
+                                         hint="seconds (0 or more) one agent call is retried, with backoff, "
+                                              "while the agent cannot be reached, e.g. 15")
+    agent_lost_seconds: float = setting(300.0, check=positive,
+                                        hint="seconds above 0 a host may stay out of reach during a migration "
+                                             "step before the migration goes to needs-recovery, e.g. 300")
+    recovery_interval: float = setting(30.0, check=positive,
+                                       hint="seconds above 0 between passes over migrations in needs-recovery, "
+                                            "e.g. 30")
     hosts: tuple[HostConfig, ...] = ()
     users: tuple[UserConfig, ...] = ()
     session_secret: str | None = setting(None, secret=True, hint="signs the dashboard's session cookie")

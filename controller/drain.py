@@ -5,11 +5,16 @@ it; then every instance moves away, at most ``max_servers`` at a time:
 running ones live when asked, the others cold. A paused or suspended
 instance gets an error row saying why it was not moved, never a silent skip.
 A cold migration's row is done when the migration is finished (the server
-waits in VERIFY_RESIZE for confirm, or for auto-confirm).
+waits in VERIFY_RESIZE for confirm, or for auto-confirm); one in
+needs-recovery is an error row. The drain is done when every row is; if
+servers are still on the host then (or the host cannot be asked), the
+drain's ``error`` says so, naming the host. A controller restart resumes
+running drains (``resume``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_REASON = "draining for maintenance"
 # Where a drain row's migration has gone as far as the drain takes it.
-_SETTLED = frozenset({MigrationStatus.FINISHED, *records.FINAL})
+_SETTLED = frozenset({MigrationStatus.FINISHED, MigrationStatus.NEEDS_RECOVERY, *records.FINAL})
 
 
 class Drainer:
@@ -92,32 +97,67 @@ class Drainer:
                 row["progress"] = m.progress if m else None
             rows.append(row)
         return {"id": d.id, "host": d.host, "live": d.live, "max_servers": d.max_servers, "dry_run": d.dry_run,
-                "target_host": d.target_host, "force": d.force, "status": d.status,
+                "target_host": d.target_host, "force": d.force, "status": d.status, "error": d.error,
                 "created_at": records.isotime(d.created_at), "updated_at": records.isotime(d.updated_at),
                 "totals": d.totals(), "rows": rows}
 
     # -- running -------------------------------------------------------------------
 
+    def resume(self) -> list[int]:
+        """Run again every drain a restart left running; returns their ids."""
+        ids = [d.id for d in self.store.list_drains(status=DrainStatus.RUNNING)]
+        for drain_id in ids:
+            self.spawn(lambda drain_id=drain_id: self.run(drain_id))
+        return ids
+
     def run(self, drain_id: int) -> None:
+        """Move the queued rows, follow the rows already migrating (after a restart), then check
+        that the host is empty."""
         d = self.get(drain_id)
-        queued = [r for r in d.rows if r.status == RowStatus.QUEUED]
+        todo = [r for r in d.rows if r.status in (RowStatus.QUEUED, RowStatus.MIGRATING)]
         with ThreadPoolExecutor(max_workers=d.max_servers, thread_name_prefix="coldferry-drain") as pool:
-            list(pool.map(lambda r: self._move(d, r), queued))
-        self.store.update_drain(drain_id, status=DrainStatus.DONE)
-        log.info("drain %d of %s done", drain_id, d.host)
+            list(pool.map(lambda r: self._follow(r) if r.migration_id is not None else self._move(d, r), todo))
+        error = self._left_on(d.host)
+        self.store.update_drain(drain_id, status=DrainStatus.DONE, error=error)
+        log.info("drain %d of %s done%s", drain_id, d.host, f": {error}" if error else "")
+
+    def _left_on(self, host: str) -> str | None:
+        """Why the host is not known to be empty, or None."""
+        try:
+            left = self.conductor.inventory.servers(host=host)
+        except Conflict as e:
+            return f"cannot tell whether host {host} is empty: {e}"
+        if not left:
+            return None
+        return (f"host {host} still has {len(left)} server(s): " + ", ".join(f"{s.name} ({s.id})" for s in left)
+                + "; see the rows' errors, then drain it again")
 
     def _move(self, d: DrainRecord, row: DrainRowRecord) -> None:
         self.store.update_drain_row(row.id, status=RowStatus.MIGRATING)
         try:
+            # Asked first, so a host that stopped answering mid-drain is named, not "server not found".
+            here = {s.id for s in self.conductor.inventory.servers(host=d.host)}
+            if row.server not in here:
+                open_m = self.store.open_migration_for(row.server)
+                if open_m is None:
+                    self.store.update_drain_row(row.id, status=RowStatus.DONE, error=f"no longer on {d.host}")
+                    return
+                self.store.update_drain_row(row.id, migration_id=open_m.id)
+                return self._follow(dataclasses.replace(row, migration_id=open_m.id))
             m = self.conductor.migrate(row.server, d.target_host, d.force,
                                        live=row.migration_type == MigrationType.LIVE)
         except ControllerError as e:
             self.store.update_drain_row(row.id, status=RowStatus.ERROR, accepted=False, error=str(e))
             return
         self.store.update_drain_row(row.id, accepted=True, migration_id=m.id)
-        m = self.conductor.wait(m.id, _SETTLED, timeout=self.migration_timeout)
-        if m.status == MigrationStatus.ERROR:
-            self.store.update_drain_row(row.id, status=RowStatus.ERROR, error=m.error)
+        self._follow(dataclasses.replace(row, migration_id=m.id))
+
+    def _follow(self, row: DrainRowRecord) -> None:
+        """Wait for the row's migration to settle and give the row its outcome."""
+        assert row.migration_id is not None
+        m = self.conductor.wait(row.migration_id, _SETTLED, timeout=self.migration_timeout)
+        if m.status in (MigrationStatus.ERROR, MigrationStatus.NEEDS_RECOVERY):
+            self.store.update_drain_row(row.id, status=RowStatus.ERROR, error=f"migration {m.id} {m.status}: {m.error}")
         elif m.status in _SETTLED:
             self.store.update_drain_row(row.id, status=RowStatus.DONE)
         else:
@@ -125,4 +165,3 @@ class Drainer:
                                         error=f"migration {m.id} still {m.status} after "
                                               f"{self.migration_timeout:.0f} s; see 'coldferry server "
                                               f"migration show {m.id}'")
-

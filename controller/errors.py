@@ -48,3 +48,8 @@ class AgentError(ControllerError):
     host: str
     reason: str
     msg = "agent of host {host}: {reason}"
+
+
+class AgentUnreachable(AgentError):
+    """The agent did not answer at all (a transport error or a timeout, after the retries):
+    what it would have said is unknown, unlike an answer with an error code."""

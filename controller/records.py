@@ -23,6 +23,10 @@ class MigrationStatus(enum.StrEnum):
     REVERTED = "reverted"
     COMPLETED = "completed"   # a live migration that ended well (there is nothing to confirm)
     ERROR = "error"
+    # Internal steps and states of docs/safety.md: undoing a failed step on facts, and waiting
+    # for hosts that do not answer (the server is safe, but where it runs is not known yet).
+    ROLLING_BACK = "rolling-back"
+    NEEDS_RECOVERY = "needs-recovery"
 
 
 class MigrationType(enum.StrEnum):
@@ -31,6 +35,8 @@ class MigrationType(enum.StrEnum):
 
 
 class DrainStatus(enum.StrEnum):
+    """A drain runs, then is done; ``error`` on the drain says when the host is not empty."""
+
     RUNNING = "running"
     DONE = "done"
 
@@ -48,13 +54,17 @@ class RowStatus(enum.StrEnum):
 _S = MigrationStatus
 FINAL = frozenset({_S.CONFIRMED, _S.REVERTED, _S.COMPLETED, _S.ERROR})
 # Statuses in which a controller or agent restart leaves work to reconcile.
-IN_FLIGHT = frozenset({_S.PRE_MIGRATING, _S.MIGRATING, _S.POST_MIGRATING, _S.CONFIRMING, _S.REVERTING})
+IN_FLIGHT = frozenset({_S.PRE_MIGRATING, _S.MIGRATING, _S.POST_MIGRATING, _S.CONFIRMING, _S.REVERTING,
+                       _S.ROLLING_BACK})
+# The steps a migration in needs-recovery may have stopped in (``stopped_in``), and so resumes.
+RECOVERABLE = frozenset({_S.MIGRATING, _S.POST_MIGRATING, _S.CONFIRMING, _S.REVERTING, _S.ROLLING_BACK})
 
 # The instance's task state alongside each status (Nova's names).
 TASK_STATES: dict[MigrationStatus, str | None] = {
     _S.PRE_MIGRATING: "resize_prep", _S.MIGRATING: "resize_migrating", _S.POST_MIGRATING: "resize_finish",
     _S.FINISHED: None, _S.CONFIRMING: "resize_confirming", _S.REVERTING: "resize_reverting",
-    _S.CONFIRMED: None, _S.REVERTED: None, _S.COMPLETED: None, _S.ERROR: None}
+    _S.CONFIRMED: None, _S.REVERTED: None, _S.COMPLETED: None, _S.ERROR: None,
+    _S.ROLLING_BACK: "resize_reverting", _S.NEEDS_RECOVERY: "resize_recovering"}
 LIVE_TASK_STATE = "migrating"
 
 
@@ -112,6 +122,12 @@ class MigrationRecord:
     source_job: str | None = None
     dest_job: str | None = None
     powered_off_at: float | None = None
+    # A revert failed on this migration: auto-confirm leaves it to the operator.
+    revert_failed: bool = False
+    # needs-recovery: the step it stopped in (a RECOVERABLE status), which recovery resumes.
+    stopped_in: str | None = None
+    # How many jobs the conductor has named for this migration (job names end in it).
+    job_seq: int = 0
     created_at: dt.datetime = field(default_factory=utcnow)
     updated_at: dt.datetime = field(default_factory=utcnow)
 
@@ -123,7 +139,7 @@ class MigrationRecord:
 
     def to_api(self) -> dict[str, Any]:
         d = asdict(self)
-        for internal in ("shared", "disk_info", "source_job", "dest_job", "powered_off_at", "flavor"):
+        for internal in ("shared", "disk_info", "source_job", "dest_job", "powered_off_at", "flavor", "job_seq"):
             d.pop(internal)
         d["created_at"] = isotime(self.created_at)
         d["updated_at"] = isotime(self.updated_at)
@@ -168,6 +184,8 @@ class DrainRecord:
     target_host: str | None = None
     force: bool = False
     status: DrainStatus = DrainStatus.RUNNING
+    # Set when the drain ended with servers still on the host, or could not tell.
+    error: str | None = None
     rows: list[DrainRowRecord] = field(default_factory=list)
     created_at: dt.datetime = field(default_factory=utcnow)
     updated_at: dt.datetime = field(default_factory=utcnow)

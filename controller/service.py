@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from fastapi import FastAPI
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Controller:
-    """A running controller's parts; ``start()`` reconciles and starts the auto-confirm timer."""
+    """A running controller's parts; ``start()`` reconciles, resumes drains and starts the timers."""
 
     config: ControllerConfig
     store: Store
@@ -33,27 +33,37 @@ class Controller:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> list[int]:
-        """Pick up migrations a restart interrupted; start the auto-confirm timer. Returns their ids."""
+        """Pick up migrations a restart interrupted, resume running drains, and start the timers:
+        auto-confirm (when configured) and the recovery pass over needs-recovery migrations
+        (every ``recovery_interval`` seconds). Returns the ids of the migrations picked up."""
         picked = self.conductor.reconcile()
         if picked:
             log.info("reconciling migrations %s left in flight by the last run", picked)
+        resumed = self.drainer.resume()
+        if resumed:
+            log.info("resuming drains %s left running by the last run", resumed)
         if self.config.auto_confirm_seconds > 0:
-            threading.Thread(target=self._auto_confirm_loop, daemon=True, name="coldferry-auto-confirm").start()
+            self._every(max(1.0, min(30.0, self.config.auto_confirm_seconds / 4)), "auto-confirm",
+                        self.conductor.auto_confirm)
+        self._every(self.config.recovery_interval, "recover", self.conductor.recover_all)
         return picked
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _auto_confirm_loop(self) -> None:
-        interval = max(1.0, min(30.0, self.config.auto_confirm_seconds / 4))
-        while not self._stop.wait(interval):
-            try:
-                confirmed = self.conductor.auto_confirm()
-            except Exception:  # noqa: BLE001 - the timer must outlive one bad pass
-                log.exception("auto-confirm pass failed")
-                continue
-            if confirmed:
-                log.info("auto-confirmed migrations %s", confirmed)
+    def _every(self, interval: float, what: str, work: Callable[[], list[int]]) -> None:
+        """Run ``work`` every ``interval`` seconds in a thread until stop(); log the ids it acted on."""
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    done = work()
+                except Exception:  # noqa: BLE001 - the timer must outlive one bad pass
+                    log.exception("%s pass failed", what)
+                    continue
+                if done:
+                    log.info("%s: migrations %s", what, done)
+
+        threading.Thread(target=loop, daemon=True, name=f"coldferry-{what}").start()
 
 
 def build(config: ControllerConfig, *, agents: Mapping[str, AgentClient] | None = None,
@@ -68,7 +78,7 @@ def build(config: ControllerConfig, *, agents: Mapping[str, AgentClient] | None 
     store.sync_hosts([h.record() for h in config.hosts])
     if agents is None:
         agents = {h.name: AgentClient(h.name, h.agent_url, h.agent_token, timeout=config.agent_timeout,
-                                      poll_interval=config.poll_interval)
+                                      poll_interval=config.poll_interval, retry_seconds=config.agent_retry_seconds)
                   for h in config.hosts}
     inventory = Inventory(store, agents)
     conductor = Conductor(store, inventory, config, spawn=spawn)

@@ -98,6 +98,9 @@ _migrations = sa.Table(
     sa.Column("source_job", sa.String(64)),
     sa.Column("dest_job", sa.String(64)),
     sa.Column("powered_off_at", sa.Float),
+    sa.Column("revert_failed", sa.Boolean, nullable=False),
+    sa.Column("stopped_in", sa.String(32)),
+    sa.Column("job_seq", sa.Integer, nullable=False),
     sa.Column("created_at", _UTCDateTime, nullable=False),
     sa.Column("updated_at", _UTCDateTime, nullable=False),
     sa.Index("ix_migrations_updated_at", "updated_at"),
@@ -114,6 +117,7 @@ _drains = sa.Table(
     sa.Column("target_host", sa.String(255)),
     sa.Column("force", sa.Boolean, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text),
     sa.Column("created_at", _UTCDateTime, nullable=False),
     sa.Column("updated_at", _UTCDateTime, nullable=False),
     sqlite_autoincrement=True)
@@ -137,7 +141,7 @@ _drain_rows = sa.Table(
 # its own transaction. A step spells out its own DDL (ALTER TABLE ... ADD ...): the tables above
 # describe only the newest version. To change the schema, change the tables, append a step and
 # raise SCHEMA_VERSION to its version.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _add_precopy_columns(conn: Connection) -> None:
@@ -154,9 +158,19 @@ def _add_shared_column(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE migrations ADD COLUMN shared BOOLEAN")
 
 
+def _add_recovery_columns(conn: Connection) -> None:
+    # Old rows: no failed revert, not in needs-recovery, no named jobs; old drains: no error.
+    for ddl in ("ALTER TABLE migrations ADD COLUMN revert_failed BOOLEAN NOT NULL DEFAULT FALSE",
+                "ALTER TABLE migrations ADD COLUMN stopped_in VARCHAR(32)",
+                "ALTER TABLE migrations ADD COLUMN job_seq INTEGER NOT NULL DEFAULT 0",
+                "ALTER TABLE drains ADD COLUMN error TEXT"):
+        conn.exec_driver_sql(ddl)
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "pre-copy and bytes before/after power-off on migrations", _add_precopy_columns),
     (3, "whether a migration's instance directory is on shared storage", _add_shared_column),
+    (4, "failed reverts, needs-recovery and named jobs on migrations; errors on drains", _add_recovery_columns),
 ]
 
 _MIGRATION_FIELDS = frozenset(f.name for f in dataclasses.fields(MigrationRecord))
@@ -303,6 +317,10 @@ class Store:
         """Migrations a restart interrupted (records.IN_FLIGHT), oldest first."""
         return self._migrations(_migrations.c.status.in_(sorted(records.IN_FLIGHT)))[::-1]
 
+    def migrations_in(self, status: records.MigrationStatus) -> list[MigrationRecord]:
+        """Migrations in ``status``, oldest first."""
+        return self._migrations(_migrations.c.status == status)[::-1]
+
     def open_migration_for(self, server_uuid: str) -> MigrationRecord | None:
         """The server's newest migration not yet final ('finished' counts as open)."""
         found = self._migrations(_migrations.c.server == server_uuid,
@@ -366,9 +384,9 @@ class Store:
         found = self._drains(_drains.c.id == id)
         return found[0] if found else None
 
-    def list_drains(self) -> list[DrainRecord]:
-        """All drains newest first, each with its rows."""
-        return self._drains()
+    def list_drains(self, status: records.DrainStatus | None = None) -> list[DrainRecord]:
+        """All drains (or those in ``status``) newest first, each with its rows."""
+        return self._drains() if status is None else self._drains(_drains.c.status == status)
 
     def _drains(self, *where: Any) -> list[DrainRecord]:
         with self._read() as conn:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
 from fastapi.testclient import TestClient
 
 from agent import JobRunner, create_app
@@ -33,6 +34,8 @@ class Env:
     config: ControllerConfig
     agents: dict[str, AgentClient] = field(default_factory=dict)
     ctl: Controller | None = None
+    #: Hosts whose agents cannot be reached now (cut()/mend()): every request fails to connect.
+    down: set[str] = field(default_factory=set)
 
     @classmethod
     def make(cls, tmp: Path, n: int = 2, spawn: Callable[[Callable[[], None]], None] | None = None,
@@ -51,8 +54,15 @@ class Env:
     def restart_agent(self, name: str) -> None:
         """A fresh agent process for ``name``: same driver state, no memory of earlier jobs."""
         app = create_app(self.drivers[name], AGENT_TOKEN, self.drivers[name].address, JobRunner())
-        self.agents[name] = AgentClient(name, "http://testserver", AGENT_TOKEN, http=TestClient(app),
-                                        poll_interval=0.01)
+        self.agents[name] = AgentClient(name, "http://testserver", AGENT_TOKEN, http=_Link(self, name, TestClient(app)),  # type: ignore[arg-type]
+                                        poll_interval=0.01, retry_seconds=0)
+
+    def cut(self, *names: str) -> None:
+        """Make the agents of ``names`` unreachable (their hosts and jobs go on)."""
+        self.down.update(names)
+
+    def mend(self, *names: str) -> None:
+        self.down.difference_update(names)
 
     def start_controller(self, spawn: Callable[[Callable[[], None]], None] | None = None) -> Controller:
         """A (new) controller on the same database, as after a restart."""
@@ -92,3 +102,17 @@ class Env:
                 return m
             assert time.monotonic() < deadline, f"migration {migration_id} stuck in {m.status}"
             time.sleep(0.01)
+
+
+@dataclass
+class _Link:
+    """The network between the controller and one agent: refuses connections while the host is cut."""
+
+    env: Env
+    name: str
+    http: TestClient
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        if self.name in self.env.down:
+            raise httpx.ConnectError(f"connection to {self.name} refused (cut by the test)")
+        return self.http.request(method, path, **kw)

@@ -166,7 +166,7 @@ def test_connection_refused_on_a_closed_port():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Nothing listens there now: the real client gets a real refusal.
-    with AgentClient("compute1", f"http://127.0.0.1:{port}/", TOKEN, timeout=2.0) as c:
+    with AgentClient("compute1", f"http://127.0.0.1:{port}/", TOKEN, timeout=2.0, retry_seconds=0) as c:
         with pytest.raises(AgentError) as e:
             c.host()
     msg = str(e.value)
@@ -178,7 +178,7 @@ def test_timeout_says_which_setting_to_raise():
     def hang(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
 
-    c = AgentClient("compute1", BASE, TOKEN, timeout=3.0,
+    c = AgentClient("compute1", BASE, TOKEN, timeout=3.0, retry_seconds=0,
                     http=httpx.Client(base_url=BASE, transport=httpx.MockTransport(hang)))
     with pytest.raises(AgentError, match=r"no answer from http://198.18.0.11:8797/v1/jobs/j1 within 3.0 s.*"
                                          r"raise agent_timeout"):
@@ -244,3 +244,54 @@ def test_relative_paths_on_a_fastapi_test_client():
         assert AgentClient("compute1", "http://testserver", TOKEN, http=http).host().hostname == "compute1"
         with pytest.raises(AgentError, match="refused the token"):
             AgentClient("compute1", "http://testserver", "bad", http=http).host()
+
+
+class Flaky:
+    """A played agent behind a link that drops the first ``drops`` requests."""
+
+    def __init__(self, agent: PlayedAgent, drops: int, error: type[httpx.TransportError] = httpx.ConnectError) -> None:
+        self.agent, self.drops, self.error, self.sent = agent, drops, error, 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        if self.sent <= self.drops:
+            raise self.error("link down", request=request)
+        return self.agent(request)
+
+
+def flaky_client(link: Flaky, t: FakeTime, retry_seconds: float = 30.0) -> AgentClient:
+    http = httpx.Client(base_url=BASE, transport=httpx.MockTransport(link))
+    return AgentClient("compute1", BASE, TOKEN, http=http, sleep=t.sleep, clock=t.clock, retry_seconds=retry_seconds)
+
+
+@pytest.mark.parametrize("call, answers", [
+    (lambda c: c.host(), {("GET", "/v1/host"): (200, HOST)}),
+    (lambda c: c.instances(), {("GET", "/v1/instances"): (200, {"instances": [INST]})}),
+    (lambda c: c.instance("u1"), {("GET", "/v1/instances/u1"): (200, INST)}),
+    (lambda c: c.job("j1"), {("GET", "/v1/jobs/j1"): (200, job("running"))}),
+    (lambda c: c.start("u1", "power-on", s.PowerOnRequest(job_id="m-power-on-1")),
+     {("POST", "/v1/instances/u1/power-on"): (202, job("running", op="power-on"))}),
+    (lambda c: c.wait("j1"), {("GET", "/v1/jobs/j1"): (200, job("done", op="power-on"))}),
+])
+def test_every_call_is_retried_with_backoff_while_the_agent_cannot_be_reached(call, answers):
+    t = FakeTime()
+    link = Flaky(PlayedAgent(answers), drops=3, error=httpx.ConnectError)
+    assert call(flaky_client(link, t)) is not None
+    assert link.sent == 4 and len(t.sleeps) == 3 and t.sleeps == sorted(t.sleeps)   # growing waits
+
+
+def test_timeouts_are_retried_too_then_the_call_gives_up_unreachable():
+    from controller.errors import AgentUnreachable
+    t = FakeTime()
+    link = Flaky(PlayedAgent({}), drops=10_000, error=httpx.ReadTimeout)
+    with pytest.raises(AgentUnreachable, match="no answer from"):
+        flaky_client(link, t, retry_seconds=20.0).host()
+    assert 20.0 <= t.now < 30.0 and link.sent > 2
+
+
+def test_an_http_answer_is_never_retried():
+    t = FakeTime()
+    link = Flaky(PlayedAgent({("GET", "/v1/host"): (500, {"detail": "boom"})}), drops=0)
+    with pytest.raises(AgentError, match="failed with 500"):
+        flaky_client(link, t).host()
+    assert link.sent == 1 and t.sleeps == []

@@ -228,6 +228,27 @@ def test_confirming_an_unfinished_migration_shows_the_conflict(fake, capsys):
     assert rc == 1 and err == "coldferry: error: migration 12 is migrating, not finished\n"
 
 
+def test_recover_posts_and_shows_the_record(fake, capsys):
+    fake.on("POST", "/v1/os-migrations/12/recover", (202, migration("rolling-back", task_state="resize_reverting")))
+    rc, out, err = run(capsys, "server", "migration", "recover", "12")
+    assert rc == 0 and fake.sent() == [("POST", "/v1/os-migrations/12/recover")]
+    assert "rolling-back" in out and "coldferry server migration show 12" in err
+
+
+def test_recover_while_a_host_is_silent_says_which(fake, capsys):
+    detail = "cannot recover migration 12 yet: the facts cannot be established: destination h2 does not answer (x)"
+    fake.on("POST", "/v1/os-migrations/12/recover", (409, {"detail": detail}))
+    rc, _, err = run(capsys, "server", "migration", "recover", "12")
+    assert rc == 1 and "destination h2 does not answer" in err
+
+
+def test_wait_stops_at_needs_recovery_and_fails(fake, capsys):
+    fake.on("POST", "/v1/servers/vm1/action", (202, {"migration": migration("pre-migrating")}))
+    fake.on("GET", "/v1/os-migrations/12", migration("needs-recovery", error="h2 did not answer"))
+    rc, _, err = run(capsys, "server", "migrate", "--wait", "vm1")
+    assert rc == 1 and "needs recovery: h2 did not answer" in err
+
+
 # host --------------------------------------------------------------------------------------------
 
 def test_host_list_shows_used_of_total(fake, capsys):

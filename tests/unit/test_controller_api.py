@@ -169,20 +169,38 @@ def test_drain_bad_inputs(api: TestClient, host: str, body: Any, text: str) -> N
 
 
 def test_drain_of_a_host_whose_agent_is_down_is_refused(api: TestClient, env: Env) -> None:
-    from controller.agents import AgentClient
-    env.agents["host1"] = AgentClient("host1", "http://127.0.0.1:9", "x", timeout=0.5)
-    env.start_controller()
+    env.cut("host1")
     r = env.api().post("/v1/os-hypervisors/host1/drain", json={})
     assert r.status_code == 409 and "does not answer" in r.json()["detail"]
     assert env.api().get("/v1/os-hypervisors/host1").json()["state"] == "down"
 
 
 def test_the_servers_of_a_host_whose_agent_is_down_are_not_shown_as_none(env: Env) -> None:
-    from controller.agents import AgentClient
     env.add("host2", "00000000-0000-4000-8000-0000000000b1", "mail")
-    env.agents["host1"] = AgentClient("host1", "http://127.0.0.1:9", "x", timeout=0.5)
-    env.start_controller()
+    env.cut("host1")
     r = env.api().get("/v1/servers", params={"host": "host1"})
     assert r.status_code == 409 and "cannot list the servers of host host1" in r.json()["detail"]
     # Listing every host still shows those that answer.
     assert [s["name"] for s in env.api().get("/v1/servers").json()["servers"]] == ["mail"]
+
+
+def test_recover_route_answers_409_naming_the_silent_host_then_202(env: Env) -> None:
+    from controller.records import MigrationStatus
+    vm = "00000000-0000-4000-8000-0000000000c1"
+    env.add("host1", vm, "rec")
+    store = env.ctl.store
+    m = store.create_migration(server=vm, server_name="rec", source_compute="host1", dest_compute="host2",
+                               dest_address="198.18.0.12", status=MigrationStatus.NEEDS_RECOVERY,
+                               task_state="resize_recovering", stopped_in="rolling-back", old_power_state=1,
+                               error="copy failed")
+    api = env.api()
+    env.cut("host2")
+    r = api.post(f"/v1/os-migrations/{m.id}/recover")
+    assert r.status_code == 409 and "destination host2 does not answer" in r.json()["detail"]
+    env.mend("host2")
+    r = api.post(f"/v1/os-migrations/{m.id}/recover")
+    assert r.status_code == 202 and r.json()["status"] == "rolling-back"
+    m = env.wait(m.id)
+    assert m.status == MigrationStatus.ERROR and "the source was restored" in m.error
+    r = api.post(f"/v1/os-migrations/{m.id}/recover")
+    assert r.status_code == 409 and "only a migration in needs-recovery" in r.json()["detail"]

@@ -81,7 +81,8 @@ def test_agent_tables_may_share_the_file(tmp_path):
 def test_unknown_controller_keys_are_listed(tmp_path):
     msg = load_error(tmp_path, '[controller]\ntoken = "a"\nprot = 1\nlisten_addr = "x"\n')
     assert msg.startswith("[controller] has unknown key(s) listen_addr, prot in ")
-    assert "the known keys are agent_timeout," in msg and "controller.toml" in msg
+    assert "the known keys are agent_lost_seconds, agent_retry_seconds, agent_timeout," in msg
+    assert "controller.toml" in msg
 
 
 def test_unknown_table_is_rejected(tmp_path):
@@ -190,3 +191,14 @@ def test_a_relative_token_file_is_read_next_to_the_config_file(tmp_path, monkeyp
     path = tmp_path / "conf" / "controller.toml"
     path.write_text('[controller]\ntoken_file = "admin.token"\n')
     assert ControllerConfig.load(str(path)).token == "beside"
+
+
+def test_recovery_settings_have_safe_defaults_and_are_checked(tmp_path):
+    c = ControllerConfig.load(write(tmp_path, '[controller]\ntoken = "a"\n'))
+    assert (c.agent_retry_seconds, c.agent_lost_seconds, c.recovery_interval) == (15.0, 300.0, 30.0)
+    c = ControllerConfig.load(write(tmp_path, '[controller]\ntoken = "a"\nagent_retry_seconds = 0\n'
+                                              'agent_lost_seconds = 60\nrecovery_interval = 5\n'))
+    assert (c.agent_retry_seconds, c.agent_lost_seconds, c.recovery_interval) == (0, 60, 5)
+    for bad in ("agent_lost_seconds = 0", "agent_retry_seconds = -1", "recovery_interval = 0"):
+        msg = load_error(tmp_path, f'[controller]\ntoken = "a"\n{bad}\n')
+        assert bad.split()[0] in msg

@@ -165,19 +165,34 @@ def test_a_failed_step_leaves_the_version_before_it(url, monkeypatch):
         assert s.schema_version() == V + 1
 
 
+# The columns each upgrade step adds (table, column): dropping those above a version makes a
+# database of that version.
+ADDED = {2: [("migrations", "precopy"), ("migrations", "bytes_before_power_off"),
+             ("migrations", "bytes_after_power_off")],
+         3: [("migrations", "shared")],
+         4: [("migrations", "revert_failed"), ("migrations", "stopped_in"), ("migrations", "job_seq"),
+             ("drains", "error")]}
+
+
+def downgrade(s: Store, version: int) -> None:
+    with s._write() as conn:
+        for step, cols in ADDED.items():
+            if step > version:
+                for table, column in cols:
+                    conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(sa.text(f"UPDATE schema_version SET version = {version}"))
+
+
 def test_upgrade_from_version_1_adds_the_precopy_figures(url, clock):
     """A version-1 database (before pre-copy) gets the columns; old cold migrations copied
     everything after the power-off, live ones nothing."""
     with Store(url, clock=clock) as s:
         cold = migration(s, bytes_sent=5000)
         live = migration(s, server="uuid-2", migration_type=MigrationType.LIVE)
-        with s._write() as conn:
-            for column in ("precopy", "bytes_before_power_off", "bytes_after_power_off", "shared"):
-                conn.execute(sa.text(f"ALTER TABLE migrations DROP COLUMN {column}"))
-            conn.execute(sa.text("UPDATE schema_version SET version = 1"))
+        downgrade(s, 1)
     assert "precopy" not in columns(url, "migrations")
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert s.schema_version() == SCHEMA_VERSION == 4
         got = s.get_migration(cold.id)
         assert (got.precopy, got.bytes_before_power_off, got.bytes_after_power_off, got.bytes_sent) == (
             False, 0, 5000, 5000)
@@ -191,14 +206,35 @@ def test_upgrade_from_version_2_adds_the_shared_flag(url, clock):
     """A version-2 database gets ``shared``: unknown (None) for the migrations it has."""
     with Store(url, clock=clock) as s:
         old = migration(s)
-        with s._write() as conn:
-            conn.execute(sa.text("ALTER TABLE migrations DROP COLUMN shared"))
-            conn.execute(sa.text("UPDATE schema_version SET version = 2"))
+        downgrade(s, 2)
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == 3
+        assert s.schema_version() == SCHEMA_VERSION
         assert s.get_migration(old.id).shared is None
         assert s.update_migration(old.id, shared=True).shared is True
         assert "shared" not in s.get_migration(old.id).to_api()   # internal, as disk_info is
+
+
+def test_upgrade_from_version_3_adds_the_recovery_columns(url, clock):
+    """A version-3 database gets revert_failed (False), stopped_in (None), job_seq (0) on
+    migrations and error (None) on drains; the new status is stored and found."""
+    with Store(url, clock=clock) as s:
+        old = migration(s)
+        drain = s.create_drain("compute1", False, 1, False, None, False)
+        downgrade(s, 3)
+    assert "revert_failed" not in columns(url, "migrations") and "error" not in columns(url, "drains")
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        got = s.get_migration(old.id)
+        assert (got.revert_failed, got.stopped_in, got.job_seq) == (False, None, 0)
+        assert s.get_drain(drain.id).error is None
+        got = s.update_migration(old.id, status=MigrationStatus.NEEDS_RECOVERY, stopped_in="post-migrating",
+                                 revert_failed=True, job_seq=3)
+        assert [m.id for m in s.migrations_in(MigrationStatus.NEEDS_RECOVERY)] == [old.id]
+        assert s.open_migration_for(got.server).id == old.id   # needs-recovery blocks new migrations
+        api = got.to_api()
+        assert api["status"] == "needs-recovery" and api["stopped_in"] == "post-migrating"
+        assert api["revert_failed"] is True and "job_seq" not in api
+        assert s.update_drain(drain.id, error="host compute1 is not empty").error == "host compute1 is not empty"
 
 
 def test_newer_schema_is_refused(url, monkeypatch):
