@@ -12,6 +12,7 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 
 from driver.settings import SettingsError, check, load, not_negative, one_of, positive, read_toml, setting
+from transfer.endpoint import is_host_address
 
 from .errors import ControllerError
 from .records import HostRecord
@@ -43,7 +44,8 @@ def _agent_url_ok(url: str) -> bool:
 
 
 def _address_ok(address: str) -> bool:
-    return bool(address.strip()) and not any(c.isspace() for c in address.strip())
+    """A host name or an IP address and nothing else: the agents refuse any other ``dest``."""
+    return is_host_address(address.strip())
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class HostConfig:
     name: str = setting(hint="the host's name as the agent reports it, e.g. compute1 (letters, digits, "
                              "'.', '_' and '-')", check=_HOST_NAME.match)
     agent_url: str = setting(hint="where the host's agent answers, e.g. http://192.0.2.11:8797", check=_agent_url_ok)
-    address: str = setting(hint="the address other hosts copy disks to, e.g. 192.0.2.11", check=_address_ok)
+    address: str = setting(hint="the address other hosts copy disks to: a host name or an IP address, e.g. 192.0.2.11",
+                           check=_address_ok)
     agent_token: str = setting(secret=True, hint="the token of the host's agent")
 
     def __post_init__(self) -> None:

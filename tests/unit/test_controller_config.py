@@ -150,6 +150,8 @@ HOST = '[controller]\ntoken = "a"\n[[hosts]]\n'
     ('name = "a b"\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "name = 'a b' in "),
     ('name = "a b"\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "letters, digits, '.', '_' and '-'"),
     ('name = "a"\nagent_url = "http://a"\naddress = "a b"\nagent_token = "t"', "address = 'a b' in "),
+    ('name = "a"\nagent_url = "http://a"\naddress = "a:22"\nagent_token = "t"', "a host name or an IP address"),
+    ('name = "a"\nagent_url = "http://a"\naddress = "root@a"\nagent_token = "t"', "address = 'root@a' in "),
     ('name = 3\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "name = 3 in "),
     ('name = 3\nagent_url = "http://a"\naddress = "a"\nagent_token = "t"', "expected a string"),
 ])
