@@ -206,7 +206,8 @@ def run_drain_status(args: argparse.Namespace, c: ControllerClient) -> int:
 
 
 def _report_drain(c: ControllerClient, drain: Row, args: argparse.Namespace) -> int:
-    """Print the drain (after following it, with --wait); exit 1 if a server failed or it is still going."""
+    """Print the drain (after following it, with --wait); exit 1 if a server failed, the drain ended
+    with an error of its own (servers still on the host, the host not answering) or it is still going."""
     waited = args.wait and not drain.get("dry_run")
     if waited:
         drain = wait_for_drain(c, drain, args.timeout)
@@ -217,7 +218,9 @@ def _report_drain(c: ControllerClient, drain: Row, args: argparse.Namespace) -> 
     errors = [r for r in drain.get("rows", []) if r.get("status") == "error"]
     if errors:
         return fail(f"{len(errors)} of {len(drain['rows'])} servers could not be moved off {drain['host']}; "
-                    "see the Error column")
+                    "see the Error column" + (f"; and: {drain['error']}" if drain.get("error") else ""))
+    if drain.get("error"):
+        return fail(f"drain {drain['id']} of {drain['host']}: {drain['error']}")
     if waited and drain.get("status") != "done":
         return fail(f"drain {drain['id']} is still {drain.get('status')} after {args.timeout:g} s and goes on; "
                     f"follow it with: coldferry host drain-status --wait {drain['id']}")

@@ -330,6 +330,13 @@ def test_drain_wait_polls_until_done_and_fails_on_an_error_row(fake, capsys):
     assert "coldferry: error: 1 of 2 servers could not be moved off h1" in err
 
 
+def test_drain_that_ended_with_its_own_error_fails_naming_it(fake, capsys):
+    ended = {**drain("done", [row("vm1", "done")]), "error": "servers still on h1 at the end: vm9"}
+    fake.on("GET", "/v1/drains/3", ended)
+    rc, _, err = run(capsys, "host", "drain-status", "3")
+    assert rc == 1 and "coldferry: error: drain 3 of h1: servers still on h1 at the end: vm9" in err
+
+
 def test_drain_without_wait_prints_what_was_accepted(fake, capsys):
     fake.on("POST", "/v1/os-hypervisors/h1/drain", (202, drain("running", [row("vm1", "queued")])))
     rc, out, _ = run(capsys, "host", "drain", "-f", "json", "h1")
