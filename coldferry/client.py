@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import getpass
 import math
 import os
 import sys
@@ -24,7 +25,7 @@ from urllib.parse import quote
 import httpx
 
 from coldferry.output import fail, format_option
-from driver.settings import SettingsError, read_secret
+from driver.settings import SettingsError, read_secret, read_secret_file
 
 DEFAULT_URL = "http://127.0.0.1:8798"
 DEFAULT_CONFIG = "~/.config/coldferry/client.toml"
@@ -38,9 +39,12 @@ T = TypeVar("T")
 CONNECTION_HELP = f"""\
 controller connection:
   Every command takes --url (env {URL_ENV}, default {DEFAULT_URL}),
-  --token (env {TOKEN_ENV}) and --client-config FILE (env {CONFIG_ENV},
-  default {DEFAULT_CONFIG}: a [client] table with url, and token or
-  token_file). A flag wins over the environment, the environment over the file.
+  --token-file FILE (or env {TOKEN_ENV}) and --client-config FILE (env
+  {CONFIG_ENV}, default {DEFAULT_CONFIG}: a [client] table with url, and
+  token or token_file). A flag wins over the environment, the environment
+  over the file; with no token anywhere, a terminal is asked for it. The
+  token is never given on the command line, where every local user can
+  read it (/proc/PID/cmdline).
 """
 
 
@@ -109,33 +113,63 @@ def _token_from_config(config: dict[str, str], path: Path) -> str | None:
 
 
 def _missing_token(path: Path) -> ClientError:
-    return ClientError(None, "no controller token: pass --token TOKEN, set the environment variable "
-                             f"{TOKEN_ENV}, or put token (or token_file) in the [client] table of {path} "
+    return ClientError(None, f"no controller token: set the environment variable {TOKEN_ENV}, pass "
+                             f"--token-file FILE, or put token (or token_file) in the [client] table of {path} "
                              f"(choose the file with --client-config or {CONFIG_ENV})")
 
 
-def resolve_settings(url: str | None, token: str | None, config: str | None,
-                     env: Mapping[str, str] = os.environ) -> Settings:
-    """Each setting from its flag, else the environment, else the client config file.
+def _token_file(path: str) -> str:
+    """The token in the file named by --token-file; ClientError naming the file otherwise."""
+    try:
+        return read_secret_file(path, "--token-file", "the command line")
+    except SettingsError as e:
+        raise ClientError(None, f"{e.problem}: {e.hint}") from None
+
+
+def _ask_token() -> str | None:
+    """Ask a terminal for the token (not echoed); None when there is no terminal to ask."""
+    if not sys.stdin.isatty():
+        return None
+    try:
+        return getpass.getpass("controller token: ").strip() or None
+    except (EOFError, KeyboardInterrupt):
+        return None
+
+
+def resolve_settings(url: str | None, token_file: str | None, config: str | None,
+                     env: Mapping[str, str] = os.environ,
+                     ask: Callable[[], str | None] = _ask_token) -> Settings:
+    """Each setting from its flag, else the environment, else the client config file; a token
+    found nowhere is asked for on a terminal (``ask``).
 
     The file is read only when a flag and the environment leave something
     unset, so a broken default file does not stand in the way of flags.
-    Raises ClientError naming all three ways when no token is found.
+    Raises ClientError naming every way when no token is found.
     """
     url = url or env.get(URL_ENV) or None
-    token = token or env.get(TOKEN_ENV) or None
+    token = _token_file(token_file) if token_file else env.get(TOKEN_ENV) or None
     path, named = _config_path(config, env)
     if url is None or token is None:
         file = load_client_config(path, required=named)
         url = url or file.get("url") or None
         token = token or _token_from_config(file, path)
+    token = token or ask()
     if token is None:
         raise _missing_token(path)
     return Settings(url=(url or DEFAULT_URL).rstrip("/"), token=token)
 
 
+class _RefuseToken(argparse.Action):
+    """``--token VALUE``: refused, because every local user can read a command line."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"--token would show the token to every user of this host (/proc/PID/cmdline); "
+                     f"set {TOKEN_ENV}, use --token-file FILE or the client config, or let the command ask")
+
+
 def connection_options() -> argparse.ArgumentParser:
-    """A parent parser with --url, --token and --client-config for every command that calls the API.
+    """A parent parser with --url, --token-file and --client-config for every command that calls the API.
 
     The defaults are suppressed so a value given at any level of the command
     line is kept; ``client_from_args`` fills in the rest.
@@ -145,8 +179,11 @@ def connection_options() -> argparse.ArgumentParser:
                              "else the client config file)")
     g.add_argument("--url", default=argparse.SUPPRESS, metavar="URL",
                    help=f"controller address (env {URL_ENV}; config key url; default {DEFAULT_URL})")
-    g.add_argument("--token", default=argparse.SUPPRESS, metavar="TOKEN",
-                   help=f"API token (env {TOKEN_ENV}; config key token, or token_file naming a file)")
+    g.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
+                   help=f"a file holding the API token (else env {TOKEN_ENV}; else config key token or "
+                        "token_file; else asked on a terminal)")
+    g.add_argument("--token", action=_RefuseToken, default=argparse.SUPPRESS, metavar="TOKEN",
+                   help=argparse.SUPPRESS)
     g.add_argument("--client-config", default=argparse.SUPPRESS, metavar="FILE",
                    help=f"TOML file with a [client] table (env {CONFIG_ENV}; default {DEFAULT_CONFIG})")
     return p
@@ -340,7 +377,7 @@ def make_waiter() -> Waiter:
 
 
 def client_from_args(args: argparse.Namespace) -> ControllerClient:
-    settings = resolve_settings(getattr(args, "url", None), getattr(args, "token", None),
+    settings = resolve_settings(getattr(args, "url", None), getattr(args, "token_file", None),
                                 getattr(args, "client_config", None))
     return open_client(settings.url, settings.token)
 

@@ -188,15 +188,25 @@ def read_secret(table: str, key: str, data: dict[str, Any], source: str, base_di
     if not isinstance(path, str) or not path:
         raise error(problem=f"bad {table} {file_key} = {path!r}", source=source,
                     hint=f"the path of a file holding the {key}")
+    return read_secret_file(path, f"{table} {file_key}", source, base_dir, key=key, error=error)
+
+
+def read_secret_file(path: str, what: str, source: str, base_dir: str | None = None, *, key: str = "token",
+                     error: type[SettingsError] = SettingsError) -> str:
+    """The stripped content of the secret file ``path`` (relative to ``base_dir``, else the
+    current directory; ``~`` expanded).
+
+    :param what: how errors name the setting or option (``[agent] token_file``, ``--token-file``).
+    :raises SettingsError: (or ``error``) the file cannot be read or is empty.
+    """
     path = os.path.join(base_dir or os.getcwd(), os.path.expanduser(path))
     try:
         with open(path, encoding="utf-8") as f:
             value = f.read().strip()
     except OSError as e:
-        raise error(problem=f"{table} {file_key}: cannot read {path}", source=source,
-                    hint=e.strerror or str(e)) from None
+        raise error(problem=f"{what}: cannot read {path}", source=source, hint=e.strerror or str(e)) from None
     if not value:
-        raise error(problem=f"{table} {file_key}: {path} is empty", source=source, hint=f"write the {key} into it")
+        raise error(problem=f"{what}: {path} is empty", source=source, hint=f"write the {key} into it")
     return value
 
 

@@ -94,10 +94,16 @@ def write_config(path: Path, text: str) -> Path:
 
 # Settings ----------------------------------------------------------------------------------------
 
+def token_file(tmp_path, token: str = "flag") -> str:
+    path = tmp_path / "token"
+    path.write_text(token + "\n")
+    return str(path)
+
+
 def test_a_flag_wins_over_the_environment_and_the_file(tmp_path):
     cfg = write_config(tmp_path / "c.toml", '[client]\nurl = "http://file:1"\ntoken = "file"\n')
     env = {URL_ENV: "http://env:1", TOKEN_ENV: "env"}
-    s = resolve_settings("http://flag:1", "flag", str(cfg), env)
+    s = resolve_settings("http://flag:1", token_file(tmp_path), str(cfg), env)
     assert (s.url, s.token) == ("http://flag:1", "flag")
 
 
@@ -109,7 +115,7 @@ def test_the_environment_wins_over_the_file(tmp_path):
 
 def test_each_setting_is_resolved_on_its_own(tmp_path):
     cfg = write_config(tmp_path / "c.toml", '[client]\nurl = "http://file:1/"\ntoken = "file"\n')
-    s = resolve_settings(None, "flag", str(cfg), {})
+    s = resolve_settings(None, token_file(tmp_path), str(cfg), {})
     assert (s.url, s.token) == ("http://file:1", "flag")  # trailing slash dropped
 
 
@@ -123,9 +129,9 @@ def test_the_default_config_file_and_a_token_file_next_to_it(tmp_path, monkeypat
 
 def test_without_a_token_the_error_names_all_three_ways(tmp_path):
     with pytest.raises(ClientError) as e:
-        resolve_settings(None, None, str(write_config(tmp_path / "c.toml", "[client]\n")), {})
+        resolve_settings(None, None, str(write_config(tmp_path / "c.toml", "[client]\n")), {}, ask=lambda: None)
     msg = str(e.value)
-    assert "--token" in msg and TOKEN_ENV in msg and "token_file" in msg and str(tmp_path / "c.toml") in msg
+    assert "--token-file" in msg and TOKEN_ENV in msg and "token_file" in msg and str(tmp_path / "c.toml") in msg
     assert "--client-config" in msg and CONFIG_ENV in msg
 
 
@@ -137,9 +143,9 @@ def test_a_named_config_file_must_exist(tmp_path):
 def test_a_broken_default_file_does_not_matter_when_flags_say_everything(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     write_config(tmp_path / ".config/coldferry/client.toml", "not toml [")
-    assert resolve_settings("http://x:1", "t", None, {}).token == "t"
+    assert resolve_settings("http://x:1", token_file(tmp_path, "t"), None, {}).token == "t"
     with pytest.raises(ClientError, match="cannot read client config"):
-        resolve_settings(None, "t", None, {})
+        resolve_settings(None, token_file(tmp_path, "t"), None, {})
 
 
 @pytest.mark.parametrize("text, message", [
@@ -154,13 +160,36 @@ def test_config_file_mistakes_are_named(tmp_path, text, message):
         resolve_settings(None, None, str(write_config(tmp_path / "c.toml", text)), {})
 
 
-def test_commands_connect_with_the_flag_and_send_the_token(fake, monkeypatch, capsys):
+def test_commands_connect_with_the_flags_and_send_the_token(fake, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(URL_ENV, "http://env:1")
     monkeypatch.setenv(TOKEN_ENV, "env-token")
     fake.on("GET", "/v1/servers", {"servers": []})
-    assert cli.main(["server", "list", "--url", URL, "--token", "flag-token"]) == 0
+    assert cli.main(["server", "list", "--url", URL, "--token-file", token_file(tmp_path, "flag-token")]) == 0
     assert fake.opened == [(URL, "flag-token")]
     assert fake.requests[0].headers["authorization"] == "Bearer flag-token"
+
+
+def test_a_token_on_the_command_line_is_refused_before_anything_is_sent(fake, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["server", "list", "--url", URL, "--token", "flag-token"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "/proc/PID/cmdline" in err and TOKEN_ENV in err and "--token-file" in err
+    assert "flag-token" not in err and fake.opened == []
+
+
+def test_token_file_mistakes_are_named(tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ClientError, match=r"^--token-file: cannot read .*/nope: No such file"):
+        resolve_settings("http://x:1", str(tmp_path / "nope"), None, {})
+    with pytest.raises(ClientError, match=r"^--token-file: .*/empty is empty: write the token into it"):
+        resolve_settings("http://x:1", str(tmp_path / "empty"), None, {})
+
+
+def test_a_token_found_nowhere_is_asked_for(tmp_path):
+    asked = []
+    s = resolve_settings("http://x:1", None, str(write_config(tmp_path / "c.toml", "[client]\n")), {},
+                         ask=lambda: asked.append(1) or "typed")
+    assert s.token == "typed" and asked == [1]
 
 
 def test_commands_read_the_client_config_named_by_the_environment(fake, monkeypatch, tmp_path, capsys):
