@@ -90,6 +90,11 @@ class TargetExists(TransferError):
            "it (a copy interrupted earlier is resumed automatically)")
 
 
+class UnsafeFile(TransferError):
+    msg = ("refused to write {path}: {reason}; coldferry writes only to a file of its own, "
+           "remove it and copy again")
+
+
 class StaleResume(TransferError):
     msg = ("{path} holds an interrupted copy of a different source ({reason}); pass "
            "--overwrite to start over")

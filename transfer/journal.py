@@ -18,6 +18,7 @@ import threading
 import time
 
 from .errors import StaleResume, TransferError
+from .target import require_own
 
 RECORD = struct.Struct("<Q16s")
 LOCK_WAIT = 30.0
@@ -40,10 +41,13 @@ class Journal:
         An existing journal for a different ``identity`` raises StaleResume
         unless ``restart``; with ``restart`` it is discarded. Waits up to
         ``lock_wait`` seconds for a previous receiver of the same target to
-        let go of it.
+        let go of it. One with other links raises UnsafeFile before it is
+        changed.
         """
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_APPEND, 0o600, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_APPEND | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
         try:
+            require_own(os.fstat(fd), os.path.join(os.path.dirname(target), path))
             _lock(fd, lock_wait, target)
             header = json.dumps(identity, sort_keys=True).encode() + b"\n"
             entries, valid = ({}, 0) if restart else _load(fd, header, target)

@@ -3,8 +3,10 @@
 Started over SSH as ``coldferry receive``; reads a ``hello`` on standard
 input, checks the target (confined path, existing file, resume journal,
 free space) before any data moves, answers ``ready`` with a one-time token
-and a port, accepts exactly the announced number of stream connections, and
-writes each frame at its offset. On ``finish`` it compares its own image
+and a port, accepts exactly the announced number of stream connections (from
+the SSH client's address only; see ``listener``), and writes each frame at
+its offset. A refusal is answered on the control channel and leaves nothing
+behind that this session made. On ``finish`` it compares its own image
 digest with the sender's and moves the file into place.
 """
 
@@ -32,15 +34,17 @@ from .errors import (ChunkCorrupted, DigestMismatch, InvalidArgument, NoSpace, P
                      TransferError)
 from .extents import DIRECT_ALIGN, ZERO_GRAIN, data_extents
 from .journal import Journal
+from .listener import Deadline, Limits, Listener, Stream, ssh_addresses
 from .options import CHANNELS, MAX_STREAMS
 from .target import Target, punch_hole
 from .units import format_size
 
 log = logging.getLogger(__name__)
 
-ACCEPT_TIMEOUT = 30.0
-MAX_BAD_CONNECTIONS = 8
 MAX_CHUNK = 64 * 1024 * 1024
+#: Blocks in one image (64 TiB of 4 MiB blocks): the resume bitmap must fit one control
+#: message, and offsets stay far from what the system calls take (2**70 overflowed them).
+MAX_BLOCKS = 1 << 24
 #: Frame buffers per stream: one being received while the others wait to be written.
 BUFFERS_PER_STREAM = 3
 #: Threads writing received data. Writes bypass the page cache (O_DIRECT) where
@@ -60,7 +64,13 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
 class Receiver:
     """One copy being received. ``hello`` is the sender's first message."""
 
-    def __init__(self, hello: dict[str, Any], bind: str) -> None:
+    def __init__(self, hello: dict[str, Any], bind: str, peer: str | None = None,
+                 limits: Limits = Limits()) -> None:
+        """:param bind: the address the data listener listens on.
+        :param peer: the only address a data connection may come from (the SSH client's);
+            None for loopback only.
+        :raises TransferError: a hello to refuse (a subclass says why).
+        """
         try:
             self.size = int(hello["size"])
             self.chunk = int(hello["chunk_size"])
@@ -78,14 +88,20 @@ class Receiver:
         if hello.get("version") != wire.VERSION:
             raise ProtocolError(reason=f"sender speaks protocol {hello.get('version')}, this receiver {wire.VERSION}; "
                                        "install the same coldferry version on both hosts")
-        if self.size < 0 or not 0 < self.chunk <= MAX_CHUNK or self.chunk % ZERO_GRAIN:
-            raise InvalidArgument(what="size or chunk size", value=(self.size, self.chunk),
-                                  reason=f"chunk must be a multiple of {ZERO_GRAIN} up to {MAX_CHUNK}")
+        if not 0 < self.chunk <= MAX_CHUNK or self.chunk % ZERO_GRAIN:
+            raise InvalidArgument(what="chunk size", value=self.chunk,
+                                  reason=f"a multiple of {ZERO_GRAIN} up to {MAX_CHUNK}")
+        if not 0 <= self.size <= MAX_BLOCKS * self.chunk:
+            raise InvalidArgument(what="size", value=self.size,
+                                  reason=f"0 to {format_size(MAX_BLOCKS * self.chunk)} "
+                                         f"({MAX_BLOCKS} blocks of {format_size(self.chunk)})")
         if not 1 <= self.streams <= MAX_STREAMS or self.channel not in CHANNELS:
             raise InvalidArgument(what="streams or channel", value=(self.streams, self.channel),
                                   reason=f"1-{MAX_STREAMS} streams over {', '.join(CHANNELS)}")
         # The ssh channel arrives through the SSH server's port forwarding, from loopback.
-        self.bind = "127.0.0.1" if self.channel == "ssh" else bind
+        self.bind, self.peer = ("127.0.0.1", None) if self.channel == "ssh" else (bind, peer)
+        self.limits = limits
+        self.listener: Listener | None = None
         self.target = Target.resolve(root, name)
         self.fd = -1
         self.direct_fd = -1
@@ -110,7 +126,8 @@ class Receiver:
         """Check everything that can fail before data moves; return the ``ready`` message.
 
         Nothing is created on the target until the path, the existing file,
-        the journal and the free space have all been checked.
+        the journal and the free space have all been checked; if anything fails
+        after that, what this session created is removed again.
         """
         t = self.target
         t.check_writable(self.overwrite)
@@ -119,20 +136,14 @@ class Receiver:
         free = t.free_bytes()
         if needed > free:
             raise NoSpace(path=t.path, needed_h=format_size(needed), free_h=format_size(free))
+        new = tuple(e for e in (t.part, t.journal) if not t.exists(e))
         try:
-            self.journal = Journal.open(t.journal, self.identity, t.path, restart=not resuming,
-                                        dir_fd=t.dir_fd)
-            self.fd = t.open_part(self.size, fresh=not resuming)
-            have = self._verify_journal() if resuming else {}
-            self.direct_fd = t.open_direct(self.fd)
-            self._direct = self.direct_fd >= 0
-        except OSError as e:
-            raise TransferError(reason=f"cannot write {t.path}: {e.strerror or e}") from None
-        family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
-        self.listener = socket.create_server((self.bind, 0), family=family,
-                                             backlog=self.streams + MAX_BAD_CONNECTIONS)
-        self.listener.settimeout(ACCEPT_TIMEOUT)
-        fields: dict[str, Any] = {"port": self.listener.getsockname()[1], "token": self.token.hex(),
+            have = self._open_files(resuming)
+            self.listener = Listener(self.bind, self.peer, self.limits)
+        except BaseException:
+            t.discard(new)  # serve() closes what was opened
+            raise
+        fields: dict[str, Any] = {"port": self.listener.port, "token": self.token.hex(),
                                   "have": _bitmap(have, block_count(self.size, self.chunk)),
                                   "pid": os.getpid()}
         if self.channel == "tls":
@@ -143,6 +154,20 @@ class Receiver:
             del fields["token"]  # the key itself guards the streams
         log.info("receiving %s (%s, %d blocks already here)", t.path, format_size(self.size), len(have))
         return fields
+
+    def _open_files(self, resuming: bool) -> dict[int, bytes]:
+        """Open the journal and the part file; the blocks already here when ``resuming``."""
+        t = self.target
+        try:
+            self.journal = Journal.open(t.journal, self.identity, t.path, restart=not resuming,
+                                        dir_fd=t.dir_fd)
+            self.fd = t.open_part(self.size, fresh=not resuming)
+            have = self._verify_journal() if resuming else {}
+            self.direct_fd = t.open_direct(self.fd)
+            self._direct = self.direct_fd >= 0
+        except OSError as e:
+            raise TransferError(reason=f"cannot write {t.path}: {e.strerror or e}") from None
+        return have
 
     def _verify_journal(self) -> dict[int, bytes]:
         """Re-hash every journalled block; forget those that do not match; zero the rest."""
@@ -171,26 +196,11 @@ class Receiver:
     # -- data ------------------------------------------------------------
 
     def accept_streams(self) -> None:
-        """Accept the announced streams (bad tokens are dropped) and start their threads."""
-        bad = 0
-        try:
-            while len(self._socks) < self.streams:
-                try:
-                    conn, addr = self.listener.accept()
-                except socket.timeout:
-                    raise ProtocolError(reason=f"only {len(self._socks)} of {self.streams} streams "
-                                               f"connected within {ACCEPT_TIMEOUT:.0f} s") from None
-                sock, opener = self._admit(conn)
-                if sock is None:
-                    bad += 1
-                    log.warning("refused a data connection from %s: bad token", addr)
-                    if bad >= MAX_BAD_CONNECTIONS:
-                        raise ProtocolError(reason="too many data connections with a bad token")
-                    continue
-                self._socks.append(sock)
-                self._openers.append(opener)
-        finally:
-            self.listener.close()
+        """Accept the announced streams (see ``listener``) and start their threads."""
+        assert self.listener is not None
+        streams = self.listener.accept(self.streams, self._admit)
+        self._socks = [st.sock for st in streams]
+        self._openers = [st.opener for st in streams]
         for i in range(WRITERS):
             t = threading.Thread(target=self._writer, name=f"write-{i}", daemon=True)
             t.start()
@@ -200,34 +210,29 @@ class Receiver:
             t.start()
             self._threads.append(t)
 
-    def _admit(self, conn: socket.socket) -> tuple[socket.socket | None, seal.Opener | None]:
-        """The connection and its frame opener, or (None, None) for one without the token or key."""
-        conn.settimeout(10)
-        opener = None
+    def _admit(self, conn: socket.socket, deadline: Deadline) -> Stream | None:
+        """The stream a connection's hello proves (token or key, and index), or None; within
+        ``deadline``, TLS handshake included. What it refuses, it closes."""
+        sock = conn
         try:
-            sock = self.tls_ctx.wrap_socket(conn, server_side=True) if self.channel == "tls" else conn
+            if self.channel == "tls":
+                sock = self.tls_ctx.wrap_socket(deadline.arm(conn), server_side=True)
             if self.channel == "direct":
-                hello = bytearray(seal.HELLO.size)
-                recv_exact(sock, memoryview(hello))
-                index = seal.check_hello(self.key, hello)
-                taken = {o.index for o in self._openers if o}
-                ok = index is not None and index < self.streams and index not in taken
-                if ok:
-                    opener = seal.Opener(self.key, index)  # type: ignore[arg-type]
+                index = seal.check_hello(self.key, deadline.read(sock, seal.HELLO.size))
             else:
-                hello = bytearray(wire.STREAM_HELLO.size)
-                recv_exact(sock, memoryview(hello))
-                token, _index = wire.STREAM_HELLO.unpack(hello)
-                ok = hmac.compare_digest(token, self.token)
-        except (OSError, EOFError):  # ssl.SSLError is an OSError
-            conn.close()
-            return None, None
-        if not ok:
+                token, index = wire.STREAM_HELLO.unpack(deadline.read(sock, wire.STREAM_HELLO.size))
+                if not hmac.compare_digest(token, self.token):
+                    index = None
+            if index is None:
+                sock.close()
+                return None
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        except BaseException:
             sock.close()
-            return None, None
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        return sock, opener
+            raise
+        opener = seal.Opener(self.key, index) if self.channel == "direct" else None
+        return Stream(sock, index, opener)
 
     def _stream(self, sock: socket.socket, opener: seal.Opener | None) -> None:
         try:
@@ -376,10 +381,13 @@ class Receiver:
         if not hmac.compare_digest(mine, str(sender_digest)):
             self.target.discard()
             raise DigestMismatch(path=self.target.path, sender=sender_digest, receiver=mine)
-        os.fchmod(self.fd, self.mode)
-        if self.fsync:
-            os.fdatasync(self.fd)
-        self.target.commit()
+        try:
+            os.fchmod(self.fd, self.mode)
+            if self.fsync:
+                os.fdatasync(self.fd)
+            self.target.commit(self.overwrite)
+        except OSError as e:
+            raise TransferError(reason=f"cannot put {self.target.path} in place: {e.strerror or e}") from None
         self.journal.remove(dir_fd=self.target.dir_fd)
         log.info("received %s: %s written, digest %s", self.target.path, format_size(self.written), mine)
         return {"digest": mine, "written": self.written, "frames": self.frames}
@@ -394,6 +402,8 @@ class Receiver:
 
     def close(self) -> None:
         self._stop_writers()  # no write may outlive the descriptors closed below
+        if self.listener:
+            self.listener.close()
         for s in self._socks:
             s.close()
         if self.direct_fd >= 0:
@@ -436,13 +446,18 @@ def _bitmap(indexes: dict[int, bytes], count: int) -> str:
     return base64.b64encode(bytes(bits)).decode()
 
 
-def serve(inp: IO[bytes], out: IO[bytes], bind: str) -> int:
-    """Run one receive session over a control channel; return an exit status."""
+def serve(inp: IO[bytes], out: IO[bytes], bind: str, peer: str | None = None,
+          limits: Limits = Limits()) -> int:
+    """Run one receive session over a control channel; return an exit status.
+
+    :param bind: the address the data listener listens on.
+    :param peer: the only address data connections may come from; None for loopback only.
+    """
     control = _Control(out)
     receiver: Receiver | None = None
     try:
         hello = wire.read_message(inp, "hello")
-        receiver = Receiver(hello, bind)
+        receiver = Receiver(hello, bind, peer, limits)
         ready = receiver.prepare()
         receiver.on_error = lambda exc: control.send(**exc.to_dict())
         control.send("ready", **ready)
@@ -459,6 +474,10 @@ def serve(inp: IO[bytes], out: IO[bytes], bind: str) -> int:
     except EOFError:
         log.warning("the sender went away; the partial copy is kept for resuming")
         return 1
+    except Exception as e:  # noqa: BLE001 - the sender hears of it rather than of a closed channel
+        log.exception("receiver failed")
+        control.send(**TransferError(reason=f"the receiver failed: {e!r}").to_dict())
+        return 1
     finally:
         if receiver:
             receiver.close()
@@ -466,7 +485,7 @@ def serve(inp: IO[bytes], out: IO[bytes], bind: str) -> int:
 
 def serve_stdio() -> int:
     """Entry point of ``coldferry receive``: control over stdin/stdout."""
-    # Listen on the address the SSH connection came in on, so the sender can reach us there.
-    ssh = os.environ.get("SSH_CONNECTION", "").split()
-    bind = ssh[2] if len(ssh) == 4 else "127.0.0.1"
-    return serve(sys.stdin.buffer, sys.stdout.buffer, bind)
+    # Listen where the SSH connection came in, so the sender can reach us there, and
+    # let in the SSH client only.
+    bind, peer = ssh_addresses(os.environ)
+    return serve(sys.stdin.buffer, sys.stdout.buffer, bind, peer)

@@ -5,25 +5,28 @@ copy: make the instance directory, look for a shared-storage marker, check
 free space, remove a partial copy. They go to ``coldferry remote-fs`` on
 that host as JSON lines on its standard input, one process per session, so
 no path ever reaches a remote shell, and the remote end refuses any name
-outside the directory it was given.
+outside the directory it was given: it walks every name from that directory
+with O_NOFOLLOW the way the receiver does (``target.open_parent``) and works
+on the last component through the directory it opened, so a symbolic link
+is never followed, not even one made after any check.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
+import stat
 import sys
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from .ssh import paramiko
 
 from . import ssh, wire
 from .digest import file_digest
 from .endpoint import Endpoint
-from .errors import ConnectionLost, PathRefused, TransferError, from_remote
-from .target import split_name
+from .errors import ConnectionLost, TransferError, from_remote
+from .target import open_parent, open_root
 
 log = logging.getLogger(__name__)
 
@@ -94,49 +97,88 @@ class RemoteFS:
         self.close()
 
 
-def _path(root: str, name: str) -> str:
-    parts = split_name(root, name)
-    path = root
-    for part in parts[:-1]:
-        path = os.path.join(path, part)
-        if os.path.islink(path):
-            raise PathRefused(name=name, root=root, reason=f"component {part!r} is a symbolic link")
-    return os.path.join(path, parts[-1])
-
-
 def do(msg: dict[str, Any]) -> Any:
     """Carry out one operation on this host."""
     op, root = msg["op"], str(msg.get("root", ""))
     if op not in OPS:
         raise TransferError(reason=f"unknown remote-fs operation {op!r}")
-    if not os.path.isabs(root) or not os.path.isdir(root):
-        raise PathRefused(name="", root=root, reason="not an existing absolute directory")
+    name = str(msg.get("name", ""))
     if op == "free":
-        st = os.statvfs(root)
+        fd = open_root(root, name)
+        try:
+            st = os.fstatvfs(fd)
+        finally:
+            os.close(fd)
         return st.f_bavail * st.f_frsize
-    path = _path(root, str(msg.get("name", "")))
-    if op == "mkdir":
-        os.makedirs(path, exist_ok=True)
-    elif op == "exists":
-        return os.path.lexists(path)
-    elif op == "touch":
-        with open(path, "ab"):
-            pass
-    elif op == "size":
-        return os.lstat(path).st_size
-    elif op == "digest":
-        return file_digest(path)
-    elif op == "rename":
-        os.replace(path, _path(root, str(msg.get("new", ""))))
-    elif op == "remove":
-        if os.path.islink(path) or os.path.isfile(path):
-            os.unlink(path)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            return False
-        return True
-    return None
+    try:
+        dir_fd, base = open_parent(root, name, create=op == "mkdir")
+    except FileNotFoundError:
+        if op in ("exists", "remove"):
+            return False  # nothing there
+        raise
+    try:
+        return _OPS[op](dir_fd, base, msg)
+    finally:
+        os.close(dir_fd)
+
+
+def _mkdir(dir_fd: int, base: str, msg: dict[str, Any]) -> None:
+    try:
+        os.mkdir(base, 0o755, dir_fd=dir_fd)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(base, dir_fd=dir_fd).st_mode):
+            raise
+
+
+def _exists(dir_fd: int, base: str, msg: dict[str, Any]) -> bool:
+    try:
+        os.lstat(base, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _touch(dir_fd: int, base: str, msg: dict[str, Any]) -> None:
+    os.close(os.open(base, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=dir_fd))
+
+
+def _size(dir_fd: int, base: str, msg: dict[str, Any]) -> int:
+    return os.lstat(base, dir_fd=dir_fd).st_size
+
+
+def _digest(dir_fd: int, base: str, msg: dict[str, Any]) -> str:
+    fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return file_digest(f"/proc/self/fd/{fd}")  # the file just opened, not the name again
+    finally:
+        os.close(fd)
+
+
+def _rename(dir_fd: int, base: str, msg: dict[str, Any]) -> None:
+    new_fd, new_base = open_parent(str(msg["root"]), str(msg.get("new", "")), create=False)
+    try:
+        os.replace(base, new_base, src_dir_fd=dir_fd, dst_dir_fd=new_fd)
+    finally:
+        os.close(new_fd)
+
+
+def _remove(dir_fd: int, base: str, msg: dict[str, Any]) -> bool:
+    try:
+        st = os.lstat(base, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(base, dir_fd=dir_fd)  # descends by descriptor, never through a link
+    else:
+        os.unlink(base, dir_fd=dir_fd)
+    return True
+
+
+_OPS: dict[str, Callable[[int, str, dict[str, Any]], Any]] = {
+    "mkdir": _mkdir, "exists": _exists, "touch": _touch, "size": _size, "digest": _digest,
+    "rename": _rename, "remove": _remove,
+}
 
 
 def serve(inp: IO[bytes], out: IO[bytes]) -> int:

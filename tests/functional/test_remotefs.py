@@ -62,3 +62,16 @@ def test_os_errors_come_back_as_clear_errors(rfs):
     fs, root = rfs
     with pytest.raises(TransferError, match="size 'missing'"):
         fs.size("missing")
+
+
+def test_symlinked_served_directory_is_refused(sshd, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "victim").write_text("keep")
+    (tmp_path / "alias").symlink_to(real)
+    ep = Endpoint(host=sshd.host, path="/", user=sshd.user, port=sshd.port, identity=str(sshd.identity),
+                  known_hosts=str(sshd.known_hosts), remote_command=tuple(coldferry_command()))
+    with RemoteFS(ep, str(tmp_path / "alias")) as fs:
+        with pytest.raises(PathRefused, match="served directory is a symbolic link"):
+            fs.remove("victim")
+    assert (real / "victim").read_text() == "keep"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -287,3 +288,53 @@ def test_unaligned_pieces_and_a_file_system_without_o_direct(sshd, tmp_path):
             dst.unlink()
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the receiver closed ``sock`` (a reset when it closed with our bytes unread)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_receiver_lets_in_only_its_ssh_client_and_shrugs_off_junk(sshd, tmp_path):
+    """A receiver started by sshd: the SSH client's address with the key gets in; another
+    address with the key, and junk from anywhere, neither get in nor stop the copy."""
+    from transfer import seal, ssh, wire
+    from transfer.digest import ImageDigest
+    dst = tmp_path / "dst.img"
+    ep = endpoint(sshd, dst)
+    client = ssh.connect(ep)
+    remote = ssh.RemoteProcess(client, ep.remote_command, ep.host)
+    try:
+        remote.settimeout(30)
+        wire.send_message(remote.stdin, "hello", version=wire.VERSION, root=ep.root, name=ep.name, size=MiB,
+                          chunk_size=CHUNK, source="test", mode=0o600, streams=1, channel="direct",
+                          data_bytes=0)
+        ready = wire.read_message(remote.stdout, "ready")
+        key, port = bytes.fromhex(ready["key"]), ready["port"]
+        assert sshd.host == "127.0.0.1"  # so SSH_CONNECTION names 127.0.0.1 as the client
+        other = socket.create_connection((sshd.host, port), timeout=10, source_address=("127.0.0.2", 0))
+        other.sendall(seal.hello(key, 0))
+        assert hung_up(other)
+        for _ in range(10):
+            junk = socket.create_connection((sshd.host, port), timeout=10)
+            junk.sendall(os.urandom(seal.HELLO.size))
+            assert hung_up(junk)
+            junk.close()
+        silent = socket.create_connection((sshd.host, port), timeout=10)
+        good = socket.create_connection((sshd.host, port), timeout=10)
+        good.sendall(seal.hello(key, 0))
+        end = wire.pack_end(0)
+        good.sendall(end + bytes(seal.Sealer(key, 0, 16).seal(end, b"")))
+        started = time.monotonic()
+        wire.send_message(remote.stdin, "finish", digest=ImageDigest(MiB, CHUNK).hexdigest())
+        assert wire.read_message(remote.stdout)["op"] == "done"
+        assert time.monotonic() - started < 1.5  # the silent connection held nothing up
+        for s in (other, silent, good):
+            s.close()
+    finally:
+        remote.close()
+        client.close()
+    assert dst.stat().st_size == MiB

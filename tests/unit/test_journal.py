@@ -195,3 +195,14 @@ def test_second_open_gets_the_lock_when_released_in_time(path):
         timer.join()
     assert second.entries == {1: h(1)}
     second.close()
+
+
+def test_a_hard_linked_journal_is_refused_and_the_other_file_untouched(path, tmp_path):
+    from transfer.errors import UnsafeFile
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.link(victim, path)
+    for restart in (False, True):
+        with pytest.raises(UnsafeFile, match="2 links"):
+            open_journal(path, restart=restart)
+    assert victim.read_bytes() == b"precious"

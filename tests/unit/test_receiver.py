@@ -7,6 +7,7 @@ corrupted chunks, bad tokens, frames out of order.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -25,7 +26,8 @@ CHUNK = 1 << 20
 class Peer:
     """A receiver running serve() in a thread, and the test's end of its control pipes."""
 
-    def __init__(self, hello: dict) -> None:
+    def __init__(self, hello: dict, **serve_args) -> None:
+        self._serve_args = serve_args
         r1, w1 = os.pipe()
         r2, w2 = os.pipe()
         self.to_recv = os.fdopen(w1, "wb")
@@ -38,21 +40,29 @@ class Peer:
 
     def _run(self) -> None:
         try:
-            self.status.append(serve(self._inp, self._out, "127.0.0.1"))
+            self.status.append(serve(self._inp, self._out, "127.0.0.1", **self._serve_args))
         finally:
             self._out.close()
 
     def read(self) -> dict:
         return wire.read_message(self.from_recv)
 
-    def connect(self, ready: dict, token: bytes | None = None, index: int = 0) -> socket.socket:
-        s = socket.create_connection(("127.0.0.1", ready["port"]))
+    def connect(self, ready: dict, token: bytes | None = None, index: int = 0,
+                source: str | None = None) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", ready["port"]), timeout=10,
+                                     source_address=(source, 0) if source else None)
         s.sendall(wire.STREAM_HELLO.pack(token or bytes.fromhex(ready["token"]), index))
         return s
 
     def close(self) -> None:
         self.to_recv.close()
         self.thread.join(10)
+
+    def __enter__(self) -> "Peer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def hello(root, name="disk.img", size=4 * CHUNK, **extra) -> dict:
@@ -70,6 +80,18 @@ def send_block(sock: socket.socket, offset: int, data: bytes, corrupt: bool = Fa
     sock.sendall(head + bytes(payload))
 
 
+def finish_with(peer: Peer, sock: socket.socket, blocks: dict[int, bytes], size: int = 4 * CHUNK) -> dict:
+    """Send ``blocks`` on ``sock``, end the stream and ask the receiver to finish; its answer."""
+    for i, data in blocks.items():
+        send_block(sock, i * CHUNK, data)
+    sock.sendall(wire.pack_end(len(blocks)))
+    expected = ImageDigest(size, CHUNK)
+    for i, data in blocks.items():
+        expected.set(i, block_hash(data))
+    wire.send_message(peer.to_recv, "finish", digest=expected.hexdigest())
+    return peer.read()
+
+
 def test_blocks_in_any_order_make_the_image_and_digest(tmp_path):
     blocks = {i: os.urandom(CHUNK) for i in (3, 0, 2)}  # block 1 is a hole
     peer = Peer(hello(tmp_path))
@@ -77,14 +99,10 @@ def test_blocks_in_any_order_make_the_image_and_digest(tmp_path):
         ready = peer.read()
         assert ready["op"] == "ready"
         sock = peer.connect(ready)
-        for i, data in blocks.items():
-            send_block(sock, i * CHUNK, data)
-        sock.sendall(wire.pack_end(len(blocks)))
+        done = finish_with(peer, sock, blocks)
         expected = ImageDigest(4 * CHUNK, CHUNK)
         for i, data in blocks.items():
             expected.set(i, block_hash(data))
-        wire.send_message(peer.to_recv, "finish", digest=expected.hexdigest())
-        done = peer.read()
         assert done["op"] == "done" and done["digest"] == expected.hexdigest()
         sock.close()
     finally:
@@ -148,14 +166,7 @@ def test_connection_with_a_bad_token_is_refused(tmp_path):
         ready = peer.read()
         intruder = peer.connect(ready, token=b"x" * wire.TOKEN_SIZE)
         assert intruder.recv(1) == b""  # closed on us
-        good = peer.connect(ready)
-        data = os.urandom(CHUNK)
-        send_block(good, 0, data)
-        good.sendall(wire.pack_end(1))
-        expected = ImageDigest(4 * CHUNK, CHUNK)
-        expected.set(0, block_hash(data))
-        wire.send_message(peer.to_recv, "finish", digest=expected.hexdigest())
-        assert peer.read()["op"] == "done"
+        assert finish_with(peer, peer.connect(ready), {0: os.urandom(CHUNK)})["op"] == "done"
     finally:
         peer.close()
 
@@ -164,12 +175,7 @@ def test_connection_with_a_bad_token_is_refused(tmp_path):
 def test_names_outside_the_served_directory_are_refused(tmp_path, name):
     root = tmp_path / "root"
     root.mkdir()
-    peer = Peer(hello(root, name=name))
-    try:
-        err = peer.read()
-        assert err["kind"] == "PathRefused"
-    finally:
-        peer.close()
+    assert refused(hello(root, name=name))["kind"] == "PathRefused"
     assert list(tmp_path.iterdir()) == [root] and not list(root.iterdir())
 
 
@@ -178,32 +184,20 @@ def test_symlink_out_of_the_served_directory_is_refused(tmp_path):
     root.mkdir()
     outside.mkdir()
     (root / "link").symlink_to(outside)
-    peer = Peer(hello(root, name="link/disk.img"))
-    try:
-        assert peer.read()["kind"] == "PathRefused"
-    finally:
-        peer.close()
+    assert refused(hello(root, name="link/disk.img"))["kind"] == "PathRefused"
     assert not list(outside.iterdir())
 
 
 def test_existing_target_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "disk.img").write_bytes(b"keep me")
-    peer = Peer(hello(tmp_path))
-    try:
-        err = peer.read()
-        assert err["kind"] == "TargetExists" and "--overwrite" in err["message"]
-    finally:
-        peer.close()
+    err = refused(hello(tmp_path))
+    assert err["kind"] == "TargetExists" and "--overwrite" in err["message"]
     assert (tmp_path / "disk.img").read_bytes() == b"keep me"
 
 
 def test_no_space_is_refused_before_any_data(tmp_path):
-    peer = Peer(hello(tmp_path, size=1 << 60, data_bytes=1 << 60))
-    try:
-        err = peer.read()
-        assert err["kind"] == "NoSpace" and "free" in err["message"]
-    finally:
-        peer.close()
+    err = refused(hello(tmp_path, size=1 << 40, data_bytes=1 << 60))
+    assert err["kind"] == "NoSpace" and "free" in err["message"]
     assert not list(tmp_path.iterdir())
 
 
@@ -215,12 +209,8 @@ def test_more_streams_than_a_sender_may_open_or_an_unknown_channel_is_refused(tm
 
 
 def test_protocol_version_mismatch_is_explained(tmp_path):
-    peer = Peer(hello(tmp_path, version=99))
-    try:
-        err = peer.read()
-        assert err["kind"] == "ProtocolError" and "same coldferry version" in err["message"]
-    finally:
-        peer.close()
+    err = refused(hello(tmp_path, version=99))
+    assert err["kind"] == "ProtocolError" and "same coldferry version" in err["message"]
 
 
 def test_resume_reports_journalled_blocks_and_zeroes_torn_ones(tmp_path):
@@ -307,14 +297,7 @@ def test_aligned_pieces_bypass_the_page_cache_and_the_rest_go_through_it(tmp_pat
     peer = Peer(hello(tmp_path, size=size))
     try:
         sock = peer.connect(peer.read())
-        for i, data in blocks.items():
-            send_block(sock, i * CHUNK, data)
-        sock.sendall(wire.pack_end(len(blocks)))
-        expected = ImageDigest(size, CHUNK)
-        for i, data in blocks.items():
-            expected.set(i, block_hash(data))
-        wire.send_message(peer.to_recv, "finish", digest=expected.hexdigest())
-        assert peer.read()["op"] == "done"
+        assert finish_with(peer, sock, blocks, size)["op"] == "done"
         sock.close()
     finally:
         peer.close()
@@ -356,3 +339,107 @@ def test_a_failed_write_is_reported_and_the_blocks_written_before_it_are_kept(tm
         assert peer.read()["kind"] == "ProtocolError"
     finally:
         peer.close()
+
+
+def refused(msg: dict, **serve_args) -> dict:
+    """The receiver's answer to a hello it refuses; its session has ended when this returns."""
+    with Peer(msg, **serve_args) as peer:
+        err = peer.read()
+    assert err["op"] == "error" and peer.status == [1], err
+    return err
+
+
+# -- the data listener under attack --------------------------------------------
+
+
+def test_junk_connections_do_not_abort_the_copy(tmp_path):
+    with Peer(hello(tmp_path)) as peer:
+        ready = peer.read()
+        for _ in range(12):  # more than any count of bad tokens that once aborted the copy
+            intruder = peer.connect(ready, token=os.urandom(wire.TOKEN_SIZE))
+            assert intruder.recv(1) == b""
+            intruder.close()
+        assert finish_with(peer, peer.connect(ready), {0: os.urandom(CHUNK)})["op"] == "done"
+    assert peer.status == [0]
+
+
+def test_a_silent_connection_does_not_hold_up_the_real_stream(tmp_path):
+    with Peer(hello(tmp_path)) as peer:
+        ready = peer.read()
+        silent = socket.create_connection(("127.0.0.1", ready["port"]))
+        assert finish_with(peer, peer.connect(ready), {0: os.urandom(CHUNK)})["op"] == "done"
+        # The real stream got in while the silent one was still waited for (its hello
+        # deadline had not passed), not after the receiver gave up on it.
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent.recv(1)
+        silent.close()
+
+
+def test_a_connection_from_another_address_than_the_ssh_client_is_refused(tmp_path):
+    from tests.unit.test_listener import hung_up
+    from transfer import seal
+    # The ssh channel's streams come from the SSH server, on loopback: this is the direct one.
+    with Peer(hello(tmp_path, channel="direct"), peer="127.0.0.1") as peer:
+        ready = peer.read()
+        key = bytes.fromhex(ready["key"])
+        socks = [socket.create_connection(("127.0.0.1", ready["port"]), timeout=10, source_address=(src, 0))
+                 for src in ("127.0.0.2", "127.0.0.1")]
+        for s in socks:
+            s.sendall(seal.hello(key, 0))  # the right key from both
+        assert hung_up(socks[0])
+        end = wire.pack_end(0)
+        socks[1].sendall(end + bytes(seal.Sealer(key, 0, 16).seal(end, b"")))
+        wire.send_message(peer.to_recv, "finish", digest=ImageDigest(4 * CHUNK, CHUNK).hexdigest())
+        assert peer.read()["op"] == "done"
+
+
+# -- refusals answered with a message, leaving nothing behind -----------------
+
+
+def test_a_file_that_appears_at_the_destination_before_the_commit_is_kept(tmp_path):
+    with Peer(hello(tmp_path)) as peer:
+        sock = peer.connect(peer.read())
+        (tmp_path / "disk.img").write_bytes(b"theirs")  # after the receiver's check
+        err = finish_with(peer, sock, {0: os.urandom(CHUNK)})
+        assert err["op"] == "error" and err["kind"] == "TargetExists", err
+    assert (tmp_path / "disk.img").read_bytes() == b"theirs"
+    assert peer.status == [1]
+
+
+def test_a_size_beyond_the_limit_is_refused_with_a_message_and_nothing_left(tmp_path):
+    err = refused(hello(tmp_path, size=2 ** 70, data_bytes=0))
+    assert err["kind"] == "InvalidArgument" and "size" in err["message"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_size_the_file_system_cannot_hold_is_refused_and_nothing_left(tmp_path, monkeypatch):
+    real = os.ftruncate
+
+    def ftruncate(fd, length):
+        if length == 4 * CHUNK:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        return real(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    assert "File too large" in refused(hello(tmp_path))["message"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hard_linked_part_file_is_refused_and_the_other_file_untouched(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 1000)
+    os.link(victim, root / ".disk.img.coldferry-part")
+    err = refused(hello(root))
+    assert err["kind"] == "UnsafeFile" and "2 links" in err["message"], err
+    assert victim.read_bytes() == b"precious" * 1000
+    assert sorted(os.listdir(root)) == [".disk.img.coldferry-part"]  # no journal left
+
+
+@pytest.mark.parametrize("name", ["disk\n.img", "a\rb.img", "esc\x1b[2J.img", "del\x7f.img"])
+def test_names_with_control_characters_are_refused(tmp_path, name):
+    err = refused(hello(tmp_path, name=name))
+    assert err["kind"] == "PathRefused" and "control character" in err["message"], err
+    assert list(tmp_path.iterdir()) == []

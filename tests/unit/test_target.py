@@ -8,7 +8,7 @@ import os
 import pytest
 
 from transfer import target as target_mod
-from transfer.errors import PathRefused, TargetExists
+from transfer.errors import PathRefused, TargetExists, UnsafeFile
 from transfer.journal import Journal
 from transfer.target import JOURNAL_SUFFIX, PART_SUFFIX, Target, punch_hole
 
@@ -53,6 +53,18 @@ class TestResolve:
     def test_refuses_a_missing_root(self, tmp_path):
         with pytest.raises(PathRefused, match="served directory"):
             Target.resolve(str(tmp_path / "missing"), "disk.img")
+
+    def test_refuses_a_served_directory_that_is_a_symlink(self, root, tmp_path):
+        (tmp_path / "alias").symlink_to(root)
+        with pytest.raises(PathRefused, match="served directory is a symbolic link"):
+            Target.resolve(str(tmp_path / "alias"), "disk.img")
+
+    @pytest.mark.parametrize("name", ["disk\n.img", "a/b\tc", "x\x1b[31m", "del\x7f", "c1\x85", "a\0b"])
+    def test_refuses_control_characters(self, root, name):
+        with pytest.raises(PathRefused, match="control characters") as e:
+            Target.resolve(str(root), name)
+        assert repr(name) in str(e.value)
+        assert os.listdir(root) == []
 
     def test_refuses_an_overlong_component(self, root):
         with pytest.raises(PathRefused, match="too long"):
@@ -134,6 +146,16 @@ class TestCheckWritable:
             resolve("disk.img").check_writable(overwrite=True)
 
 
+    @pytest.mark.parametrize("entry", [f".disk.img{PART_SUFFIX}", f".disk.img{JOURNAL_SUFFIX}"])
+    def test_hard_linked_part_or_journal_is_refused(self, root, tmp_path, resolve, entry):
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        os.link(victim, root / entry)
+        with pytest.raises(UnsafeFile, match="2 links"):
+            resolve("disk.img").check_writable(overwrite=True)
+        assert victim.read_bytes() == b"precious"
+
+
 class TestPartFile:
     def test_open_part_sizes_the_file(self, root, resolve):
         t = resolve("disk.img")
@@ -161,10 +183,47 @@ class TestPartFile:
         fd = t.open_part(11, fresh=True)
         os.pwrite(fd, b"new content", 0)
         os.close(fd)
-        t.commit()
+        t.commit(overwrite=True)
         assert (root / "disk.img").read_bytes() == b"new content"
         assert not (root / t.part).exists()
         assert not t.has_part()
+
+    @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-and-unlink"])
+    def test_commit_never_replaces_a_file_that_appeared_since_the_check(self, root, resolve, monkeypatch,
+                                                                        renameat2):
+        if not renameat2:
+            monkeypatch.setattr(target_mod, "_renameat2", None)
+        t = resolve("disk.img")
+        t.check_writable(overwrite=False)
+        os.close(t.open_part(3, fresh=True))
+        (root / "disk.img").write_bytes(b"theirs")
+        with pytest.raises(TargetExists):
+            t.commit(overwrite=False)
+        assert (root / "disk.img").read_bytes() == b"theirs"
+        assert t.has_part()  # finished and verified: kept for a run with --overwrite
+
+    @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-and-unlink"])
+    def test_commit_without_overwrite_moves_the_part_into_place(self, root, resolve, monkeypatch, renameat2):
+        if not renameat2:
+            monkeypatch.setattr(target_mod, "_renameat2", None)
+        t = resolve("disk.img")
+        fd = t.open_part(3, fresh=True)
+        os.pwrite(fd, b"new", 0)
+        os.close(fd)
+        t.commit(overwrite=False)
+        assert os.listdir(root) == ["disk.img"]
+        assert (root / "disk.img").read_bytes() == b"new"
+
+    def test_open_part_refuses_a_hard_link_made_after_the_check(self, root, tmp_path, resolve):
+        t = resolve("disk.img")
+        t.check_writable(overwrite=False)
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        os.link(victim, root / t.part)
+        for fresh in (True, False):
+            with pytest.raises(UnsafeFile, match="2 links"):
+                t.open_part(1 << 20, fresh=fresh)
+        assert victim.read_bytes() == b"precious"
 
     def test_discard_removes_part_and_journal(self, root, resolve):
         t = resolve("disk.img")
