@@ -36,13 +36,14 @@ from pydantic import BaseModel
 
 from agent import schemas as s
 from agent.schemas import FinishResult, JobOut, LiveResult, MigrateResult
-from driver.model import MOVABLE_STATES, PowerState
+from driver.model import PowerState
 
-from . import facts, scheduler
+from . import facts
 from .agents import AgentClient
 from .config import ControllerConfig
-from .errors import AgentError, BadRequest, Conflict, ControllerError, NotFound, NoValidHost
-from .inventory import Inventory, Server
+from .errors import AgentError, Conflict, ControllerError, NotFound
+from .inventory import Inventory
+from .placement import Placement
 from .facts import Unsettled
 from .records import (FINAL, LIVE_TASK_STATE, RECOVERABLE, TASK_STATES, HostRecord, MigrationRecord, MigrationStatus,
                       MigrationType)
@@ -58,16 +59,6 @@ T = TypeVar("T")
 _S, _COLD, _LIVE = MigrationStatus, MigrationType.COLD, MigrationType.LIVE
 # Where a needs-recovery message turns from what went wrong to what the hosts say.
 _KNOWN = ". Known now: "
-_UNMOVABLE_WHY = {PowerState.PAUSED: "paused: unpause it or shut it off",
-                  PowerState.SUSPENDED: "suspended: resume it or shut it off"}
-
-
-def unmovable_reason(state: PowerState) -> str | None:
-    """Why a server in ``state`` cannot be migrated as it is (None: it can), e.g. ``paused: unpause
-    it or shut it off``."""
-    if state in MOVABLE_STATES:
-        return None
-    return _UNMOVABLE_WHY.get(state, f"in power state {state.label}")
 
 
 def spawn_thread(fn: Callable[[], None]) -> None:
@@ -92,83 +83,17 @@ class Conductor:
         self.sleep = sleep
         #: How long a host may stay out of reach in a step before the migration needs recovery.
         self.agent_lost_seconds = config.agent_lost_seconds if agent_lost_seconds is None else agent_lost_seconds
+        self.placement = Placement(store, inventory, config)
         self._lock = threading.Lock()   # one migration start at a time: checks and record creation
         self._driving: set[int] = set()
 
-    @property
-    def ratios(self) -> scheduler.Ratios:
-        c = self.config
-        return scheduler.Ratios(c.cpu_allocation_ratio, c.ram_allocation_ratio, c.disk_allocation_ratio)
-
-    # -- checks ------------------------------------------------------------------
-
-    def _spec(self, server: Server) -> scheduler.RequestSpec:
-        src = self.inventory.host_state(self.inventory.host_record(server.host))
-        res = src.resources
-        return scheduler.RequestSpec(server.id, server.name, server.flavor_obj, server.host,
-                                     res.arch if res else "", res.hypervisor_type if res else "")
+    # -- checks (placement.py) ---------------------------------------------------
 
     def check_destination(self, server_ref: str, target_host: str) -> dict[str, Any]:
-        """Whether ``target_host`` passes the scheduler's rules for the server, and which rule fails."""
-        server = self.inventory.find(server_ref)
-        results = self._rules(server, self._known_host(target_host))
-        failed = scheduler.first_failure(results)
-        return {"host": target_host, "server": server.id, "passes": failed is None,
-                "failed": failed.name if failed else None,
-                "rules": [{"name": r.name, "passed": r.passed, "reason": r.reason} for r in results]}
+        return self.placement.check_destination(server_ref, target_host)
 
     def check_target(self, source_host: str, target_host: str | None, force: bool) -> HostRecord | None:
-        """The checks on where a move goes, for one server and for a drain alike: both hosts are
-        configured, the target is another host, and force comes with a target.
-
-        :returns: the target's record; None when no target is given (the scheduler chooses).
-        :raises BadRequest: an unknown host, the target being the source, force without a target.
-        """
-        self._known_host(source_host)
-        if not target_host:
-            if force:
-                raise BadRequest(reason="force needs a target host: give one, or drop force to let the "
-                                        "scheduler choose")
-            return None
-        target = self._known_host(target_host)
-        if target.name == source_host:
-            raise BadRequest(reason=f"the target host {target_host} is the source host; choose another host")
-        return target
-
-    def _known_host(self, name: str) -> HostRecord:
-        rec = self.store.get_host(name)
-        if rec is None:
-            known = ", ".join(h.name for h in self.store.list_hosts()) or "none"
-            raise BadRequest(reason=f"unknown host {name!r}; configured hosts: {known}")
-        return rec
-
-    def _rules(self, server: Server, target: HostRecord) -> list[scheduler.RuleResult]:
-        return scheduler.check(self.inventory.host_state(target), self._spec(server), self.ratios)
-
-    def _check_movable(self, server: Server) -> None:
-        why = unmovable_reason(server.power_state)
-        if why is not None:
-            raise Conflict(reason=f"server {server.name} ({server.id}) cannot be migrated: it is {why} "
-                                  "before migrating it")
-        open_m = self.store.open_migration_for(server.id)
-        if open_m is not None:
-            what = ("confirm or revert it first" if open_m.status == _S.FINISHED
-                    else f"it recovers by itself once both hosts answer, or run 'coldferry server migration "
-                         f"recover {open_m.id}'" if open_m.status == _S.NEEDS_RECOVERY
-                    else "wait until it ends")
-            raise Conflict(reason=f"server {server.name} ({server.id}) already has migration {open_m.id} in "
-                                  f"status {open_m.status}; {what}")
-
-    def _pick(self, server: Server, target_host: str | None, force: bool) -> HostRecord:
-        target = self.check_target(server.host, target_host, force)
-        if target is None:
-            return self._known_host(scheduler.select(self.inventory.host_states(), self._spec(server), self.ratios))
-        if not force:
-            failed = scheduler.first_failure(self._rules(server, target))
-            if failed:
-                raise NoValidHost(server=server.id, reason=f"host {target.name} fails rule {failed.name}: "
-                                                           f"{failed.reason} (force skips the check)")
-        return target
+        return self.placement.check_target(source_host, target_host, force)
 
     # -- starting ----------------------------------------------------------------
 
@@ -183,11 +108,11 @@ class Conductor:
         """
         with self._lock:
             server = self.inventory.find(server_ref)
-            self._check_movable(server)
+            self.placement.check_movable(server)
             if live and server.power_state != PowerState.RUNNING:
                 raise Conflict(reason=f"server {server.name} is not running; live migration needs a running "
                                       "server (use a cold migration)")
-            target = self._pick(server, target_host, force)
+            target = self.placement.pick(server, target_host, force)
             m = self.store.create_migration(
                 server=server.id, server_name=server.name, source_compute=server.host, dest_compute=target.name,
                 dest_address=target.address, status=_S.PRE_MIGRATING, migration_type=_LIVE if live else _COLD,

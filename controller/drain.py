@@ -22,7 +22,8 @@ from typing import Any
 from driver.model import PowerState
 
 from . import records
-from .conductor import Conductor, Spawn, spawn_thread, unmovable_reason
+from .conductor import Conductor, Spawn, spawn_thread
+from .placement import unmovable_reason
 from .errors import BadRequest, Conflict, ControllerError, NotFound
 from .records import DrainRecord, DrainRowRecord, DrainStatus, MigrationStatus, MigrationType, RowStatus
 from .store import Store

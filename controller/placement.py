@@ -1,0 +1,113 @@
+"""Where a server may go: the checks on a migration's target, for one server and for a drain.
+
+The scheduler's rules (scheduler.py) decide whether a host can take a
+server; this module adds what the conductor and the drain both need: the
+hosts are configured, the target is another host, force comes with a
+target, the server is in a state that moves and has no open migration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from driver.model import MOVABLE_STATES, PowerState
+
+from . import scheduler
+from .config import ControllerConfig
+from .errors import BadRequest, Conflict, NoValidHost
+from .inventory import Inventory, Server
+from .records import HostRecord, MigrationStatus
+from .store import Store
+
+_UNMOVABLE_WHY = {PowerState.PAUSED: "paused: unpause it or shut it off",
+                  PowerState.SUSPENDED: "suspended: resume it or shut it off"}
+
+
+def unmovable_reason(state: PowerState) -> str | None:
+    """Why a server in ``state`` cannot be migrated as it is (None: it can), e.g. ``paused: unpause
+    it or shut it off``."""
+    if state in MOVABLE_STATES:
+        return None
+    return _UNMOVABLE_WHY.get(state, f"in power state {state.label}")
+
+
+class Placement:
+    """The checks on where a server goes, against the store's hosts and the inventory's states."""
+
+    def __init__(self, store: Store, inventory: Inventory, config: ControllerConfig) -> None:
+        self.store = store
+        self.inventory = inventory
+        self.config = config
+
+    @property
+    def ratios(self) -> scheduler.Ratios:
+        c = self.config
+        return scheduler.Ratios(c.cpu_allocation_ratio, c.ram_allocation_ratio, c.disk_allocation_ratio)
+
+    def spec(self, server: Server) -> scheduler.RequestSpec:
+        src = self.inventory.host_state(self.inventory.host_record(server.host))
+        res = src.resources
+        return scheduler.RequestSpec(server.id, server.name, server.flavor_obj, server.host,
+                                     res.arch if res else "", res.hypervisor_type if res else "")
+
+    def check_destination(self, server_ref: str, target_host: str) -> dict[str, Any]:
+        """Whether ``target_host`` passes the scheduler's rules for the server, and which rule fails."""
+        server = self.inventory.find(server_ref)
+        results = self.rules(server, self.known_host(target_host))
+        failed = scheduler.first_failure(results)
+        return {"host": target_host, "server": server.id, "passes": failed is None,
+                "failed": failed.name if failed else None,
+                "rules": [{"name": r.name, "passed": r.passed, "reason": r.reason} for r in results]}
+
+    def check_target(self, source_host: str, target_host: str | None, force: bool) -> HostRecord | None:
+        """The checks on where a move goes, for one server and for a drain alike: both hosts are
+        configured, the target is another host, and force comes with a target.
+
+        :returns: the target's record; None when no target is given (the scheduler chooses).
+        :raises BadRequest: an unknown host, the target being the source, force without a target.
+        """
+        self.known_host(source_host)
+        if not target_host:
+            if force:
+                raise BadRequest(reason="force needs a target host: give one, or drop force to let the "
+                                        "scheduler choose")
+            return None
+        target = self.known_host(target_host)
+        if target.name == source_host:
+            raise BadRequest(reason=f"the target host {target_host} is the source host; choose another host")
+        return target
+
+    def known_host(self, name: str) -> HostRecord:
+        rec = self.store.get_host(name)
+        if rec is None:
+            known = ", ".join(h.name for h in self.store.list_hosts()) or "none"
+            raise BadRequest(reason=f"unknown host {name!r}; configured hosts: {known}")
+        return rec
+
+    def rules(self, server: Server, target: HostRecord) -> list[scheduler.RuleResult]:
+        return scheduler.check(self.inventory.host_state(target), self.spec(server), self.ratios)
+
+    def check_movable(self, server: Server) -> None:
+        why = unmovable_reason(server.power_state)
+        if why is not None:
+            raise Conflict(reason=f"server {server.name} ({server.id}) cannot be migrated: it is {why} "
+                                  "before migrating it")
+        open_m = self.store.open_migration_for(server.id)
+        if open_m is not None:
+            what = ("confirm or revert it first" if open_m.status == MigrationStatus.FINISHED
+                    else f"it recovers by itself once both hosts answer, or run 'coldferry server migration "
+                         f"recover {open_m.id}'" if open_m.status == MigrationStatus.NEEDS_RECOVERY
+                    else "wait until it ends")
+            raise Conflict(reason=f"server {server.name} ({server.id}) already has migration {open_m.id} in "
+                                  f"status {open_m.status}; {what}")
+
+    def pick(self, server: Server, target_host: str | None, force: bool) -> HostRecord:
+        target = self.check_target(server.host, target_host, force)
+        if target is None:
+            return self.known_host(scheduler.select(self.inventory.host_states(), self.spec(server), self.ratios))
+        if not force:
+            failed = scheduler.first_failure(self.rules(server, target))
+            if failed:
+                raise NoValidHost(server=server.id, reason=f"host {target.name} fails rule {failed.name}: "
+                                                           f"{failed.reason} (force skips the check)")
+        return target
