@@ -20,7 +20,8 @@ Agent). The controller asks it for the host's resources and instances, and
 starts migration steps on it (migrate-disk-and-power-off on the source,
 finish-migration on the destination, confirm, revert, live-migrate); long
 steps run as background jobs the controller polls for state and progress.
-Every request must carry "Authorization: Bearer TOKEN".
+Every request must carry "Authorization: Bearer TOKEN", over TLS: the token
+would otherwise cross the network in the clear.
 
 configuration ([agent] table of the TOML file):
   listen       address to bind (default "0.0.0.0")
@@ -33,6 +34,14 @@ configuration ([agent] table of the TOML file):
   driver       "libvirt" (default), "memory" (an in-memory host for demos) or
                "xenserver" (XenServer's VHD-chain migration over a STUBBED
                session: VHD files in an SR directory, no XenServer is contacted)
+  tls_cert     this host's certificate (PEM), with its SAN naming the address
+  tls_key      in the controller's agent_url, and its unencrypted key; both are
+               required unless plain_http = true ('coldferry tls --help' makes
+               them; relative paths: next to the configuration file)
+  tls_client_ca  a CA certificate: then clients (the controller) must present
+               a certificate it signed (agent_client_cert in [controller])
+  plain_http   true serves plain HTTP instead, with a warning: the tokens
+               cross the network in the clear (default false)
 The [driver] table configures the libvirt driver (see driver/libvirt/config.py;
 'coldferry driver --help' shows how to call it by hand); its SSH and transfer
 settings also serve the xenserver driver's copies. Its shutdown_timeout and
@@ -50,6 +59,9 @@ example /etc/coldferry/agent.toml:
   port = 8797
   token_file = "/etc/coldferry/agent.token"
   address = "198.18.0.11"
+  tls_cert = "/etc/coldferry/tls/host1.pem"
+  tls_key = "/etc/coldferry/tls/host1-key.pem"
+  tls_client_ca = "/etc/coldferry/tls/ca.pem"
 
   [driver]
   instances_path = "/var/lib/coldferry/instances"
@@ -85,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = AgentConfig.load(args.config)
+        tls = config.serving_tls(args.config)
         driver = build_driver(config)
     except DriverError as e:  # agent.ConfigError is one: a one-line message naming the setting
         print(f"coldferry agent: {e}", file=sys.stderr)
@@ -97,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(driver, config.token, config.address, shutdown_timeout=dc.shutdown_timeout,
                      shutdown_retry_interval=dc.shutdown_retry_interval)
     banner = (f"coldferry agent of {dc.host_name} ({config.driver} driver, data-plane address {config.address}) "
-              f"listening on http://{_host(config.listen)}:{config.port}")
+              f"listening on {'https' if tls else 'http'}://{_host(config.listen)}:{config.port}"
+              + (" (clients need a certificate signed by tls_client_ca)" if tls and tls.client_ca else ""))
 
     class Server(uvicorn.Server):  # here because uvicorn is imported only when the agent runs
         async def startup(self, sockets: Any = None) -> None:
@@ -105,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             if self.started:  # the socket is bound: say so once
                 log.info("%s", banner)
 
-    server = Server(uvicorn.Config(app, host=config.listen, port=config.port, log_config=None))
+    server = Server(uvicorn.Config(app, host=config.listen, port=config.port, log_config=None,
+                                   **(tls.uvicorn_options() if tls else {})))
     server.run()
     return 0 if server.started else 1
 

@@ -23,15 +23,17 @@ Commands:
   agent     run the per-host agent (serves this host's driver over HTTP)
   controller
             run the controller (HTTP API, migration records, scheduler, drains)
+  tls       make a small CA and the controller's and agents' TLS certificates
 
 The server and host commands talk to the controller: give --url and --token,
 or set COLDFERRY_URL and COLDFERRY_TOKEN, or write them to
-~/.config/coldferry/client.toml ([client] url = ..., token = ...).
+~/.config/coldferry/client.toml ([client] url = ..., token = ...); an https
+controller is checked against --ca-file, COLDFERRY_CA_FILE or ca_file there.
 """
 
 
 #: The modules that register the subcommands, in the order --help lists them.
-MODULES = ("server_cmd", "host_cmd", "copy_cmd", "driver_cmd", "agent_cmd", "controller_cmd")
+MODULES = ("server_cmd", "host_cmd", "copy_cmd", "driver_cmd", "agent_cmd", "controller_cmd", "tls_cmd")
 #: Commands run once per disk copy, often on the far end of an SSH session: they load
 #: only their own module, not the HTTP client, the tables and the servers (about 0.3 s).
 LEAN = {"copy": "copy_cmd", "checksum": "copy_cmd", "receive": "copy_cmd", "remote-fs": "copy_cmd"}

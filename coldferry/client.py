@@ -1,8 +1,8 @@
 """The operator CLI's side of the controller HTTP API (docs/api.md, "Controller").
 
 ``ControllerClient`` has one method per endpoint and turns every failure into
-``ClientError``. ``resolve_settings`` finds the controller's address and token
-(flag, then environment, then the client config file). Commands get their
+``ClientError``. ``resolve_settings`` finds the controller's address, token and
+CA file (flag, then environment, then the client config file). Commands get their
 client from ``open_client`` and pass time through ``make_waiter``: the two
 seams tests replace to inject an HTTP transport and a fake clock.
 """
@@ -14,6 +14,7 @@ import functools
 import getpass
 import math
 import os
+import ssl
 import sys
 import time
 import tomllib
@@ -27,12 +28,13 @@ import httpx
 from coldferry.output import fail, format_option
 from driver.settings import SettingsError, read_secret, read_secret_file
 
-DEFAULT_URL = "http://127.0.0.1:8798"
+DEFAULT_URL = "https://127.0.0.1:8798"
 DEFAULT_CONFIG = "~/.config/coldferry/client.toml"
 URL_ENV = "COLDFERRY_URL"
 TOKEN_ENV = "COLDFERRY_TOKEN"
 CONFIG_ENV = "COLDFERRY_CLIENT_CONFIG"
-CONFIG_KEYS = ("url", "token", "token_file")
+CA_ENV = "COLDFERRY_CA_FILE"
+CONFIG_KEYS = ("url", "token", "token_file", "ca_file")
 
 T = TypeVar("T")
 
@@ -41,10 +43,12 @@ controller connection:
   Every command takes --url (env {URL_ENV}, default {DEFAULT_URL}),
   --token-file FILE (or env {TOKEN_ENV}) and --client-config FILE (env
   {CONFIG_ENV}, default {DEFAULT_CONFIG}: a [client] table with url, and
-  token or token_file). A flag wins over the environment, the environment
-  over the file; with no token anywhere, a terminal is asked for it. The
-  token is never given on the command line, where every local user can
-  read it (/proc/PID/cmdline).
+  token or token_file, and ca_file). A flag wins over the environment, the
+  environment over the file; with no token anywhere, a terminal is asked for
+  it. The token is never given on the command line, where every local user
+  can read it (/proc/PID/cmdline). An https controller's certificate is
+  checked against --ca-file FILE (env {CA_ENV}, config key ca_file, relative
+  to the config file), else the system's trust store.
 """
 
 
@@ -69,6 +73,8 @@ class ClientError(Exception):
 class Settings:
     url: str
     token: str
+    #: the CA certificate an https controller's certificate is checked against; None: the system's
+    ca_file: str | None = None
 
 
 # Settings ----------------------------------------------------------------------------------------
@@ -138,25 +144,30 @@ def _ask_token() -> str | None:
 
 def resolve_settings(url: str | None, token_file: str | None, config: str | None,
                      env: Mapping[str, str] = os.environ,
-                     ask: Callable[[], str | None] = _ask_token) -> Settings:
+                     ask: Callable[[], str | None] = _ask_token, ca_file: str | None = None) -> Settings:
     """Each setting from its flag, else the environment, else the client config file; a token
     found nowhere is asked for on a terminal (``ask``).
 
     The file is read only when a flag and the environment leave something
-    unset, so a broken default file does not stand in the way of flags.
-    Raises ClientError naming every way when no token is found.
+    unset (the CA file counts for https URLs only), so a broken default file
+    does not stand in the way of flags. A relative ca_file in the file is
+    relative to the file's directory. Raises ClientError naming every way
+    when no token is found.
     """
     url = url or env.get(URL_ENV) or None
     token = _token_file(token_file) if token_file else env.get(TOKEN_ENV) or None
+    ca_file = ca_file or env.get(CA_ENV) or None
     path, named = _config_path(config, env)
-    if url is None or token is None:
+    if url is None or token is None or (ca_file is None and not (url or "").startswith("http://")):
         file = load_client_config(path, required=named)
         url = url or file.get("url") or None
         token = token or _token_from_config(file, path)
+        ca_file = ca_file or (os.path.join(path.parent, os.path.expanduser(file["ca_file"]))
+                              if file.get("ca_file") else None)
     token = token or ask()
     if token is None:
         raise _missing_token(path)
-    return Settings(url=(url or DEFAULT_URL).rstrip("/"), token=token)
+    return Settings(url=(url or DEFAULT_URL).rstrip("/"), token=token, ca_file=ca_file)
 
 
 class _RefuseToken(argparse.Action):
@@ -186,6 +197,9 @@ def connection_options() -> argparse.ArgumentParser:
                    help=argparse.SUPPRESS)
     g.add_argument("--client-config", default=argparse.SUPPRESS, metavar="FILE",
                    help=f"TOML file with a [client] table (env {CONFIG_ENV}; default {DEFAULT_CONFIG})")
+    g.add_argument("--ca-file", default=argparse.SUPPRESS, metavar="FILE",
+                   help=f"the CA certificate (PEM) an https controller's certificate must be signed by (env "
+                        f"{CA_ENV}; config key ca_file; default the system's trust store)")
     return p
 
 
@@ -210,13 +224,15 @@ class ControllerClient:
 
     Every method raises ClientError: with the HTTP status and the controller's
     detail for a non-2xx answer, with status None when the controller cannot
-    be reached.
+    be reached or its certificate is not signed by the CA in ``ca_file``
+    (None: the system's trust store) for the URL's host.
     """
 
-    def __init__(self, url: str, token: str, http: httpx.Client | None = None) -> None:
+    def __init__(self, url: str, token: str, http: httpx.Client | None = None, ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.ca_file = ca_file
         self._auth = {"Authorization": f"Bearer {token}"}
-        self._http = http or httpx.Client(base_url=self.url, timeout=30.0)
+        self._http = http or httpx.Client(base_url=self.url, timeout=30.0, verify=_tls_context(ca_file))
 
     def close(self) -> None:
         self._http.close()
@@ -227,6 +243,12 @@ class ControllerClient:
         try:
             response = self._http.request(method, path, json=json, params=query, headers=self._auth)
         except httpx.ConnectError as e:
+            if _untrusted(e):
+                trust = f"the CA file {self.ca_file}" if self.ca_file else "the system's trust store"
+                raise ClientError(None, f"the controller at {self.url} showed a certificate that {trust} does not "
+                                        f"accept ({e}): give the CA that signed it with --ca-file, {CA_ENV} or "
+                                        f"ca_file in the client config, and a URL whose host the certificate "
+                                        f"names") from None
             raise ClientError(None, f"cannot connect to the controller at {self.url} ({e}); is it running? "
                                     f"Point to it with --url, {URL_ENV} or url in the client config") from None
         except httpx.TimeoutException:
@@ -318,6 +340,23 @@ class ControllerClient:
         return self._call("GET", f"/v1/drains/{int(id)}")
 
 
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A context that checks the controller's certificate against ``ca_file`` (None: the system's store)."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:  # FileNotFoundError, or no PEM certificate in it
+        raise ClientError(None, f"cannot use the CA file {ca_file} (--ca-file, {CA_ENV} or ca_file in the "
+                                f"client config): {getattr(e, 'strerror', None) or e}") from None
+
+
+def _untrusted(error: BaseException) -> bool:
+    """Whether a certificate check failed behind a connection error."""
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, ssl.SSLCertVerificationError):
+        seen = seen.__cause__ or seen.__context__
+    return seen is not None
+
+
 def _seg(name: str) -> str:
     """One path segment: a server or host name must not be able to reach another endpoint."""
     return quote(name, safe="")
@@ -366,9 +405,9 @@ class Waiter:
 
 # The seams ---------------------------------------------------------------------------------------
 
-def open_client(url: str, token: str) -> ControllerClient:
+def open_client(url: str, token: str, ca_file: str | None = None) -> ControllerClient:
     """The client every command uses; tests replace this to inject an HTTP transport."""
-    return ControllerClient(url, token)
+    return ControllerClient(url, token, ca_file=ca_file)
 
 
 def make_waiter() -> Waiter:
@@ -378,8 +417,8 @@ def make_waiter() -> Waiter:
 
 def client_from_args(args: argparse.Namespace) -> ControllerClient:
     settings = resolve_settings(getattr(args, "url", None), getattr(args, "token_file", None),
-                                getattr(args, "client_config", None))
-    return open_client(settings.url, settings.token)
+                                getattr(args, "client_config", None), ca_file=getattr(args, "ca_file", None))
+    return open_client(settings.url, settings.token, settings.ca_file)
 
 
 Command = Callable[[argparse.Namespace, ControllerClient], int]

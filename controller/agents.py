@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -30,7 +32,10 @@ class AgentClient:
 
     ``http`` is an httpx.Client to send through (tests pass a FastAPI
     TestClient); without one the client opens its own on ``base_url`` with
-    ``timeout`` seconds per request. ``sleep`` and ``clock`` pace wait() and
+    ``timeout`` seconds per request. An ``https://`` agent's certificate must
+    be signed by the CA in ``ca_file`` (None: the system's trust store) and
+    name the URL's host; ``client_cert`` (certificate file, key file) is shown
+    to an agent that asks for one. ``sleep`` and ``clock`` pace wait() and
     the retries.
 
     Every request that gets no answer (a transport error or a timeout; not an
@@ -48,15 +53,19 @@ class AgentClient:
     def __init__(self, host_name: str, base_url: str, token: str, http: httpx.Client | None = None,
                  timeout: float = 10.0, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic, poll_interval: float = 1.0,
-                 retry_seconds: float = 15.0) -> None:
+                 retry_seconds: float = 15.0, ca_file: str | None = None,
+                 client_cert: tuple[str, str] | None = None) -> None:
         self.host_name = host_name
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.retry_seconds = retry_seconds
+        self.ca_file = ca_file
+        self.client_cert = client_cert
         self._headers = {"Authorization": f"Bearer {token}"}
         self._own = http is None
-        self._http = http if http is not None else httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._http = http if http is not None else httpx.Client(
+            base_url=self.base_url, timeout=timeout, verify=tls_context(ca_file, client_cert))
         self._sleep = sleep
         self._clock = clock
 
@@ -187,9 +196,13 @@ class AgentClient:
                                    reason=f"no answer from {url} within {self.timeout} s: check that the agent "
                                           f"runs and is not overloaded, or raise agent_timeout") from None
         except httpx.TransportError as e:
+            reason = self._tls_reason(url, e)
+            if reason is not None:
+                raise AgentUnreachable(host=self.host_name, agent_status=None, reason=reason) from None
             raise AgentUnreachable(host=self.host_name, agent_status=None,
                                    reason=f"cannot reach {url}: {e or e.__class__.__name__}: check that the "
-                                          f"agent runs and that agent_url of host {self.host_name} is right") from None
+                                          f"agent runs and that agent_url of host {self.host_name} is right "
+                                          f"(https:// for an agent with tls_cert)") from None
         code = response.status_code
         if code == 404 and missing_ok:
             return None
@@ -210,6 +223,45 @@ class AgentClient:
                              reason=f"{method} {url} failed with {code}: {detail}; see the agent's log "
                                     f"on host {self.host_name}")
         raise AgentError(host=self.host_name, status=code, agent_status=code, reason=detail)
+
+
+    def _tls_reason(self, url: str, failure: httpx.TransportError) -> str | None:
+        """Why TLS with the agent failed, and which settings to look at; None when TLS is not to blame."""
+        error = _tls_error(failure)
+        if error is None:
+            if isinstance(failure, httpx.RemoteProtocolError) and url.startswith("https:") and not self.client_cert:
+                # TLS 1.3: an agent with tls_client_ca hangs up on a client without a certificate after the handshake
+                return (f"{url} closed the connection without an answer ({failure}): an agent with tls_client_ca "
+                        f"does so to a client without a certificate: set agent_client_cert and agent_client_key "
+                        f"in the controller's configuration, or see the agent's log on host {self.host_name}")
+            return None
+        if isinstance(error, ssl.SSLCertVerificationError):
+            trust = f"the CA file {self.ca_file}" if self.ca_file else "the system's trust store"
+            return (f"{url} showed a certificate that {trust} does not accept ({error.verify_message}): "
+                    f"check agent_ca in the controller's configuration, and that the agent's tls_cert names "
+                    f"the host of agent_url of host {self.host_name} (coldferry tls make-cert --dns/--ip)")
+        return (f"TLS with {url} failed ({error.reason or error}): check that agent_url of host {self.host_name} "
+                f"is https:// only when the agent has tls_cert, and, when the agent sets tls_client_ca, "
+                f"agent_client_cert and agent_client_key in the controller's configuration")
+
+
+@functools.cache
+def tls_context(ca_file: str | None, client_cert: tuple[str, str] | None) -> ssl.SSLContext:
+    """The TLS context of agent clients: agents' certificates checked against ``ca_file`` (None:
+    the system's trust store), ``client_cert`` shown when asked. One per settings, shared by
+    the clients of every host."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
+    return context
+
+
+def _tls_error(error: BaseException) -> ssl.SSLError | None:
+    """The ssl error behind a transport error, if one is."""
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, ssl.SSLError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def _quote(segment: str) -> str:

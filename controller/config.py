@@ -1,7 +1,16 @@
-"""Settings of the controller, read from ``[controller]``, ``[[hosts]]`` and ``[[users]]`` of a TOML file."""
+"""Settings of the controller, read from ``[controller]``, ``[[hosts]]`` and ``[[users]]`` of a TOML file.
+
+The TLS files (the controller's own ``tls_cert``/``tls_key``, ``agent_ca`` and
+the client certificate it shows the agents) are checked when the file is
+read, with the agent's checks (agent/config.py); whether it may serve plain
+HTTP or reach an agent over ``http://`` is checked when it starts
+(``ControllerConfig.serving_tls``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import re
 import urllib.parse
@@ -11,6 +20,7 @@ from typing import Any
 import sqlalchemy.engine
 import sqlalchemy.exc
 
+from agent.config import ServerTLS, check_key_pair, check_server_tls, read_certificates, serving_tls, tls_path
 from driver.settings import SettingsError, check, load, not_negative, one_of, positive, read_toml, setting
 from transfer.endpoint import is_host_address
 
@@ -27,6 +37,10 @@ ROLES = ("admin", "reader")
 _MIN_SECRET = 16
 # Settings the host's agent owns now: the controller no longer sends them with a migration.
 _MOVED_TO_DRIVER = ("shutdown_timeout", "shutdown_retry_interval")
+# The settings that name files, relative to the configuration file's directory.
+_TLS_FILES = ("tls_cert", "tls_key", "agent_ca", "agent_client_cert", "agent_client_key")
+
+log = logging.getLogger(__name__)
 
 
 class ControllerConfigError(SettingsError, ControllerError):
@@ -54,7 +68,7 @@ class HostConfig:
 
     name: str = setting(hint="the host's name as the agent reports it, e.g. compute1 (letters, digits, "
                              "'.', '_' and '-')", check=_HOST_NAME.match)
-    agent_url: str = setting(hint="where the host's agent answers, e.g. http://192.0.2.11:8797", check=_agent_url_ok)
+    agent_url: str = setting(hint="where the host's agent answers, e.g. https://192.0.2.11:8797", check=_agent_url_ok)
     address: str = setting(hint="the address other hosts copy disks to: a host name or an IP address, e.g. 192.0.2.11",
                            check=_address_ok)
     agent_token: str = setting(secret=True, hint="the token of the host's agent")
@@ -116,6 +130,10 @@ class ControllerConfig:
     ``agent_retry_seconds``; a host out of reach for ``agent_lost_seconds``
     during a migration step puts the migration in needs-recovery, which the
     controller re-examines every ``recovery_interval`` seconds (docs/safety.md).
+    The API and the dashboard are served over TLS with ``tls_cert`` and
+    ``tls_key`` (plain HTTP only with ``plain_http``); the agents' certificates
+    are checked against ``agent_ca`` (default: the system's trust store), and
+    the controller shows them ``agent_client_cert`` when they ask for one.
     """
 
     token: str = setting(secret=True, hint="the admin API token clients send as a Bearer token")
@@ -145,9 +163,51 @@ class ControllerConfig:
     session_secret: str | None = setting(None, secret=True, hint="signs the dashboard's session cookie")
     session_max_age: int = setting(12 * 3600, check=positive,
                                    hint="seconds above 0 a dashboard login lasts, e.g. 43200 (12 hours)")
+    tls_cert: str | None = setting(None, hint="the controller's certificate for its API and dashboard, a PEM "
+                                              "file (its chain may follow it), e.g. /etc/coldferry/tls/controller.pem")
+    tls_key: str | None = setting(None, hint="the certificate's private key, an unencrypted PEM file, "
+                                             "e.g. /etc/coldferry/tls/controller-key.pem")
+    plain_http: bool = setting(False, hint="true serves plain HTTP and allows http:// agent URLs, the tokens "
+                                           "crossing the network in the clear")
+    agent_ca: str | None = setting(None, hint="the CA certificate (PEM) the agents' certificates must be signed "
+                                              "by; default the system's trust store")
+    agent_client_cert: str | None = setting(None, hint="the certificate (PEM) the controller shows agents that "
+                                                       "set tls_client_ca, e.g. /etc/coldferry/tls/controller-client.pem")
+    agent_client_key: str | None = setting(None, hint="that certificate's private key, an unencrypted PEM file")
 
     def __post_init__(self) -> None:
         check(self, "controller", error=ControllerConfigError)
+
+    @property
+    def tls(self) -> ServerTLS | None:
+        """The TLS the API and the dashboard are served with, None without tls_cert."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return ServerTLS(self.tls_cert, self.tls_key)
+
+    @property
+    def agent_client_pair(self) -> tuple[str, str] | None:
+        """The client certificate and key the controller shows agents, or None."""
+        if self.agent_client_cert is None or self.agent_client_key is None:
+            return None
+        return self.agent_client_cert, self.agent_client_key
+
+    def serving_tls(self, source: str) -> ServerTLS | None:
+        """``tls``, checked when the controller starts: plain HTTP (None) and ``http://`` agent URLs
+        only with ``plain_http = true``, with a warning.
+
+        :raises ControllerConfigError: neither TLS nor plain_http; an http:// agent_url without plain_http.
+        """
+        tls = serving_tls("[controller]", self.tls, self.plain_http, source, ControllerConfigError)
+        plain = [h.name for h in self.hosts if urllib.parse.urlsplit(h.agent_url).scheme == "http"]
+        if plain and not self.plain_http:
+            raise ControllerConfigError(problem=f"[[hosts]] {', '.join(plain)}: agent_url is http://", source=source,
+                                        hint="use https:// (the agent's tls_cert, checked against agent_ca), or "
+                                             "plain_http = true to send the agents' token in the clear")
+        if plain:
+            log.warning("the agents of %s are reached over plain HTTP: their token crosses the network in the "
+                        "clear", ", ".join(plain))
+        return tls
 
     def host(self, name: str) -> HostConfig | None:
         """The configured host called ``name``, or None."""
@@ -184,11 +244,24 @@ class ControllerConfig:
         config = load(cls, table, "controller", source, base_dir=base_dir or os.getcwd(), error=ControllerConfigError,
                       hosts=_hosts(data.get("hosts", []), source, base_dir),
                       users=_users(data.get("users", []), source))
+        config = dataclasses.replace(config, **{key: tls_path(getattr(config, key), base_dir or os.getcwd())
+                                                for key in _TLS_FILES})
+        _check_tls_files(config, source)
         if config.session_secret is not None and len(config.session_secret) < _MIN_SECRET:
             raise ControllerConfigError(problem="[controller] session_secret is too short", source=source,
                                         hint=f"it must be at least {_MIN_SECRET} characters; make one with: "
                                              "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
         return config
+
+
+def _check_tls_files(config: ControllerConfig, source: str) -> None:
+    """The controller's TLS files, each readable and what its setting says it is."""
+    error = ControllerConfigError
+    check_server_tls("[controller]", config.tls_cert, config.tls_key, config.plain_http, source, error)
+    if config.agent_ca is not None:
+        read_certificates("[controller]", "agent_ca", config.agent_ca, source, error)
+    check_key_pair("[controller]", "agent_client_cert", "agent_client_key", config.agent_client_cert,
+                   config.agent_client_key, source, error)
 
 
 def _array(entries: Any, table: str, what: str, source: str) -> list[tuple[dict[str, Any], str]]:

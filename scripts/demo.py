@@ -2,9 +2,10 @@
 
 It brings up a lab of two hosts on this machine (network and mount
 namespaces, each with its own libvirtd and sshd; see scripts/lab), starts a
-coldferry agent inside each host and the controller beside them
-(tests/support/stack.py), and starts the test guest on host1 (it writes a
-record to its disk). Then it runs, and prints, what an operator would type:
+coldferry agent inside each host and the controller beside them, all over
+TLS with certificates of a CA made for the run (tests/support/stack.py), and
+starts the test guest on host1 (it writes a record to its disk). Then it
+runs, and prints, what an operator would type:
 
   coldferry host list
   coldferry server list
@@ -76,7 +77,10 @@ def run(method: str, workdir: Path) -> None:
             for host in lab.hosts:
                 say(f"agent of {host.name}: {stack.agent_url(host.name)} (log {workdir}/{host.name}-agent.log)")
             say(f"controller: {stack.url} (log {workdir}/controller.log, database {workdir}/controller.db)")
-            say(f"the commands below run with COLDFERRY_URL={stack.url} and COLDFERRY_TOKEN set")
+            say(f"TLS everywhere: the agents' and the controller's certificates are signed by the CA "
+                f"{stack.ca_file} (coldferry tls make-ca / make-cert)")
+            say(f"the commands below run with COLDFERRY_URL={stack.url}, COLDFERRY_CA_FILE={stack.ca_file} "
+                "and COLDFERRY_TOKEN set")
             say(f"up in {time.monotonic() - t:.1f} s")
 
             t = step("starting the test guest on host1")

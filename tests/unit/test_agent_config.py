@@ -53,7 +53,8 @@ transfer_method = "rsync"
     ('[agent]\ntoken = "a"\ntoken_file = "/x"\n', r"^\[agent\] has both token and token_file in "),
     ('[agent]\ntoken_file = "/nonexistent/token"\n', r"^\[agent\] token_file: cannot read /nonexistent/token in "),
     ('[agent]\ntoken = "a"\nbind = "x"\nprot = 1\n', r"^\[agent\] has unknown key\(s\) bind, prot in .*: the known "
-                                                     r"keys are address, driver, listen, port, token, token_file$"),
+                                                     r"keys are address, driver, listen, plain_http, port, tls_cert, "
+                                                     r"tls_client_ca, tls_key, token, token_file$"),
     ('[agent]\ntoken = "a"\n[driver]\nlibvirt_url = "x"\n', r"^\[driver\] has unknown key\(s\) libvirt_url in "),
 ])
 def test_token_and_key_mistakes_are_refused(tmp_path, text, match):
@@ -98,7 +99,8 @@ def test_agent_command_help_explains_the_config(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["agent", "--help"])
     out = capsys.readouterr().out
-    for word in ("--config FILE", "token_file", "address", '[agent]', "8797", 'driver       "libvirt"'):
+    for word in ("--config FILE", "token_file", "address", '[agent]', "8797", 'driver       "libvirt"', "tls_cert",
+                 "tls_key", "tls_client_ca", "plain_http", "coldferry tls --help"):
         assert word in out
 
 

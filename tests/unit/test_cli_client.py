@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from coldferry import cli, client
-from coldferry.client import (CONFIG_ENV, DEFAULT_URL, TOKEN_ENV, URL_ENV, ClientError, ControllerClient, Waiter,
+from coldferry.client import (CA_ENV, CONFIG_ENV, DEFAULT_URL, TOKEN_ENV, URL_ENV, ClientError, ControllerClient, Waiter,
                               resolve_settings)
 
 from .fakes import FakeClock
@@ -30,6 +30,7 @@ class FakeController:
         self.routes: dict[tuple[str, str], list[Any]] = {}
         self.requests: list[httpx.Request] = []
         self.opened: list[tuple[str, str]] = []
+        self.ca_files: list[str | None] = []
         self.clock = FakeClock()  # starts at 1000
 
     def on(self, method: str, path: str, *answers: Any) -> None:
@@ -47,8 +48,9 @@ class FakeController:
         status, body = answer if isinstance(answer, tuple) else (200, answer)
         return httpx.Response(status, json=body)
 
-    def open(self, url: str, token: str) -> ControllerClient:
+    def open(self, url: str, token: str, ca_file: str | None = None) -> ControllerClient:
         self.opened.append((url, token))
+        self.ca_files.append(ca_file)
         return ControllerClient(url, token, http=httpx.Client(transport=httpx.MockTransport(self.handle),
                                                               base_url=url))
 
@@ -70,7 +72,7 @@ def install(monkeypatch: pytest.MonkeyPatch, home: Path) -> FakeController:
     fake = FakeController()
     monkeypatch.setattr(client, "open_client", fake.open)
     monkeypatch.setattr(client, "make_waiter", fake.waiter)
-    for name in (URL_ENV, TOKEN_ENV, CONFIG_ENV):
+    for name in (URL_ENV, TOKEN_ENV, CONFIG_ENV, CA_ENV):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(home))  # the default config file is looked for under here
     return fake
@@ -183,6 +185,22 @@ def test_token_file_mistakes_are_named(tmp_path):
         resolve_settings("http://x:1", str(tmp_path / "nope"), None, {})
     with pytest.raises(ClientError, match=r"^--token-file: .*/empty is empty: write the token into it"):
         resolve_settings("http://x:1", str(tmp_path / "empty"), None, {})
+
+
+def test_the_ca_file_from_the_flag_the_environment_or_next_to_the_config_file(tmp_path):
+    cfg = write_config(tmp_path / "conf" / "c.toml", '[client]\nurl = "https://c:1"\ntoken = "t"\nca_file = "ca.pem"\n')
+    assert resolve_settings(None, None, str(cfg), {}).ca_file == str(tmp_path / "conf" / "ca.pem")
+    assert resolve_settings(None, None, str(cfg), {CA_ENV: "/env.pem"}).ca_file == "/env.pem"
+    assert resolve_settings(None, None, str(cfg), {CA_ENV: "/env.pem"}, ca_file="/flag.pem").ca_file == "/flag.pem"
+    # a plain http URL needs no CA: flags that say the rest leave the file unread
+    write_config(cfg, "not toml [")
+    assert resolve_settings("http://c:1", token_file(tmp_path), str(cfg), {}).ca_file is None
+
+
+def test_commands_pass_the_ca_file_on(fake, tmp_path, capsys):
+    fake.on("GET", "/v1/servers", {"servers": []})
+    assert cli.main(["server", "list", "--url", URL, "--token-file", token_file(tmp_path), "--ca-file", "/ca.pem"]) == 0
+    assert fake.ca_files == ["/ca.pem"]
 
 
 def test_a_token_found_nowhere_is_asked_for(tmp_path):

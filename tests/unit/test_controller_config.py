@@ -81,7 +81,7 @@ def test_agent_tables_may_share_the_file(tmp_path):
 def test_unknown_controller_keys_are_listed(tmp_path):
     msg = load_error(tmp_path, '[controller]\ntoken = "a"\nprot = 1\nlisten_addr = "x"\n')
     assert msg.startswith("[controller] has unknown key(s) listen_addr, prot in ")
-    assert "the known keys are agent_lost_seconds, agent_retry_seconds, agent_timeout," in msg
+    assert "the known keys are agent_ca, agent_client_cert, agent_client_key, agent_lost_seconds," in msg
     assert "controller.toml" in msg
 
 
@@ -204,3 +204,14 @@ def test_recovery_settings_have_safe_defaults_and_are_checked(tmp_path):
     for bad in ("agent_lost_seconds = 0", "agent_retry_seconds = -1", "recovery_interval = 0"):
         msg = load_error(tmp_path, f'[controller]\ntoken = "a"\n{bad}\n')
         assert bad.split()[0] in msg
+
+
+def test_controller_command_help_shows_the_tls_settings(capsys):
+    from coldferry.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["controller", "--help"])
+    out = capsys.readouterr().out
+    for word in ("tls_cert", "tls_key", "agent_ca", "agent_client_cert", "plain_http", 'agent_url = "https://',
+                 "coldferry tls --help"):
+        assert word in out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Provisioning of the controller node (runs as root inside the node, after
-# common.sh): the coldferry controller as a systemd service on port 8798, with
+# common.sh): the coldferry controller as a systemd service on port 8798 over TLS
+# (a certificate of the lab CA; the agents' certificates checked against it), with
 # every host node of the lab, and root's client configuration so that
 # `sudo coldferry ...` on this node talks to it.
 #
@@ -16,6 +17,14 @@ source /vagrant/provision/lib.sh
 
 install -m 600 /vagrant/.lab/controller.token /etc/coldferry/controller.token
 install -m 600 /vagrant/.lab/agent.token /etc/coldferry/agent.token
+# The certificate names the controller's lab address too, for clients on the other nodes.
+address=127.0.0.1
+IFS=, read -r -a pairs <<<"$hosts"
+for pair in "${pairs[@]}"; do
+    if [[ ${pair#*=} == controller ]]; then address=${pair%%=*}; fi
+done
+say "TLS certificate of the controller, signed by the lab CA"
+lab_cert "$TLS/controller" --name controller --dns localhost --ip 127.0.0.1 --ip "$address"
 {
     cat <<CONF
 # coldferry lab: written by vagrant/provision/controller.sh
@@ -25,6 +34,9 @@ port = $PORT
 token_file = "/etc/coldferry/controller.token"
 database = "sqlite:////var/lib/coldferry/controller.db"
 auto_confirm_seconds = 0
+tls_cert = "$TLS/controller.pem"
+tls_key = "$TLS/controller-key.pem"
+agent_ca = "$TLS/ca.pem"
 CONF
     IFS=, read -r -a pairs <<<"$hosts"
     for pair in "${pairs[@]}"; do
@@ -34,7 +46,7 @@ CONF
 
 [[hosts]]
 name = "$name"
-agent_url = "http://$ip:8797"
+agent_url = "https://$ip:8797"
 address = "$ip"
 agent_token_file = "/etc/coldferry/agent.token"
 CONF
@@ -43,8 +55,8 @@ CONF
 chmod 600 /etc/coldferry/controller.toml
 
 install -d -m 700 /root/.config/coldferry
-printf '[client]\nurl = "http://127.0.0.1:%d"\ntoken_file = "/etc/coldferry/controller.token"\n' "$PORT" \
-    >/root/.config/coldferry/client.toml
+printf '[client]\nurl = "https://127.0.0.1:%d"\ntoken_file = "/etc/coldferry/controller.token"\nca_file = "%s"\n' \
+    "$PORT" "$TLS/ca.pem" >/root/.config/coldferry/client.toml
 
 cat >/etc/systemd/system/coldferry-controller.service <<'UNIT'
 [Unit]
@@ -62,5 +74,5 @@ RestartSec=3
 WantedBy=multi-user.target
 UNIT
 say "waiting for the controller on port $PORT"
-start_service coldferry-controller "http://127.0.0.1:$PORT/v1/os-hypervisors" /etc/coldferry/controller.token
+start_service coldferry-controller "https://127.0.0.1:$PORT/v1/os-hypervisors" /etc/coldferry/controller.token
 say "controller answers (the hosts show as up once their agents run: coldferry host list)"

@@ -2,7 +2,8 @@
 # Provisioning of a KVM host node (runs as root inside the node, after common.sh):
 # libvirtd, the bridge the lab's guests plug into, SSH host keys and root's key
 # shared with the other host (so disk copies verify host keys strictly), the test
-# guest's kernel and initramfs, and the coldferry agent as a systemd service.
+# guest's kernel and initramfs, and the coldferry agent as a systemd service serving
+# TLS with a certificate of the lab CA.
 #
 #   host.sh NODE_NAME NODE_IP
 set -euo pipefail
@@ -63,7 +64,10 @@ install -d -m 755 "$GUEST_DIR" "$INSTANCES"
 install -m 644 "$LAB"/test-guest/vmlinuz "$LAB"/test-guest/initrd.img "$GUEST_DIR/"
 install -m 755 /vagrant/provision/lab-guest /usr/local/sbin/coldferry-lab-guest
 
-say "coldferry agent on $ip:$AGENT_PORT"
+say "TLS certificate of the agent for $name and $ip, signed by the lab CA"
+lab_cert "$TLS/agent" --name "$name" --ip "$ip"
+
+say "coldferry agent on https://$ip:$AGENT_PORT"
 install -m 600 "$LAB/agent.token" /etc/coldferry/agent.token
 cat >/etc/coldferry/agent.toml <<CONF
 # coldferry lab: written by vagrant/provision/host.sh
@@ -73,6 +77,8 @@ port = $AGENT_PORT
 token_file = "/etc/coldferry/agent.token"
 address = "$ip"
 driver = "libvirt"
+tls_cert = "$TLS/agent.pem"
+tls_key = "$TLS/agent-key.pem"
 
 [driver]
 libvirt_uri = "qemu:///system"
@@ -101,5 +107,5 @@ RestartSec=3
 [Install]
 WantedBy=multi-user.target
 UNIT
-start_service coldferry-agent "http://$ip:$AGENT_PORT/v1/host" /etc/coldferry/agent.token
+start_service coldferry-agent "https://$ip:$AGENT_PORT/v1/host" /etc/coldferry/agent.token
 say "agent answers"
