@@ -4,12 +4,16 @@ Reads answer at once; every operation that changes an instance runs as a
 background job (202 with the job) that the controller polls. All of
 ``/v1`` requires the agent's bearer token.
 
-Errors: 404 for an unknown instance or job, 409 for an instance in the
-wrong state, a busy instance or a job name already used for another
-operation, 503 with the driver's message when the hypervisor side failed
-(the agent itself is fine), and 500 only for a bug (an exception the
+Errors: 400 for a malformed request, 401 without the token (checked before
+the body is looked at), 404 for an unknown instance or job, 409 for an
+instance in the wrong state, a busy instance or a job name already used for
+another operation, 503 with the driver's message when the hypervisor side
+failed (the agent itself is fine), and 500 only for a bug (an exception the
 driver contract does not allow), with a generic message and the traceback
-in the agent's log.
+in the agent's log. The OpenAPI document declares these per route.
+
+The token check, the validation message and the OpenAPI error answers are
+shared with the controller's API, which imports them from here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from driver.base import ComputeDriver
 from driver.errors import DriverError, InstanceNotFound, InvalidInstanceState
@@ -39,6 +44,64 @@ _bearer = HTTPBearer(auto_error=False, description="the agent's token from its c
 
 class _Unauthorized(Exception):
     """No token or a wrong one."""
+
+
+class ErrorOut(BaseModel):
+    """The body of every error answer."""
+
+    detail: str
+
+
+_MEANINGS = {
+    400: "malformed request: the detail names the field and why",
+    401: "missing or wrong bearer token",
+    404: "no such object",
+    409: "the current state forbids the request",
+    502: "an agent failed or did not answer",
+    503: "the host's hypervisor side failed; the detail has the driver's message",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route (or router) that answers ``codes`` besides its success."""
+    return {code: {"model": ErrorOut, "description": _MEANINGS[code]} for code in codes}
+
+
+def document_400_not_422(app: FastAPI) -> None:
+    """Make ``app``'s OpenAPI document say 400 where FastAPI writes 422.
+
+    FastAPI documents a 422 for every route with parameters or a body; these
+    apps answer a malformed request with 400 and ``{"detail": str}`` instead
+    (their RequestValidationError handler).
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = generate()
+            for item in doc["paths"].values():
+                for operation in item.values():
+                    answers = operation.get("responses", {})
+                    if answers.pop("422", None) is not None:
+                        answers["400"] = {"description": _MEANINGS[400], "content": {
+                            "application/json": {"schema": ErrorOut.model_json_schema()}}}
+            for unused in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def bearer_ok(request: Request, expected: bytes) -> bool:
+    """Whether ``request`` carries ``Authorization: Bearer <expected>``.
+
+    For the validation error handlers: FastAPI parses the body before any
+    dependency runs, so a caller without the token would otherwise learn how
+    its body is malformed.
+    """
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and _token_ok(given.strip(), expected)
 
 
 def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner | None = None, *,
@@ -64,7 +127,8 @@ def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner 
     app = FastAPI(title="coldferry agent", version="1",
                   description="One host's hypervisor driver: inventory, power and migration jobs.")
     _add_error_handlers(app, expected)
-    api = APIRouter(prefix="/v1", dependencies=[Depends(check_token)])
+    document_400_not_422(app)
+    api = APIRouter(prefix="/v1", dependencies=[Depends(check_token)], responses=errors(401))
     _add_read_routes(api, driver, address, runner)
     _add_job_routes(api, driver, runner, (shutdown_timeout, shutdown_retry_interval))
     app.include_router(api)
@@ -93,10 +157,7 @@ def _add_error_handlers(app: FastAPI, expected: bytes) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # The body is parsed before dependencies run: check the token here so a
-        # caller without it learns nothing about the request's shape.
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not _token_ok(given.strip(), expected):
+        if not bearer_ok(request, expected):
             return await unauthorized(request, _Unauthorized())
         return error(400, validation_reason(exc.errors()))
 
@@ -145,15 +206,18 @@ def validation_reason(errors: Any) -> str:
 
 
 def _add_read_routes(api: APIRouter, driver: ComputeDriver, address: str, runner: JobRunner) -> None:
-    @api.get("/host", response_model=s.HostOut, summary="this host's resources and data-plane address")
+    @api.get("/host", response_model=s.HostOut, responses=errors(503),
+             summary="this host's resources and data-plane address")
     def host() -> dict[str, Any]:
         return {**asdict(driver.host_resources()), "address": address}
 
-    @api.get("/instances", response_model=s.InstancesOut, summary="every instance defined here")
+    @api.get("/instances", response_model=s.InstancesOut, responses=errors(503),
+             summary="every instance defined here")
     def instances() -> dict[str, Any]:
         return {"instances": [s.InstanceOut.of(i) for i in driver.list_instances()]}
 
-    @api.get("/instances/{uuid}", response_model=s.InstanceOut, summary="one instance (404 if unknown)")
+    @api.get("/instances/{uuid}", response_model=s.InstanceOut, responses=errors(404, 503),
+             summary="one instance (404 if unknown)")
     def instance(uuid: str) -> s.InstanceOut:
         return s.InstanceOut.of(driver.get_instance(uuid))
 
@@ -161,7 +225,8 @@ def _add_read_routes(api: APIRouter, driver: ComputeDriver, address: str, runner
     def jobs() -> dict[str, Any]:
         return {"jobs": [j.to_dict() for j in runner.list()]}
 
-    @api.get("/jobs/{job_id}", response_model=s.JobOut, summary="one job (404 if unknown)")
+    @api.get("/jobs/{job_id}", response_model=s.JobOut, responses=errors(404),
+             summary="one job (404 if unknown)")
     def job(job_id: str) -> dict[str, Any]:
         return runner.get(job_id).to_dict()
 
@@ -198,21 +263,23 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
         return (timeout if body.timeout is None else body.timeout,
                 retry if body.retry_interval is None else body.retry_interval)
 
-    job = {"status_code": 202, "response_model": s.JobOut}
+    # A job on the instance defined here (looked up first: 404, 503) or on one that may not be.
+    job_on = {"status_code": 202, "response_model": s.JobOut, "responses": errors(404, 409, 503)}
+    job = {"status_code": 202, "response_model": s.JobOut, "responses": errors(409)}
     again = "; naming a job_id the agent has answers 202 with that job, whatever its state"
 
-    @api.post("/instances/{uuid}/power-on", **job, summary="start a stopped instance" + again)
+    @api.post("/instances/{uuid}/power-on", **job_on, summary="start a stopped instance" + again)
     def power_on(uuid: str, body: s.PowerOnRequest | None = None) -> dict[str, Any]:
         body = body or s.PowerOnRequest()
         return start_on("power-on", uuid, body.job_id, lambda inst, progress: driver.power_on(inst))
 
-    @api.post("/instances/{uuid}/power-off", **job, summary="clean shutdown, forced after the timeout" + again)
+    @api.post("/instances/{uuid}/power-off", **job_on, summary="clean shutdown, forced after the timeout" + again)
     def power_off(uuid: str, body: s.PowerOffRequest | None = None) -> dict[str, Any]:
         body = body or s.PowerOffRequest()
         timeout, retry = shutdown(body)
         return start_on("power-off", uuid, body.job_id, lambda inst, progress: driver.power_off(inst, timeout, retry))
 
-    @api.post("/instances/{uuid}/migrate-disk-and-power-off", **job,
+    @api.post("/instances/{uuid}/migrate-disk-and-power-off", **job_on,
               summary="source side: power off and copy the disks to dest" + again)
     def migrate(uuid: str, body: s.MigrateRequest) -> dict[str, Any]:
         timeout, retry = shutdown(body)
@@ -252,7 +319,7 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
         destroy_disks = body.destroy_disks
         return start("destroy", uuid, body.job_id, lambda progress: driver.destroy(_bare(uuid), [], destroy_disks))
 
-    @api.post("/instances/{uuid}/live-migrate", **job,
+    @api.post("/instances/{uuid}/live-migrate", **job_on,
               summary="move a running instance, keeping it running" + again)
     def live_migrate(uuid: str, body: s.LiveMigrateRequest) -> dict[str, Any]:
         return start_on("live-migrate", uuid, body.job_id,

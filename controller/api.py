@@ -1,4 +1,9 @@
-"""The controller's HTTP API (docs/api.md): servers, migrations, hypervisors, services, drains."""
+"""The controller's HTTP API (docs/api.md): servers, migrations, hypervisors, services, drains.
+
+Request bodies are strict and closed, as the agent's are. The token is
+checked before anything about the request is said; the OpenAPI document
+declares every error status a route answers (the helpers are the agent's).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agent.app import bearer_ok, document_400_not_422, errors, validation_reason
+
 from .conductor import Conductor
 from .drain import Drainer
 from .errors import BadRequest, ControllerError
@@ -20,7 +27,7 @@ from .store import Store
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class MigrateArgs(_Body):
@@ -37,7 +44,7 @@ class LiveArgs(_Body):
 class ServerAction(BaseModel):
     """Exactly one action, Nova's way: ``{"migrate": {...}}``, ``{"confirmResize": null}``, ..."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
     migrate: MigrateArgs | None = None
     confirmResize: None = None
     revertResize: None = None
@@ -66,14 +73,6 @@ class DrainArgs(_Body):
     force: bool = False
 
 
-def _validation_reason(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "malformed request: " + "; ".join(parts)
-
-
 def _bearer(token: str) -> Any:
     scheme = HTTPBearer(auto_error=False)
 
@@ -92,10 +91,13 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
     app = FastAPI(title="coldferry controller", version="1",
                   description="Cold and live migration of servers between KVM hosts, host drain.")
     inv = conductor.inventory
+    document_400_not_422(app)
 
     @app.exception_handler(RequestValidationError)
     async def _bad(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_reason(exc)}, status_code=400)
+        if not bearer_ok(request, token.encode()):
+            return await _unauth(request, _Unauthorized())
+        return JSONResponse({"detail": "malformed request: " + validation_reason(exc.errors())}, status_code=400)
 
     @app.exception_handler(ControllerError)
     async def _ctl(request: Request, exc: ControllerError) -> JSONResponse:
@@ -107,17 +109,17 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
                                        "the controller's token"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_bearer(token))])
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_bearer(token))], responses=errors(401))
 
-    @api.get("/servers")
+    @api.get("/servers", responses=errors(404, 409))
     def list_servers(host: str | None = None) -> dict[str, Any]:
         return {"servers": [s.to_api() for s in inv.servers(host=host)]}
 
-    @api.get("/servers/{server}")
+    @api.get("/servers/{server}", responses=errors(404, 409))
     def show_server(server: str) -> dict[str, Any]:
         return inv.find(server).to_api()
 
-    @api.post("/servers/{server}/action", status_code=status.HTTP_202_ACCEPTED)
+    @api.post("/servers/{server}/action", status_code=status.HTTP_202_ACCEPTED, responses=errors(404, 409, 502))
     def server_action(server: str, body: ServerAction) -> dict[str, Any]:
         sent = body.model_fields_set
         if "migrate" in sent:
@@ -132,7 +134,7 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
             m = conductor.revert(conductor.open_migration(server).id)
         return {"migration": m.to_api()}
 
-    @api.get("/os-hosts/{host}/check-destination")
+    @api.get("/os-hosts/{host}/check-destination", responses=errors(404, 409, 502))
     def check_destination(host: str, server: str) -> dict[str, Any]:
         return conductor.check_destination(server, host)
 
@@ -147,19 +149,21 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
                                       server=server, migration_type=migration_type, changes_since=since)
         return {"migrations": [m.to_api() for m in found]}
 
-    @api.get("/os-migrations/{migration_id}")
+    finish = errors(404, 409, 502)
+
+    @api.get("/os-migrations/{migration_id}", responses=errors(404))
     def show_migration(migration_id: int) -> dict[str, Any]:
         return conductor.get(migration_id).to_api()
 
-    @api.post("/os-migrations/{migration_id}/confirm", status_code=status.HTTP_202_ACCEPTED)
+    @api.post("/os-migrations/{migration_id}/confirm", status_code=status.HTTP_202_ACCEPTED, responses=finish)
     def confirm(migration_id: int) -> dict[str, Any]:
         return conductor.confirm(migration_id).to_api()
 
-    @api.post("/os-migrations/{migration_id}/revert", status_code=status.HTTP_202_ACCEPTED)
+    @api.post("/os-migrations/{migration_id}/revert", status_code=status.HTTP_202_ACCEPTED, responses=finish)
     def revert(migration_id: int) -> dict[str, Any]:
         return conductor.revert(migration_id).to_api()
 
-    @api.post("/os-migrations/{migration_id}/recover", status_code=status.HTTP_202_ACCEPTED)
+    @api.post("/os-migrations/{migration_id}/recover", status_code=status.HTTP_202_ACCEPTED, responses=finish)
     def recover(migration_id: int) -> dict[str, Any]:
         return conductor.recover(migration_id).to_api()
 
@@ -167,18 +171,20 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
     def hypervisors() -> dict[str, Any]:
         return {"hypervisors": inv.hypervisors()}
 
-    @api.get("/os-hypervisors/{host}")
+    @api.get("/os-hypervisors/{host}", responses=errors(404))
     def hypervisor(host: str) -> dict[str, Any]:
         return inv.hypervisor(inv.host_record(host))
 
-    @api.put("/os-services/{host}")
+    @api.put("/os-services/{host}", responses=errors(404))
     def set_service(host: str, body: ServiceUpdate) -> dict[str, Any]:
         inv.host_record(host)
         enabled = body.status == "enabled"
         reason = None if enabled else (body.disabled_reason or "").strip() or None
         return inv.hypervisor(store.set_service(host, enabled, reason))
 
-    @api.post("/os-hypervisors/{host}/drain", status_code=status.HTTP_202_ACCEPTED)
+    @api.post("/os-hypervisors/{host}/drain", status_code=status.HTTP_202_ACCEPTED,
+              responses={200: {"description": "a dry run: the rows planned, nothing moved"},
+                         **errors(404, 409)})
     def drain(host: str, body: DrainArgs) -> JSONResponse:
         d = drainer.start(host, body.live, body.max_servers, body.dry_run, body.target_host, body.force)
         return JSONResponse(drainer.to_api(d), status_code=200 if d.dry_run else 202)
@@ -187,7 +193,7 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
     def drains() -> dict[str, Any]:
         return {"drains": [drainer.to_api(d) for d in store.list_drains()]}
 
-    @api.get("/drains/{drain_id}")
+    @api.get("/drains/{drain_id}", responses=errors(404))
     def show_drain(drain_id: int) -> dict[str, Any]:
         return drainer.to_api(drainer.get(drain_id))
 
@@ -196,9 +202,16 @@ def create_app(conductor: Conductor, drainer: Drainer, store: Store, token: str)
 
 
 def _parse_time(text: str) -> dt.datetime:
+    """changes-since as an aware UTC time; a time without a zone is taken as UTC.
+
+    :raises BadRequest: not ISO 8601, or a time that is not within years 1 to 9999 in UTC.
+    """
     try:
         t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise BadRequest(reason=f"changes-since: {text!r} is not an ISO 8601 time "
                                 "(e.g. 2026-11-23T11:40:00Z)") from None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    try:
+        return t.astimezone(dt.timezone.utc) if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    except OverflowError:
+        raise BadRequest(reason=f"changes-since: {text!r} is out of range (years 1 to 9999 in UTC)") from None

@@ -3,8 +3,10 @@ drain a host, confirm or revert a migration.
 
 Every action but the login needs a logged-in admin and the session's CSRF
 token (auth.action); the login form carries the token of the anonymous
-session. An action the controller refuses comes back to the page it was
-sent from with the reason; nothing is half done.
+session. Failed logins are throttled per user name and per client address
+(throttle.py): a refused attempt answers 429 saying when to try again. An
+action the controller refuses comes back to the page it was sent from with
+the reason; nothing is half done.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from ..errors import BadRequest, ControllerError
 from . import csrf, forms
-from .auth import Action, Forbidden, action, log_in, log_out
+from .auth import Action, Forbidden, action
 from .context import Dashboard, local_path
 from .forms import posted_form
 from .render import flash, redirect
@@ -54,19 +56,30 @@ def router(d: Dashboard) -> APIRouter:
             raise Forbidden("the login form's security token is missing or out of date: reload the page")
         target = local_path(form.get("next"), "/hypervisors")
         name = form.get("name", "").strip()
-        user = d.users.authenticate(name, form.get("password", ""))
         client = request.client.host if request.client else "?"
+        keys = (("name", name), ("address", client))
+        wait = d.throttle.wait(*keys)
+        if wait:
+            log.warning("dashboard: login as %r from %s refused for %d s: too many failures", name, client, wait)
+            refused = d.renderer.page(request, "login.html", None, status=429, next=target, name=name,
+                                      error=f"too many failed logins for this name or from this address: "
+                                            f"try again in {wait} seconds", no_users=not d.users)
+            refused.headers["Retry-After"] = str(wait)
+            return refused
+        user = d.users.authenticate(name, form.get("password", ""))
         if user is None:
+            d.throttle.failed(*keys)
             log.warning("dashboard: failed login as %r from %s", name, client)
             return d.renderer.page(request, "login.html", None, status=401, next=target, name=name,
                                    error="wrong name or password", no_users=not d.users)
-        log_in(request.session, user)
+        d.throttle.succeeded(keys[0])
+        d.users.log_in(request.session, user)
         log.info("dashboard: %s (%s) logged in from %s", user.name, user.role, client)
         return redirect(request, target)
 
     @acts.post("/logout")
     def logout(request: Request, act: Action = Depends(anyone)) -> RedirectResponse:
-        log_out(request.session)
+        d.users.log_out(request.session)
         return redirect(request, "/login")
 
     @acts.post("/hypervisors/{host}/disable")

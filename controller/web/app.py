@@ -48,8 +48,13 @@ def _here(request: Request) -> str:
     return inner + ("?" + request.url.query if request.url.query else "")
 
 
-def create_dashboard(d: Dashboard, secret: str, max_age: int, cookie_path: str = PREFIX) -> FastAPI:
-    """The dashboard app: pages, actions, static files, the signed session and its errors."""
+def create_dashboard(d: Dashboard, secret: str, max_age: int, cookie_path: str = PREFIX,
+                     secure_cookie: bool = False) -> FastAPI:
+    """The dashboard app: pages, actions, static files, the signed session and its errors.
+
+    :param secure_cookie: mark the session cookie ``Secure`` on every answer; without it,
+        on answers to https requests only.
+    """
     web = FastAPI(title="coldferry dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error_page(request: Request, status: int, title: str, message: str) -> Response:
@@ -82,7 +87,7 @@ def create_dashboard(d: Dashboard, secret: str, max_age: int, cookie_path: str =
     # Outermost last: the headers wrap everything, the session is there for every route.
     web.add_middleware(SessionMiddleware, secret_key=secret, session_cookie=COOKIE, max_age=max_age,
                        path=cookie_path, same_site="strict")
-    web.add_middleware(SecurityHeaders)
+    web.add_middleware(SecurityHeaders, secure_cookies=secure_cookie)
     return web
 
 
@@ -91,14 +96,14 @@ def mount_dashboard(app: FastAPI, conductor: Conductor, drainer: Drainer, store:
     """Mount the dashboard on the controller's ``app`` at PREFIX, with ``/`` leading to it.
 
     :param config: its ``users``, ``session_secret`` (a random one per start when None) and
-        ``session_max_age`` are used.
+        ``session_max_age`` are used. Sessions are kept in this process: a restart ends them.
     :returns: the dashboard app.
     """
     if not config.users:
         log.warning("dashboard at %s/ has no users: add [[users]] to the controller configuration "
                     "(python -m controller.web.password_hash makes a password_hash)", PREFIX)
     secret = config.session_secret or secrets.token_urlsafe(32)
-    d = Dashboard(conductor, drainer, store, Users(config.users), Renderer())
+    d = Dashboard(conductor, drainer, store, Users(config.users, max_age=config.session_max_age), Renderer())
     web = create_dashboard(d, secret, config.session_max_age)
 
     async def to_dashboard() -> RedirectResponse:

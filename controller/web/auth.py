@@ -1,8 +1,9 @@
 """Who is logged in and what they may do: users from the configuration, roles, the login session.
 
-The signed session cookie holds only the user's name and the CSRF token;
-the role is looked up in the configuration on every request, so removing a
-user or demoting one to reader takes effect on their next click.
+The signed session cookie holds only a session id (sessions.py) and the
+CSRF token; the controller keeps whose session it is, so logging out ends
+it for every copy of the cookie. The role is looked up in the configuration
+on every request, so it is never taken from the cookie.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +22,12 @@ from ..config import UserConfig
 from . import csrf
 from .forms import posted_form
 from .passwords import hash_password, verify_password
+from .sessions import SessionTable
 
 log = logging.getLogger(__name__)
 
 ADMIN = "admin"
-_USER_KEY = "user"
+_SESSION_KEY = "sid"
 
 
 class LoginRequired(Exception):
@@ -54,10 +57,16 @@ def _decoy() -> str:
 
 
 class Users:
-    """The configured dashboard users by name."""
+    """The configured dashboard users by name, and who of them is logged in.
 
-    def __init__(self, users: Iterable[UserConfig]) -> None:
+    :param max_age: idle seconds after which a session ends.
+    :param clock: monotonic seconds, for the sessions' ages.
+    """
+
+    def __init__(self, users: Iterable[UserConfig], max_age: float = 12 * 3600,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._by_name = {u.name: u for u in users}
+        self._sessions = SessionTable(max_age, clock)
 
     def __bool__(self) -> bool:
         return bool(self._by_name)
@@ -69,20 +78,21 @@ class Users:
         return user if ok and user is not None else None
 
     def current(self, session: MutableMapping[str, Any]) -> UserConfig | None:
-        """The session's user, if it names one still configured."""
-        name = session.get(_USER_KEY)
-        return self._by_name.get(name) if isinstance(name, str) else None
+        """The session's user: the cookie names an open session of a user still configured."""
+        name = self._sessions.user(session.get(_SESSION_KEY))
+        return None if name is None else self._by_name.get(name)
 
+    def log_in(self, session: MutableMapping[str, Any], user: UserConfig) -> None:
+        """Start ``user``'s session: anything from before the login (a flash, the token) is dropped."""
+        self._sessions.close(session.get(_SESSION_KEY))
+        session.clear()
+        session[_SESSION_KEY] = self._sessions.open(user.name)
+        csrf.rotate(session)
 
-def log_in(session: MutableMapping[str, Any], user: UserConfig) -> None:
-    """Start ``user``'s session: anything from before the login (a flash, the token) is dropped."""
-    session.clear()
-    session[_USER_KEY] = user.name
-    csrf.rotate(session)
-
-
-def log_out(session: MutableMapping[str, Any]) -> None:
-    session.clear()
+    def log_out(self, session: MutableMapping[str, Any]) -> None:
+        """End the session for good: the same cookie, sent again, is no longer logged in."""
+        self._sessions.close(session.get(_SESSION_KEY))
+        session.clear()
 
 
 def viewer(users: Users) -> Callable[[Request], UserConfig]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..conductor import Conductor
 from ..drain import Drainer
@@ -10,6 +10,7 @@ from ..inventory import Inventory
 from ..store import Store
 from .auth import Users
 from .render import Renderer
+from .throttle import LoginThrottle
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Dashboard:
     renderer: Renderer
     #: How often the results page asks for its drain's rows, in milliseconds.
     poll_ms: int = 1000
+    #: Failed logins per user name and per client address.
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
     @property
     def inventory(self) -> Inventory:

@@ -205,6 +205,27 @@ def test_openapi_document_is_served(cloud):
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+
+def assert_400_not_422_and_401(doc: dict[str, Any]) -> None:
+    """Every operation of an OpenAPI document answers 401, and 400 (never 422) where it takes input."""
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            answers = op["responses"]
+            assert "422" not in answers and "401" in answers, (method, path, sorted(answers))
+            if op.get("requestBody") or op.get("parameters"):
+                assert answers["400"]["content"]["application/json"]["schema"], (method, path)
+    assert "HTTPValidationError" not in doc.get("components", {}).get("schemas", {})
+
+
+def test_openapi_document_says_what_the_agent_answers(cloud):
+    doc = cloud[0].client.get("/openapi.json").json()
+    assert_400_not_422_and_401(doc)
+    ops = doc["paths"]
+    assert {"404", "503"} <= set(ops["/v1/instances/{uuid}"]["get"]["responses"])
+    assert {"202", "400", "404", "409", "503"} <= set(ops["/v1/instances/{uuid}/power-off"]["post"]["responses"])
+    assert {"202", "400", "409"} <= set(ops["/v1/instances/{uuid}/finish-migration"]["post"]["responses"])
+    assert "404" in ops["/v1/jobs/{job_id}"]["get"]["responses"]
+
 # -- malformed bodies ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("op,body,reason", [

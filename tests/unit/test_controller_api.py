@@ -13,6 +13,7 @@ from controller import records
 from controller.records import MigrationStatus
 from driver.model import PowerState
 from tests.unit.controller_env import TOKEN, Env
+from tests.unit.test_agent_api import assert_400_not_422_and_401
 
 VM = "00000000-0000-4000-8000-0000000000a1"
 OFF = "00000000-0000-4000-8000-0000000000a2"
@@ -204,3 +205,69 @@ def test_recover_route_answers_409_naming_the_silent_host_then_202(env: Env) -> 
     assert m.status == MigrationStatus.ERROR and "the source was restored" in m.error
     r = api.post(f"/v1/os-migrations/{m.id}/recover")
     assert r.status_code == 409 and "only a migration in needs-recovery" in r.json()["detail"]
+
+
+HUGE = "99999999999999999999"
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", f"/v1/os-migrations/{HUGE}"), ("POST", f"/v1/os-migrations/{HUGE}/confirm"),
+    ("POST", f"/v1/os-migrations/{HUGE}/revert"), ("POST", f"/v1/os-migrations/{HUGE}/recover"),
+    ("GET", f"/v1/drains/{HUGE}"), ("GET", f"/v1/os-migrations/{2 ** 63}"), ("GET", f"/v1/drains/{2 ** 31}"),
+    ("GET", "/v1/os-migrations/-1"), ("GET", "/v1/drains/0"),
+])
+def test_an_id_no_record_can_have_is_404(env: Env, method: str, path: str) -> None:
+    api = TestClient(env.ctl.app, headers={"Authorization": f"Bearer {TOKEN}"}, raise_server_exceptions=False)
+    r = api.request(method, path)
+    assert r.status_code == 404 and "not found" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("since", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "10000-01-01T00:00:00Z"])
+def test_a_changes_since_out_of_range_is_400_naming_the_parameter(env: Env, since: str) -> None:
+    api = TestClient(env.ctl.app, headers={"Authorization": f"Bearer {TOKEN}"}, raise_server_exceptions=False)
+    r = api.get("/v1/os-migrations", params={"changes-since": since})
+    assert r.status_code == 400 and "changes-since" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("path, body, text", [
+    ("/v1/servers/web/action", {"migrate": {"host": "host2", "force": "yes"}}, "migrate.force"),
+    ("/v1/servers/web/action", {"migrate": {"host": "host2", "force": 1}}, "migrate.force"),
+    ("/v1/servers/web/action", {"os-migrateLive": {"host": "host2", "block_migration": "true"}}, "block_migration"),
+    ("/v1/os-hypervisors/host1/drain", {"live": "true"}, "live"),
+    ("/v1/os-hypervisors/host1/drain", {"max_servers": "2"}, "max_servers"),
+    ("/v1/os-hypervisors/host1/drain", {"max_servers": 2.0}, "max_servers"),
+    ("/v1/os-hypervisors/host1/drain", {"dry_run": 0}, "dry_run"),
+])
+def test_request_bodies_are_strict(api: TestClient, env: Env, path: str, body: Any, text: str) -> None:
+    r = api.post(path, json=body)
+    assert r.status_code == 400 and text in r.json()["detail"], r.text
+    assert api.get("/v1/os-migrations").json()["migrations"] == [] and api.get("/v1/drains").json()["drains"] == []
+
+
+def test_a_strict_body_still_takes_what_the_cli_sends(api: TestClient, env: Env) -> None:
+    assert api.put("/v1/os-services/host2", json={"status": "disabled", "disabled_reason": "x"}).status_code == 200
+    assert api.put("/v1/os-services/host2", json={"status": "enabled"}).status_code == 200
+    r = api.post("/v1/os-hypervisors/host1/drain", json={"live": False, "max_servers": 2, "dry_run": True,
+                                                         "target_host": "host2", "force": False})
+    assert r.status_code == 200, r.text
+    wait_drain(api, r.json()["id"])
+    r = migrate(api, "db", {"migrate": {"host": "host2", "force": False}})
+    assert r.status_code == 202, r.text
+    env.wait(r.json()["migration"]["id"])
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"migrate": {"force": "yes"}}', b""])
+def test_without_the_token_a_malformed_body_is_401_and_says_nothing_about_it(env: Env, body: bytes) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic " + TOKEN}):
+        r = TestClient(env.ctl.app).post("/v1/servers/web/action", content=body,
+                                         headers={"Content-Type": "application/json", **headers})
+        assert r.status_code == 401 and "token" in r.json()["detail"] and "body" not in r.json()["detail"], r.text
+
+
+def test_the_openapi_document_says_400_never_422_and_401_on_every_route(env: Env) -> None:
+    doc = TestClient(env.ctl.app).get("/openapi.json").json()
+    assert_400_not_422_and_401(doc)
+    ops = doc["paths"]
+    assert "404" in ops["/v1/os-migrations/{migration_id}"]["get"]["responses"]
+    assert {"404", "409", "502"} <= set(ops["/v1/os-migrations/{migration_id}/confirm"]["post"]["responses"])
+    assert {"200", "202"} <= set(ops["/v1/os-hypervisors/{host}/drain"]["post"]["responses"])

@@ -6,13 +6,20 @@ import dataclasses
 import re
 from pathlib import Path
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from controller import records
 from controller.records import MigrationStatus, MigrationType
 from controller.config import UserConfig
+from controller.web.auth import Users
+from controller.web.context import Dashboard
 from controller.web.passwords import hash_password
+from controller.web.render import Renderer
+from controller.web.app import create_dashboard
+from controller.web.throttle import LoginThrottle
 from driver.model import PowerState
 from tests.unit.controller_env import Env
 from tests.unit.test_controller_api import wait_drain
@@ -253,14 +260,17 @@ def test_the_role_is_read_from_the_configuration_on_every_request(env: Env) -> N
     c, tok = login(env, "ada", "ada-pw")
     env.config = dataclasses.replace(env.config, users=(UserConfig("ada", USERS[0].password_hash, "reader"),))
     env.start_controller()
-    demoted = client(env)
-    demoted.cookies = c.cookies
+    # Sessions live in the controller: a restart ends them all, even with the same session secret.
+    replayed = client(env)
+    replayed.cookies = c.cookies
+    assert replayed.get("/ui/hypervisors").status_code == 303
+    demoted, tok = login(env, "ada", "ada-pw")
     assert demoted.post("/ui/hypervisors/host1/enable", data={"csrf_token": tok}).status_code == 403
     env.config = dataclasses.replace(env.config, users=())
     env.start_controller()
     gone = client(env)
-    gone.cookies = c.cookies
-    assert gone.get("/ui/hypervisors").status_code == 303
+    assert gone.post("/ui/login", data={"csrf_token": token(gone), "name": "ada", "password": "ada-pw"}
+                     ).status_code == 401
     assert "No dashboard users are configured" in gone.get("/ui/login").text
 
 
@@ -277,3 +287,131 @@ def test_unknown_drain_and_malformed_addresses(env: Env) -> None:
     assert r.status_code == 404 and "drain 99 not found" in r.text
     assert c.get("/ui/api/drains/99").json() == {"detail": "drain 99 not found"}
     assert c.get("/ui/drains/first").status_code == 400
+
+
+HUGE = "99999999999999999999"
+
+
+def test_an_id_no_record_can_have_is_404_on_pages_and_refused_on_actions(env: Env) -> None:
+    c, tok = login(env, "ada", "ada-pw")
+    c = TestClient(env.ctl.app, follow_redirects=False, raise_server_exceptions=False, cookies=c.cookies)
+    for path in (f"/ui/drains/{HUGE}", f"/ui/api/drains/{HUGE}", f"/ui/drains/{2 ** 63}", "/ui/drains/-1"):
+        r = c.get(path)
+        assert r.status_code == 404 and "not found" in r.text, (path, r.status_code)
+    for verb in ("confirm", "revert"):
+        r = c.post(f"/ui/migrations/{HUGE}/{verb}", data={"csrf_token": tok})
+        assert r.status_code == 303, (verb, r.status_code)
+        assert f"migration {HUGE} not found" in c.get("/ui/migrations").text
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def throttled(env: Env, clock: Clock, address: str = "198.51.100.7") -> TestClient:
+    """A client of a dashboard whose login throttle runs on ``clock``, from ``address``."""
+    assert env.ctl is not None
+    d = Dashboard(env.conductor, env.ctl.drainer, env.ctl.store, Users(USERS, max_age=3600), Renderer(),
+                  throttle=LoginThrottle(clock=clock))
+    app = FastAPI()
+    app.mount("/ui", create_dashboard(d, "unit-test-session-secret", 3600))
+    return TestClient(app, follow_redirects=False, client=(address, 40000))
+
+
+def try_login(c: TestClient, name: str, password: str) -> httpx.Response:
+    return c.post("/ui/login", data={"csrf_token": token(c), "name": name, "password": password})
+
+
+def test_logins_are_throttled_per_name_with_a_growing_delay(env: Env) -> None:
+    clock = Clock()
+    c = throttled(env, clock)
+    for _ in range(5):
+        assert try_login(c, "ada", "guess").status_code == 401
+    r = try_login(c, "ada", "ada-pw")
+    assert r.status_code == 429 and "too many failed logins" in r.text and "try again in 30 seconds" in r.text
+    assert r.headers["retry-after"] == "30"
+    other = TestClient(c.app, follow_redirects=False, client=("203.0.113.9", 40000))
+    assert try_login(other, "ada", "ada-pw").status_code == 429    # the name is throttled from anywhere
+    assert try_login(other, "rex", "rex-pw").status_code == 303    # other names are not
+    clock.now += 29
+    assert try_login(c, "ada", "ada-pw").status_code == 429
+    clock.now += 1
+    assert try_login(c, "ada", "guess").status_code == 401
+    r = try_login(c, "ada", "ada-pw")
+    assert r.status_code == 429 and "try again in 60 seconds" in r.text   # the delay doubles
+    clock.now += 60
+    assert try_login(c, "ada", "ada-pw").status_code == 303
+    c.cookies.clear()
+    assert try_login(c, "ada", "guess").status_code == 401   # a success starts the count again
+
+
+def test_logins_are_throttled_per_client_address(env: Env) -> None:
+    clock = Clock()
+    c = throttled(env, clock)
+    for name in ("root", "admin", "ada", "rex", "bob"):
+        assert try_login(c, name, "guess").status_code == 401
+    r = try_login(c, "rex", "rex-pw")
+    assert r.status_code == 429 and "try again in 30 seconds" in r.text
+    elsewhere = TestClient(c.app, follow_redirects=False, client=("203.0.113.9", 40000))
+    assert try_login(elsewhere, "rex", "rex-pw").status_code == 303
+    clock.now += 30
+    assert try_login(c, "rex", "rex-pw").status_code == 303
+
+
+def test_failures_long_ago_are_forgotten(env: Env) -> None:
+    clock = Clock()
+    c = throttled(env, clock)
+    for _ in range(4):
+        assert try_login(c, "ada", "guess").status_code == 401
+    clock.now += 901    # past the window: the four are forgotten
+    assert try_login(c, "ada", "guess").status_code == 401
+    assert try_login(c, "ada", "ada-pw").status_code == 303
+
+
+def test_the_default_throttle_refuses_a_burst_of_guesses(env: Env) -> None:
+    c = client(env)
+    codes = [try_login(c, "ada", f"guess{i}").status_code for i in range(20)]
+    assert codes[:5] == [401] * 5 and set(codes[5:]) == {429}
+    assert try_login(c, "ada", "ada-pw").status_code == 429
+
+
+def test_a_logged_out_cookie_is_dead(env: Env) -> None:
+    c, tok = login(env, "ada", "ada-pw")
+    copied = dict(c.cookies)
+    assert c.post("/ui/logout", data={"csrf_token": tok}).status_code == 303
+    replay = client(env)
+    replay.cookies = copied
+    assert replay.get("/ui/hypervisors").status_code == 303
+    assert replay.get("/ui/api/drains/1").status_code == 401
+    r = replay.post("/ui/hypervisors/host1/disable", data={"csrf_token": tok, "reason": "replayed"})
+    assert r.status_code == 401 and service(env, "host1") == (True, None)
+    r = replay.post("/ui/logout", data={"csrf_token": tok})
+    assert r.status_code == 401
+
+
+def test_logging_out_ends_only_that_session(env: Env) -> None:
+    first, tok = login(env, "ada", "ada-pw")
+    second, _ = login(env, "ada", "ada-pw")
+    first.post("/ui/logout", data={"csrf_token": tok})
+    assert second.get("/ui/hypervisors").status_code == 200
+
+
+@pytest.mark.parametrize("base_url, secure", [("https://testserver", True), ("http://testserver", False)])
+def test_the_session_cookie_is_secure_over_https(env: Env, base_url: str, secure: bool) -> None:
+    c = TestClient(env.ctl.app, base_url=base_url, follow_redirects=False)
+    r = c.get("/ui/login")
+    assert ("secure" in r.headers["set-cookie"].lower().split("; ")) is secure, r.headers["set-cookie"]
+    r = c.post("/ui/login", data={"csrf_token": token(c), "name": "ada", "password": "ada-pw"})
+    assert r.status_code == 303 and ("secure" in r.headers["set-cookie"].lower().split("; ")) is secure
+
+
+def test_the_session_cookie_can_be_made_secure_always(env: Env) -> None:
+    d = Dashboard(env.conductor, env.ctl.drainer, env.ctl.store, Users(USERS, max_age=3600), Renderer())
+    app = FastAPI()
+    app.mount("/ui", create_dashboard(d, "unit-test-session-secret", 3600, secure_cookie=True))
+    r = TestClient(app).get("/ui/login")
+    assert "secure" in r.headers["set-cookie"].lower().split("; ")
