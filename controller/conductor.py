@@ -47,7 +47,7 @@ from .placement import Placement
 from .facts import Unsettled
 from .records import (FINAL, LIVE_TASK_STATE, RECOVERABLE, TASK_STATES, HostRecord, MigrationRecord, MigrationStatus,
                       MigrationType)
-from .store import Store
+from .store import OpenMigrationExists, Store
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,16 @@ class Conductor:
                 raise Conflict(reason=f"server {server.name} is not running; live migration needs a running "
                                       "server (use a cold migration)")
             target = self.placement.pick(server, target_host, force)
-            m = self.store.create_migration(
-                server=server.id, server_name=server.name, source_compute=server.host, dest_compute=target.name,
-                dest_address=target.address, status=_S.PRE_MIGRATING, migration_type=_LIVE if live else _COLD,
-                task_state=LIVE_TASK_STATE if live else TASK_STATES[_S.PRE_MIGRATING],
-                forced=bool(force), old_power_state=server.power_state, flavor=server.flavor)
+            try:
+                m = self.store.create_migration(
+                    server=server.id, server_name=server.name, source_compute=server.host, dest_compute=target.name,
+                    dest_address=target.address, status=_S.PRE_MIGRATING, migration_type=_LIVE if live else _COLD,
+                    task_state=LIVE_TASK_STATE if live else TASK_STATES[_S.PRE_MIGRATING],
+                    forced=bool(force), old_power_state=server.power_state, flavor=server.flavor)
+            except OpenMigrationExists as e:
+                # Another controller recorded one since the check: answer as the check would have.
+                self.placement.check_movable(server)
+                raise Conflict(reason=str(e)) from e
         log.info("migration %d: %s %s from %s to %s%s", m.id, m.migration_type, server.id, server.host,
                  target.name, " (forced)" if force else "")
         self._start_driving(m.id)

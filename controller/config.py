@@ -122,8 +122,9 @@ class ControllerConfig:
     vCPUs, RAM and disk. ``auto_confirm_seconds`` confirms a finished
     migration after that many seconds (0: wait for the user).
     ``users`` may log in to the dashboard; its session cookie is signed with
-    ``session_secret`` (a new random one each start when None, which logs
-    everyone out on restart) and lasts ``session_max_age`` seconds.
+    ``session_secret`` (a new random one each start when None) and lasts
+    ``session_max_age`` seconds. Sessions are kept in the controller's
+    memory, so a restart logs everyone out whatever the secret.
     How long a guest gets to shut down is each host's setting (the
     ``[driver]`` table of its agent), not the controller's.
     An agent call that cannot reach its agent is retried for

@@ -71,14 +71,16 @@ def build(config: ControllerConfig, *, agents: Mapping[str, AgentClient] | None 
     """Wire a controller from its configuration.
 
     :param agents: agent clients by host name; default one AgentClient per configured host.
-    :param store: default a Store on ``config.database``.
+    :param store: default a Store on ``config.database``, exclusive: a second controller on the
+        same SQLite file is refused (DatabaseInUse); several controllers share a PostgreSQL database.
     :param spawn: how background work starts (a thread by default; tests may run it inline).
     """
-    store = store or Store(config.database)
+    store = store or Store(config.database, exclusive=True)
     store.sync_hosts([h.record() for h in config.hosts])
     if agents is None:
         agents = {h.name: AgentClient(h.name, h.agent_url, h.agent_token, timeout=config.agent_timeout,
-                                      poll_interval=config.poll_interval, retry_seconds=config.agent_retry_seconds)
+                                      poll_interval=config.poll_interval, retry_seconds=config.agent_retry_seconds,
+                                      ca_file=config.agent_ca, client_cert=config.agent_client_pair)
                   for h in config.hosts}
     inventory = Inventory(store, agents)
     conductor = Conductor(store, inventory, config, spawn=spawn)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import json
+import os
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -24,8 +26,26 @@ from .errors import ControllerError, NotFound
 from .records import DrainRecord, DrainRowRecord, HostRecord, MigrationRecord
 
 
+#: The largest id a migration or drain can have: INTEGER is 32 bits on PostgreSQL (64 on SQLite).
+#: A lookup outside 1..MAX_ID finds nothing rather than asking the database what it cannot hold.
+MAX_ID = 2 ** 31 - 1
+
+
 class StoreError(ControllerError):
     msg = "database {url}: {reason}"
+
+
+class OpenMigrationExists(StoreError):
+    """The database refused a second open migration of one server (its partial unique index)."""
+
+    msg = "database {url}: server {server} already has an open migration ({other}); it refuses a second"
+
+
+class DatabaseInUse(StoreError):
+    """Another controller holds the SQLite file (see ``Store(exclusive=True)``)."""
+
+    msg = ("database {url}: another controller uses it (it holds {lock}); a SQLite database is for one "
+           "controller: stop the other one, or give every controller the same PostgreSQL URL")
 
 
 class _UTCDateTime(sa.TypeDecorator[dt.datetime]):
@@ -107,6 +127,13 @@ _migrations = sa.Table(
     sa.Index("ix_migrations_server", "server"),
     sa.Index("ix_migrations_status", "status"),
     sqlite_autoincrement=True)  # an id the API has shown is never handed out again
+# One open migration per server, enforced by the database itself: two controllers (or two
+# requests) that both pass the conductor's check cannot both record one. Open is every status but
+# the FINAL ones ('finished' and 'needs-recovery' included); a status added later is open until
+# named final, so the index errs on refusing.
+_OPEN_WHERE = sa.text("status NOT IN (%s)" % ", ".join(f"'{s.value}'" for s in sorted(records.FINAL)))
+_open_index = sa.Index("ux_migrations_open_server", _migrations.c.server, unique=True,
+                       sqlite_where=_OPEN_WHERE, postgresql_where=_OPEN_WHERE)
 _drains = sa.Table(
     "drains", _meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -141,7 +168,7 @@ _drain_rows = sa.Table(
 # its own transaction. A step spells out its own DDL (ALTER TABLE ... ADD ...): the tables above
 # describe only the newest version. To change the schema, change the tables, append a step and
 # raise SCHEMA_VERSION to its version.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _add_precopy_columns(conn: Connection) -> None:
@@ -167,10 +194,24 @@ def _add_recovery_columns(conn: Connection) -> None:
         conn.exec_driver_sql(ddl)
 
 
+def _add_open_migration_index(conn: Connection) -> None:
+    # A database from before the index may hold two open migrations of one server: the index
+    # cannot be built over them, and which one is real is the operator's call.
+    doubled = conn.execute(sa.select(_migrations.c.server, sa.func.count())
+                           .where(_OPEN_WHERE).group_by(_migrations.c.server)
+                           .having(sa.func.count() > 1).order_by(_migrations.c.server)).all()
+    if doubled:
+        raise RuntimeError("servers with more than one open migration: " + ", ".join(
+            f"{server} ({n})" for server, n in doubled) + "; end all but one of each (set its status "
+            "to error) and open the database again")
+    _open_index.create(conn)
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "pre-copy and bytes before/after power-off on migrations", _add_precopy_columns),
     (3, "whether a migration's instance directory is on shared storage", _add_shared_column),
     (4, "failed reverts, needs-recovery and named jobs on migrations; errors on drains", _add_recovery_columns),
+    (5, "at most one open migration per server (a partial unique index)", _add_open_migration_index),
 ]
 
 _MIGRATION_FIELDS = frozenset(f.name for f in dataclasses.fields(MigrationRecord))
@@ -185,11 +226,14 @@ class Store:
 
     ``url`` is an SQLAlchemy URL (``sqlite:////path/controller.db``,
     ``postgresql+psycopg://user@host/db``); ``clock`` gives the aware UTC
-    time stamped on records. Raises StoreError when the database cannot be
-    opened or its schema is newer than this code knows.
+    time stamped on records; ``exclusive`` (a controller's own store) holds a
+    SQLite file for the store's lifetime. Raises StoreError when the database
+    cannot be opened or its schema is newer than this code knows, DatabaseInUse
+    when an exclusive store holds the SQLite file already.
     """
 
-    def __init__(self, url: str, clock: Callable[[], dt.datetime] = records.utcnow) -> None:
+    def __init__(self, url: str, clock: Callable[[], dt.datetime] = records.utcnow, *,
+                 exclusive: bool = False) -> None:
         self._clock = clock
         try:
             # Shown in errors and as ``url``: never the password.
@@ -197,9 +241,12 @@ class Store:
         except sa.exc.ArgumentError:
             raise StoreError(url=url, reason="not an SQLAlchemy URL; write e.g. "
                                              "sqlite:////var/lib/coldferry/controller.db") from None
+        # A controller's own store (exclusive) holds a SQLite file for its lifetime.
+        self._file_lock = _lock_sqlite_file(sa.engine.make_url(url), self._shown_url) if exclusive else None
         try:
             self._engine = _engine(url)
         except (ImportError, sa.exc.NoSuchModuleError) as e:
+            self._release_file()
             raise StoreError(url=self._shown_url, reason=f"no driver for it: {e}; install the "
                                                          f"database's Python driver (e.g. psycopg)") from None
         self._writer = self._engine.execution_options(coldferry_write=True)
@@ -209,15 +256,21 @@ class Store:
         try:
             self._open_schema()
         except sa.exc.SQLAlchemyError as e:
-            self._engine.dispose()
+            self.close()
             raise StoreError(url=self._shown_url, reason=f"cannot open it ({getattr(e, 'orig', None) or e}): "
                                                          f"check that it exists, is reachable and writable") from e
         except BaseException:
-            self._engine.dispose()
+            self.close()
             raise
 
     def close(self) -> None:
         self._engine.dispose()
+        self._release_file()
+
+    def _release_file(self) -> None:
+        if self._file_lock is not None:
+            os.close(self._file_lock)
+            self._file_lock = None
 
     def __enter__(self) -> "Store":
         return self
@@ -270,7 +323,8 @@ class Store:
 
     def create_migration(self, **fields: Any) -> MigrationRecord:
         """Add a migration; ``fields`` are MigrationRecord's, those left out take its defaults.
-        Raises TypeError for unknown, missing or store-owned fields (id, uuid, times)."""
+        Raises TypeError for unknown, missing or store-owned fields (id, uuid, times), and
+        OpenMigrationExists for an open one of a server that has an open migration already."""
         own = sorted(set(fields) & _OWN)
         if own:
             raise TypeError(f"create_migration() sets {', '.join(own)} itself")
@@ -278,8 +332,16 @@ class Store:
         record = MigrationRecord(id=0, uuid=str(uuidlib.uuid4()), created_at=now, updated_at=now, **fields)
         values = dataclasses.asdict(record)
         del values["id"]
-        with self._write() as conn:
-            new_id = _insert(conn, _migrations, values)
+        try:
+            with self._write() as conn:
+                new_id = _insert(conn, _migrations, values)
+        except sa.exc.IntegrityError as e:
+            # PostgreSQL names the index; SQLite names the column of a unique index.
+            if not any(name in str(e.orig) for name in (_open_index.name, "migrations.server")):
+                raise
+            other = self.open_migration_for(record.server)
+            raise OpenMigrationExists(url=self._shown_url, server=record.server, other=(
+                "one that has ended since" if other is None else f"migration {other.id}, {other.status}")) from None
         return dataclasses.replace(record, id=new_id)
 
     def update_migration(self, id: int, **fields: Any) -> MigrationRecord:
@@ -295,6 +357,8 @@ class Store:
         return MigrationRecord(**row._mapping)
 
     def get_migration(self, id: int) -> MigrationRecord | None:
+        if not 1 <= id <= MAX_ID:
+            return None
         found = self._migrations(_migrations.c.id == id)
         return found[0] if found else None
 
@@ -381,6 +445,8 @@ class Store:
         return drain
 
     def get_drain(self, id: int) -> DrainRecord | None:
+        if not 1 <= id <= MAX_ID:
+            return None
         found = self._drains(_drains.c.id == id)
         return found[0] if found else None
 
@@ -421,6 +487,7 @@ class Store:
 
     def _open_schema(self) -> None:
         with self._write() as conn:
+            _hold_schema(conn)
             tables = set(sa.inspect(conn).get_table_names())
             if "schema_version" not in tables:
                 if tables & set(_meta.tables):
@@ -438,9 +505,10 @@ class Store:
                 continue
             try:
                 # One transaction per step: a failed step leaves the database at the one before.
-                # The version is read again under the write lock: another controller may have
+                # The version is read again under the schema lock: another controller may have
                 # opened the database at the same time and done this step already.
                 with self._write() as conn:
+                    _hold_schema(conn)
                     if conn.execute(sa.select(_version.c.version)).scalar_one() < target:
                         step(conn)
                         conn.execute(_version.update().values(version=target))
@@ -448,6 +516,38 @@ class Store:
                 raise StoreError(url=self._shown_url, reason=f"upgrading the schema to version {target} "
                                  f"({what}) failed: {e}; it stays at version {version}") from e
             version = target
+
+
+# The key of the PostgreSQL advisory lock on the schema: any number, as long as every coldferry uses it.
+_SCHEMA_LOCK = 0x636F6C64  # "cold"
+
+
+def _hold_schema(conn: Connection) -> None:
+    """Take the schema lock until ``conn``'s transaction ends, so that controllers opening one
+    database at once create or upgrade it one at a time. SQLite's write transaction (BEGIN
+    IMMEDIATE) is that lock already; PostgreSQL takes an advisory lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+
+
+def _lock_sqlite_file(url: sa.engine.URL, shown: str) -> int | None:
+    """Hold ``<file>.lock`` next to a SQLite database file (flock, without waiting) until the
+    returned descriptor is closed; None for other databases. Raises DatabaseInUse when another
+    store holds it: SQLite is for one controller (several share a PostgreSQL database), and a
+    second one on the same file is refused rather than left to drive the same migrations."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    lock = f"{url.database}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StoreError(url=shown, reason=f"cannot open its lock file {lock}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DatabaseInUse(url=shown, lock=lock) from None
+    return fd
 
 
 def _insert(conn: Connection, table: sa.Table, values: dict[str, Any]) -> int:

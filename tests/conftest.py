@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pgcluster import pg_cluster, pg_url  # noqa: F401 - fixtures: a private PostgreSQL
 from tests.support.sshd import Sshd
 
 

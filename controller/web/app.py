@@ -104,7 +104,8 @@ def mount_dashboard(app: FastAPI, conductor: Conductor, drainer: Drainer, store:
                     "(python -m controller.web.password_hash makes a password_hash)", PREFIX)
     secret = config.session_secret or secrets.token_urlsafe(32)
     d = Dashboard(conductor, drainer, store, Users(config.users, max_age=config.session_max_age), Renderer())
-    web = create_dashboard(d, secret, config.session_max_age)
+    # Served over TLS by the controller itself: every cookie is Secure, whatever a proxy reports.
+    web = create_dashboard(d, secret, config.session_max_age, secure_cookie=config.tls is not None)
 
     async def to_dashboard() -> RedirectResponse:
         return RedirectResponse(PREFIX + "/", status_code=307)

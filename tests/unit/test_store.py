@@ -1,16 +1,17 @@
-"""Store: the controller's records in a real SQLite file (and PostgreSQL when one is given).
+"""Store: the controller's records in a real SQLite file and a real PostgreSQL database.
 
-Every test that takes the ``url`` fixture runs on SQLite; set COLDFERRY_PG_URL
-(e.g. ``postgresql+psycopg://coldferry@127.0.0.1:5432/coldferry``, a database
-this test may wipe) to run them on PostgreSQL too.
+Every test that takes the ``url`` fixture runs twice: on a SQLite file of its own, and on
+an empty database of the session's private PostgreSQL cluster (a schema of its own, see
+tests/pgcluster.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import os
 import sqlite3
 import threading
+import uuid as uuidlib
 
 import pytest
 import sqlalchemy as sa
@@ -23,7 +24,6 @@ from controller import store as store_module
 from controller.store import SCHEMA_VERSION, Store, StoreError
 from driver.model import PowerState
 
-PG_URL = os.environ.get("COLDFERRY_PG_URL")
 BASE_STEPS = list(store_module.STEPS)
 V = SCHEMA_VERSION
 T0 = dt.datetime(2026, 11, 23, 11, 40, tzinfo=dt.timezone.utc)
@@ -42,21 +42,11 @@ class Clock:
         self.now += dt.timedelta(seconds=seconds)
 
 
-def _wipe(url: str) -> None:
-    """Drop every table of a PostgreSQL database the tests were given."""
-    engine = sa.create_engine(url)
-    meta = sa.MetaData()
-    meta.reflect(engine)
-    meta.drop_all(engine)
-    engine.dispose()
-
-
-@pytest.fixture(params=["sqlite"] + (["postgresql"] if PG_URL else []))
+@pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/controller.db"
-    _wipe(PG_URL)
-    return PG_URL
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture
@@ -86,7 +76,8 @@ def test_new_database_gets_the_current_schema(tmp_path):
     db = sqlite3.connect(path)
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
     assert {"schema_version", "hosts", "migrations", "drains", "drain_rows", "ix_migrations_updated_at",
-            "ix_migrations_server", "ix_migrations_status", "ix_drain_rows_drain_id"} <= names
+            "ix_migrations_server", "ix_migrations_status", "ix_drain_rows_drain_id",
+            "ux_migrations_open_server"} <= names
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -165,21 +156,23 @@ def test_a_failed_step_leaves_the_version_before_it(url, monkeypatch):
         assert s.schema_version() == V + 1
 
 
-# The columns each upgrade step adds (table, column): dropping those above a version makes a
-# database of that version.
+# What each upgrade step adds, (table, column) or ("index", name): dropping those above a
+# version, newest first, makes a database of that version.
 ADDED = {2: [("migrations", "precopy"), ("migrations", "bytes_before_power_off"),
              ("migrations", "bytes_after_power_off")],
          3: [("migrations", "shared")],
          4: [("migrations", "revert_failed"), ("migrations", "stopped_in"), ("migrations", "job_seq"),
-             ("drains", "error")]}
+             ("drains", "error")],
+         5: [("index", "ux_migrations_open_server")]}
 
 
 def downgrade(s: Store, version: int) -> None:
     with s._write() as conn:
-        for step, cols in ADDED.items():
+        for step, added in sorted(ADDED.items(), reverse=True):
             if step > version:
-                for table, column in cols:
-                    conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+                for table, name in added:
+                    conn.execute(sa.text(f"DROP INDEX {name}" if table == "index"
+                                         else f"ALTER TABLE {table} DROP COLUMN {name}"))
         conn.execute(sa.text(f"UPDATE schema_version SET version = {version}"))
 
 
@@ -192,7 +185,7 @@ def test_upgrade_from_version_1_adds_the_precopy_figures(url, clock):
         downgrade(s, 1)
     assert "precopy" not in columns(url, "migrations")
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 4
+        assert s.schema_version() == SCHEMA_VERSION == 5
         got = s.get_migration(cold.id)
         assert (got.precopy, got.bytes_before_power_off, got.bytes_after_power_off, got.bytes_sent) == (
             False, 0, 5000, 5000)
@@ -235,6 +228,44 @@ def test_upgrade_from_version_3_adds_the_recovery_columns(url, clock):
         assert api["status"] == "needs-recovery" and api["stopped_in"] == "post-migrating"
         assert api["revert_failed"] is True and "job_seq" not in api
         assert s.update_drain(drain.id, error="host compute1 is not empty").error == "host compute1 is not empty"
+
+
+def open_migrations_of(url: str, server: str, n: int) -> None:
+    """Add ``n`` open migrations of ``server`` behind the store's back, as a database from
+    before version 5 could hold them."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for _ in range(n):
+            row = dataclasses.asdict(records.MigrationRecord(
+                id=0, uuid=str(uuidlib.uuid4()), server=server, server_name="web", source_compute="a",
+                dest_compute="b", dest_address="198.18.0.2", status=MigrationStatus.MIGRATING))
+            del row["id"]
+            conn.execute(store_module._migrations.insert().values(row))
+    engine.dispose()
+
+
+def test_upgrade_from_version_4_adds_the_open_migration_index(url, clock):
+    """A version-4 database gets the partial unique index, unless a server has two open
+    migrations already: then it stays at version 4, and the message names the servers."""
+    with Store(url, clock=clock) as s:
+        migration(s, server="ok")
+        downgrade(s, 4)
+    open_migrations_of(url, "u-twice", 2)
+    with pytest.raises(StoreError) as e:
+        Store(url, clock=clock)
+    assert ("upgrading the schema to version 5 (at most one open migration per server (a partial unique "
+            "index)) failed: servers with more than one open migration: u-twice (2); end all but one of "
+            "each (set its status to error) and open the database again; it stays at version 4") in str(e.value)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalar_one() == 4
+        conn.execute(sa.text("UPDATE migrations SET status = 'error' WHERE id = "
+                             "(SELECT MIN(id) FROM migrations WHERE server = 'u-twice')"))
+    engine.dispose()
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        with pytest.raises(store_module.OpenMigrationExists):
+            migration(s, server="u-twice")
 
 
 def test_newer_schema_is_refused(url, monkeypatch):
@@ -306,7 +337,7 @@ def test_create_migration_defaults_and_round_trip(store, clock):
     with store._read() as conn:
         assert tuple(conn.execute(sa.text("SELECT status, migration_type, old_power_state FROM migrations"))
                      .one()) == ("pre-migrating", "migration", 1)
-    other = migration(store)
+    other = migration(store, server="uuid-2")
     assert other.id == m.id + 1 and other.uuid != m.uuid
     assert store.get_migration(other.id + 100) is None
 
@@ -340,7 +371,7 @@ def test_update_migration(store, clock):
 
 
 def test_list_migrations_filters_newest_first(store, clock):
-    m1 = migration(store, server="u1", name="web1", source="a", dest="b")
+    m1 = migration(store, server="u1", name="web1", source="a", dest="b", status=MigrationStatus.CONFIRMED)
     clock.advance(60)
     m2 = migration(store, server="u2", name="db1", source="b", dest="c", migration_type=MigrationType.LIVE)
     clock.advance(60)
@@ -374,6 +405,29 @@ def test_in_flight_and_open_migrations(store, clock):
     assert [m.id for m in store.in_flight_migrations()] == [m.id for m in running]
     assert store.open_migration_for("r0") == running[0]
     assert store.open_migration_for("unknown") is None
+
+
+def test_one_open_migration_per_server(store):
+    """The database refuses a second open migration of a server: every status but the final
+    ones is open ('finished' and 'needs-recovery' too); final ones pile up freely."""
+    for i, status in enumerate(sorted(MigrationStatus)):
+        first = migration(store, server=f"s{i}", status=status)
+        if status in records.FINAL:
+            migration(store, server=f"s{i}", status=status)
+            migration(store, server=f"s{i}")  # and an open one beside them
+            continue
+        with pytest.raises(store_module.OpenMigrationExists) as e:
+            migration(store, server=f"s{i}")
+        assert str(e.value) == (f"database {store.url}: server s{i} already has an open migration (migration "
+                                f"{first.id}, {status}); it refuses a second")
+        assert isinstance(e.value, StoreError)   # the conductor answers it with a Conflict
+        store.update_migration(first.id, status=MigrationStatus.ERROR)
+        migration(store, server=f"s{i}")  # once the first has ended
+    # Moving a final migration back to an open status beside an open one is refused as well.
+    ended = migration(store, server="x", status=MigrationStatus.ERROR)
+    migration(store, server="x")
+    with pytest.raises(sa.exc.IntegrityError):
+        store.update_migration(ended.id, status=MigrationStatus.NEEDS_RECOVERY)
 
 
 def test_concurrent_writers_from_threads(store):
@@ -457,10 +511,10 @@ def test_drain_errors(store):
         store.update_drain(d.id, rows=[])
 
 
-@pytest.mark.skipif(not PG_URL, reason="set COLDFERRY_PG_URL to a PostgreSQL database the tests may wipe")
-def test_postgresql_is_covered_when_configured(url):
-    """Only runs when COLDFERRY_PG_URL names a PostgreSQL database: then every test above
-    taking ``url`` also ran on it; this one checks that the URL really is PostgreSQL."""
-    assert sa.engine.make_url(PG_URL).get_backend_name() == "postgresql"
-    with Store(PG_URL) as s:
+def test_postgresql_is_really_postgresql(pg_url):
+    """The second engine every ``url`` test runs on is a real PostgreSQL server."""
+    assert sa.engine.make_url(pg_url).get_backend_name() == "postgresql"
+    with Store(pg_url) as s:
         assert s.schema_version() == SCHEMA_VERSION
+        with s._read() as conn:
+            assert conn.execute(sa.text("SELECT version()")).scalar_one().startswith("PostgreSQL ")
