@@ -90,3 +90,11 @@ def image() -> guest.GuestImage:
 def domain_type(image: guest.GuestImage) -> str:
     """kvm where the guest boots under KVM here, else qemu (TCG)."""
     return guest.detect_domain_type(image)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Keep each phase's report on the test item (``item.rep_setup``, ``item.rep_call``), so a
+    fixture's teardown can tell how its test went (test_faults.py's fault matrix)."""
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())

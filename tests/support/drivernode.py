@@ -18,6 +18,14 @@ class DriverNode:
 
     host: Any
     config: Path
+    # The host's instances directory as the root namespace reaches it, when something is
+    # mounted over it inside the host (shared storage, a small filesystem; see hostmounts.py).
+    root: Path | None = None
+
+    @property
+    def instances_dir(self) -> Path:
+        """The host's instances directory as seen from the root namespace."""
+        return self.root if self.root is not None else self.host.instances_dir
 
     @classmethod
     def configure(cls, lab: Any, host: Any, path: Path, **settings: Any) -> "DriverNode":
@@ -45,7 +53,7 @@ class DriverNode:
 
     def dir(self, uuid: str, suffix: str = "") -> Path:
         """An instance directory as seen from the root namespace."""
-        return self.host.instances_dir / f"{uuid}{suffix}"
+        return self.instances_dir / f"{uuid}{suffix}"
 
     def state(self, uuid: str) -> str:
         """What virsh on this host says of the domain ('running', 'shut off', 'undefined')."""

@@ -7,7 +7,8 @@ Host K (host1..hostN) has
   private directories under ``<base_dir>/hostK`` are mounted over /run/libvirt,
   /var/lib/libvirt, /etc/libvirt, /var/cache/libvirt, /var/log/libvirt and the instances
   path /var/lib/coldferry/instances (the same path on every host, like Nova's
-  instances_path), with /etc/hosts naming all lab hosts and a sysfs of its own;
+  instances_path; hostmounts.py mounts one shared directory over it on several hosts,
+  or a small tmpfs on one), with /etc/hosts naming all lab hosts and a sysfs of its own;
 - its own virtlogd and libvirtd (see labdaemons.py) and an sshd on port 22 of its address.
 
 One client key (``Lab.identity``) is authorized on every host, and ``Lab.known_hosts``

@@ -3,8 +3,13 @@
 ``Stack.up(lab, workdir)`` writes every configuration into ``workdir``, starts
 ``coldferry agent`` inside each host (its own namespaces, its own libvirtd) and
 ``coldferry controller`` in the root namespace on a free loopback port, and
-waits until each of them answers. The root namespace reaches the hosts over the
-lab bridge, so the controller talks to ``http://<host.ip>:8797``; each agent copies
+waits until each of them answers. Every one serves TLS with a certificate of a CA
+made for the stack in ``workdir/tls`` (``ca_file``; coldferry tls), which the
+controller (``agent_ca``), the CLI (``COLDFERRY_CA_FILE``) and ``api`` check.
+``plain_http=True`` serves plain HTTP instead (``plain_http = true`` in every
+configuration), for faults that read the answers on the wire (faults.py
+``held_job_replies``). The root namespace reaches the hosts over the lab
+bridge, so the controller talks to ``https://<host.ip>:8797``; each agent copies
 disks to the other hosts over SSH as the driver does (``[driver]`` as
 ``DriverNode.configure`` writes it).
 
@@ -12,6 +17,10 @@ disks to the other hosts over SSH as the driver does (``[driver]`` as
         dom = stack.define_domain("host1", mode="write", start=True)
         stack.cli("server", "migrate", "--host", "host2", "--wait", dom.name)
         stack.api("GET", "/v1/servers").json()
+
+``define_blank`` makes a server without an operating system (blank.py) that starts at
+once; ``shared_storage`` gives hosts one instances directory, ``small_disk`` gives one
+a tmpfs (hostmounts.py); tests/support/faults.py breaks things on purpose.
 
 ``down()`` ends every process the stack started, by pid (SIGTERM, then SIGKILL
 after a bounded wait), and removes the domains it defined; it runs on
@@ -27,17 +36,20 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import uuid as uuidlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import httpx
 import libvirt
 
-from tests.support import guest
+from coldferry.tls_cmd import make_ca, make_cert
+from tests.support import blank, guest, hostmounts
 from tests.support.drivernode import COLDFERRY, INSTANCES, DriverNode
 from tests.support.procs import ProcRef, terminate
 from tests.support.sshd import free_port
@@ -115,6 +127,16 @@ class Process:
         return self.popen.poll() is None
 
 
+def _make_certificates(tls: Path, hosts: Sequence[Any]) -> None:
+    """A new CA in ``tls`` and a server certificate per host (``<name>.pem``, for its name and
+    address) and for the controller (``controller.pem``, for 127.0.0.1)."""
+    shutil.rmtree(tls, ignore_errors=True)  # a workdir used again gets a new CA
+    make_ca(tls)
+    for host in hosts:
+        make_cert(tls, host.name, tls / host.name, ips=[host.ip])
+    make_cert(tls, "controller", tls / "controller", dns=["localhost"], ips=["127.0.0.1"])
+
+
 @dataclass
 class Stack:
     """Agents on the lab hosts and a controller, started by ``Stack.up``."""
@@ -127,6 +149,7 @@ class Stack:
     token: str
     controller_config: Path
     controller_port: int
+    plain_http: bool = False
     agents: dict[str, Process] = field(default_factory=dict)
     controller: Process | None = None
     domains: list[Domain] = field(default_factory=list)
@@ -139,7 +162,8 @@ class Stack:
     @classmethod
     def up(cls, lab: Any, workdir: Path, hosts: Sequence[str] | None = None,
            driver_settings: dict[str, Any] | None = None,
-           controller_settings: dict[str, Any] | None = None, timeout: float = 60.0) -> "Stack":
+           controller_settings: dict[str, Any] | None = None, timeout: float = 60.0,
+           plain_http: bool = False) -> "Stack":
         """Start an agent in each of ``hosts`` (names; default: every lab host) and a controller.
 
         Agents listen on port 8797 of their host's address, so one stack runs on a lab at a time.
@@ -148,6 +172,7 @@ class Stack:
             ``[driver]`` (e.g. ``transfer_bwlimit`` for a slow copy, ``transfer_method``).
         controller_settings: override keys of ``[controller]``.
         timeout: seconds each daemon gets to answer.
+        plain_http: serve plain HTTP, not TLS (for faults that read the answers on the wire).
         Raises StackError (after stopping what it started) when a daemon does not come up.
         """
         workdir = Path(workdir)
@@ -156,8 +181,9 @@ class Stack:
         agent_token = secrets.token_urlsafe(24)
         stack = cls(lab=lab, workdir=workdir, hosts=chosen, nodes={}, agent_token=agent_token,
                     token=secrets.token_urlsafe(24), controller_config=workdir / "controller.toml",
-                    controller_port=free_port())
+                    controller_port=free_port(), plain_http=plain_http)
         try:
+            _make_certificates(stack.tls_dir, chosen)
             for host in chosen:
                 stack.nodes[host.name] = stack._write_agent_config(
                     host, {**DEFAULT_DRIVER_SETTINGS, **(driver_settings or {})})
@@ -171,20 +197,60 @@ class Stack:
             raise
         return stack
 
+    @classmethod
+    @contextmanager
+    def running(cls, lab: Any, workdir: Path, logs: Path, **kw: Any) -> Iterator["Stack"]:
+        """``up`` for a ``with`` block (keywords as ``up``'s); at its end the logs are copied to
+        ``logs`` and the stack is taken down, whatever happened."""
+        stack = cls.up(lab, workdir, **kw)
+        try:
+            yield stack
+        finally:
+            try:
+                stack.collect_logs(logs)
+            finally:
+                stack.down()
+
     def agent_url(self, host_name: str) -> str:
-        return f"http://{self.lab.host(host_name).ip}:{AGENT_PORT}"
+        return f"{self._scheme}://{self.lab.host(host_name).ip}:{AGENT_PORT}"
 
     @property
     def url(self) -> str:
         """The controller's base URL."""
-        return f"http://127.0.0.1:{self.controller_port}"
+        return f"{self._scheme}://127.0.0.1:{self.controller_port}"
+
+    @property
+    def _scheme(self) -> str:
+        return "http" if self.plain_http else "https"
+
+    def _tls_settings(self, name: str, **more: str) -> dict[str, Any]:
+        """The TLS keys of the configuration of ``name`` (its certificate ``<name>.pem``), or
+        ``plain_http = true``."""
+        if self.plain_http:
+            return {"plain_http": True}
+        return {"tls_cert": str(self.tls_dir / f"{name}.pem"), "tls_key": str(self.tls_dir / f"{name}-key.pem"),
+                **more}
+
+    @property
+    def tls_dir(self) -> Path:
+        """The stack's CA and every certificate it signed (``_make_certificates``)."""
+        return self.workdir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate every server's certificate is checked against."""
+        return self.tls_dir / "ca.pem"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts the stack's CA only (for httpx's ``verify``)."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
     def _write_agent_config(self, host: Any, driver_settings: dict[str, Any]) -> DriverNode:
         path = self.workdir / f"{host.name}-agent.toml"
         node = DriverNode.configure(self.lab, host, path, **driver_settings)
         driver_table = path.read_text()
         agent = {"listen": "0.0.0.0", "port": AGENT_PORT, "token": self.agent_token, "address": host.ip,
-                 "driver": "libvirt"}
+                 "driver": "libvirt", **self._tls_settings(host.name)}
         _write_private(path, "[agent]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in agent.items())
                        + "\n" + driver_table)
         return node
@@ -192,7 +258,8 @@ class Stack:
     def _write_controller_config(self, settings: dict[str, Any]) -> None:
         db = self.workdir / "controller.db"
         table = {"listen": "127.0.0.1", "port": self.controller_port, "token": self.token,
-                 "database": f"sqlite:///{db}", **settings}
+                 "database": f"sqlite:///{db}", **self._tls_settings("controller", agent_ca=str(self.ca_file)),
+                 **settings}
         text = "[controller]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
         for host in self.hosts:
             entry = {"name": host.name, "agent_url": self.agent_url(host.name), "address": host.ip,
@@ -237,7 +304,7 @@ class Stack:
                    timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         last = "no answer yet"
-        with httpx.Client(trust_env=False, timeout=5.0) as client:
+        with httpx.Client(trust_env=False, timeout=5.0, verify=self.ssl_context()) as client:
             while True:
                 if not proc.alive():
                     raise StackError(f"the {proc.what} exited ({proc.popen.returncode}) before it answered; "
@@ -261,12 +328,12 @@ class Stack:
 
     def cli(self, *args: str, timeout: float = 300.0, check: bool = False,
             merge_output: bool = False) -> subprocess.CompletedProcess:
-        """``coldferry ARGS`` against this controller (COLDFERRY_URL/COLDFERRY_TOKEN set).
+        """``coldferry ARGS`` against this controller (COLDFERRY_URL/COLDFERRY_TOKEN/COLDFERRY_CA_FILE set).
 
         check: raise AssertionError (with the output) unless it exits 0.
         merge_output: standard error goes into ``stdout`` too, in the order it was written.
         """
-        env = _clean_env(COLDFERRY_URL=self.url, COLDFERRY_TOKEN=self.token)
+        env = _clean_env(COLDFERRY_URL=self.url, COLDFERRY_TOKEN=self.token, COLDFERRY_CA_FILE=str(self.ca_file))
         env.pop("COLDFERRY_CLIENT_CONFIG", None)
         run = subprocess.run([COLDFERRY, *args], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT if merge_output else subprocess.PIPE, text=True,
@@ -289,7 +356,7 @@ class Stack:
             auth: bool = True, **kw: Any) -> httpx.Response:
         """One request to the controller API; ``auth=False`` sends no Authorization header."""
         if self._client is None:
-            self._client = httpx.Client(base_url=self.url, trust_env=False, timeout=60.0)
+            self._client = httpx.Client(base_url=self.url, trust_env=False, timeout=60.0, verify=self.ssl_context())
         headers = dict(kw.pop("headers", {}) or {})
         if auth:
             headers.update(self._auth(token))
@@ -368,13 +435,7 @@ class Stack:
         interval: seconds between records in mode writeloop; stride: bytes between record slots.
         start: start it (it boots the test guest; wait for ``CFGUEST ready`` on its console).
         """
-        node = self.nodes[host_name]
-        uuid = str(uuidlib.uuid4())
-        name = name or f"cf-{uuid[:8]}"
-        inst = node.dir(uuid)
-        inst.mkdir(parents=True)
-        dom = Domain(uuid, name, host_name, disk_format)
-        self.domains.append(dom)   # removed by remove_domains/down even if what follows fails
+        dom, inst = self._new_domain(host_name, name, "cf", disk_format)
         disk = guest.make_disk(inst / "disk", disk_mib * MiB, disk_format)
         if data:
             if disk_format != "raw":
@@ -384,9 +445,33 @@ class Stack:
                     f.seek(off * MiB)
                     for _ in range(length):
                         f.write(os.urandom(MiB))
-        xml = guest.domain_xml(name, dom.disk_in_host, dom.console_in_host, self.image, uuid=uuid,
+        xml = guest.domain_xml(dom.name, dom.disk_in_host, dom.console_in_host, self.image, uuid=dom.uuid,
                                domain_type=self.domain_type, disk_format=disk_format, mode=mode,
                                memory_mib=memory_mib, interval=interval, stride=stride)
+        self._define(host_name, xml, start)
+        return dom
+
+    def define_blank(self, host_name: str, *, name: str | None = None, disk_mib: int = 128, data_mib: int = 64,
+                     start: bool = False, acpi: bool = True, bridge: str | None = None) -> Domain:
+        """Define a domain without an operating system (see blank.py) on ``host_name``, its raw
+        disk holding ``data_mib`` MiB of random data; it starts in a moment and ignores ACPI."""
+        dom, inst = self._new_domain(host_name, name, "cfb", "raw")
+        blank.make_disk(inst / "disk", disk_mib, data_mib)
+        xml = blank.domain_xml(dom.name, dom.uuid, dom.disk_in_host, domain_type=self.domain_type, acpi=acpi,
+                               bridge=bridge)
+        self._define(host_name, xml, start)
+        return dom
+
+    def _new_domain(self, host_name: str, name: str | None, prefix: str, disk_format: str) -> tuple[Domain, Path]:
+        """A new domain's record (kept for removal at once) and its empty instance directory."""
+        uuid = str(uuidlib.uuid4())
+        dom = Domain(uuid, name or f"{prefix}-{uuid[:8]}", host_name, disk_format)
+        self.domains.append(dom)   # removed by remove_domains/down even if what follows fails
+        inst = self.nodes[host_name].dir(uuid)
+        inst.mkdir(parents=True)
+        return dom, inst
+
+    def _define(self, host_name: str, xml: str, start: bool) -> None:
         conn = self.lab.host(host_name).connect()
         try:
             virdom = conn.defineXML(xml)
@@ -394,7 +479,31 @@ class Stack:
                 virdom.create()
         finally:
             conn.close()
-        return dom
+
+    @contextmanager
+    def shared_storage(self, host_names: Sequence[str]) -> Iterator[Path]:
+        """Give ``host_names`` one instances directory (hostmounts.shared_instances), a
+        directory of the lab's own; yields it as the root namespace sees it."""
+        directory = self.lab.base_dir / "shared-instances"
+        with hostmounts.shared_instances([self.lab.host(n) for n in host_names], directory):
+            for n in host_names:
+                self.nodes[n].root = directory
+            try:
+                yield directory
+            finally:
+                for n in host_names:
+                    self.nodes[n].root = None
+
+    @contextmanager
+    def small_disk(self, host_name: str, size_mib: int) -> Iterator[Path]:
+        """Put ``host_name``'s instances on a tmpfs of ``size_mib`` MiB (hostmounts.small_instances);
+        yields it as the root namespace reaches it."""
+        with hostmounts.small_instances(self.lab.host(host_name), size_mib) as view:
+            self.nodes[host_name].root = view
+            try:
+                yield view
+            finally:
+                self.nodes[host_name].root = None
 
     def console(self, dom: Domain, host_name: str, suffix: str = "") -> Path:
         """The domain's serial log on ``host_name`` as seen from the root namespace."""
@@ -413,7 +522,7 @@ class Stack:
         found: dict[str, dict[str, Any]] = {}
         for host_name, node in self.nodes.items():
             state = node.state(dom.uuid)
-            dirs = [p.name for p in node.host.instances_dir.glob(f"{dom.uuid}*")]
+            dirs = [p.name for p in node.instances_dir.glob(f"{dom.uuid}*")]
             if state != "undefined" or dirs:
                 found[host_name] = {"state": state, "dirs": sorted(dirs)}
         return found
@@ -437,7 +546,7 @@ class Stack:
                 log.warning("removing %s from %s: %s", dom.uuid, host_name, exc)
             finally:
                 conn.close()
-            for path in node.host.instances_dir.glob(f"{dom.uuid}*"):
+            for path in node.instances_dir.glob(f"{dom.uuid}*"):
                 shutil.rmtree(path, ignore_errors=True)
 
     def remove_domains(self) -> None:
