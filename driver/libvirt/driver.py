@@ -144,15 +144,20 @@ class LibvirtDriver(ComputeDriver):
                 outcome = run.run(rfs, timeout, retry_interval)
                 return replace(outcome, disk_info=self._as_sent(outcome.disk_info, shared))
             log.info("migrating %s to %s (%s storage)", uuid, dest, "shared" if shared else "local")
-            self.host.power_off(instance, timeout, retry_interval)
+            if shared:  # before anything changes: the directory stays the one copy both hosts see
+                sharing.mark(self.layout, uuid, self.config.host_name, dest)
+            try:
+                self.host.power_off(instance, timeout, retry_interval)
+            except BaseException:
+                if shared:
+                    sharing.unmark(self.layout, uuid, self.config.host_name)
+                raise
             powered_off_at = time.time()
             sent: list[str] = []
             copies: list[CopyResult] = []
             try:
                 write_atomic(self.layout.definition(uuid), xml)
-                if shared:  # the directory stays where it is: the one copy both hosts see
-                    sharing.mark(self.layout, uuid, self.config.host_name, dest)
-                else:
+                if not shared:
                     rfs.mkdir(uuid)
                     if cache_needed:
                         rfs.mkdir(CACHE_DIR)

@@ -12,6 +12,7 @@ import logging
 import libvirt
 import pytest
 
+from driver.errors import PowerOffFailed
 from driver.libvirt import DriverConfig, LibvirtDriver, sharing
 
 from .fakes import FakeConn
@@ -43,6 +44,32 @@ class Pair:
 @pytest.fixture
 def pair(make_env) -> Pair:
     return Pair(make_env(shared=True))
+
+
+def test_the_marker_is_there_before_the_guest_is_stopped(pair, monkeypatch):
+    """A source agent killed right after the power-off must leave a marked directory: a rollback that
+    never learnt the storage is shared then asks the destination to destroy with disks, and the
+    marker is what keeps the one copy."""
+    inst, _ = pair.env.add_instance()
+    seen = []
+    real = pair.env.driver.host.power_off
+    monkeypatch.setattr(pair.env.driver.host, "power_off",
+                        lambda *a: (seen.append(pair.marker.is_file()), real(*a))[1])
+    pair.env.migrate(inst)
+    assert seen == [True]
+    pair.dest.destroy(inst, [], destroy_disks=True)  # the rollback's destroy, sharing unknown
+    assert (pair.env.inst_dir / "disk").is_file()
+
+
+def test_a_power_off_that_fails_takes_the_marker_back(pair, monkeypatch):
+    inst, _ = pair.env.add_instance()
+
+    def refuse(*a):
+        raise PowerOffFailed(uuid=UUID, reason="the guest is stuck")
+    monkeypatch.setattr(pair.env.driver.host, "power_off", refuse)
+    with pytest.raises(PowerOffFailed):
+        pair.env.migrate(inst)
+    assert not pair.marker.exists()
 
 
 def test_the_source_marks_the_shared_directory_before_the_copy_step(pair):
