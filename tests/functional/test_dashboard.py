@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from controller.records import MigrationStatus
 from controller.config import UserConfig
 from controller.web.passwords import hash_password
 from driver.model import PowerState
+from tests.support.serve import serve
 from tests.unit.controller_env import Env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,28 +47,6 @@ SERVERS = [("00000000-0000-4000-8000-0000000000c1", "web", PowerState.RUNNING),
 class Site:
     env: Env
     url: str   # the controller's root, http://127.0.0.1:PORT
-
-
-@contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """``app`` served by uvicorn in a thread on a free loopback port; its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                              name="dashboard-uvicorn")
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,12 @@ app (over a MemoryDriver) and the controller app run under uvicorn on
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import stat
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from cryptography import x509
 from fastapi import FastAPI
 
@@ -32,6 +27,7 @@ from controller.errors import AgentError
 from controller.service import build
 from driver.memory import MemoryCloud, MemoryDriver
 from driver.settings import SettingsError
+from tests.support.serve import serve
 
 AGENT_TOKEN = "agent-token"
 TOKEN = "admin-token"
@@ -47,27 +43,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_cert(d / "ca", "controller", d / "client", client=True)
     make_ca(d / "other")
     return d
-
-
-@contextlib.contextmanager
-def serve(app: FastAPI, tls: ServerTLS) -> Iterator[str]:
-    """``app`` served by uvicorn over ``tls`` in a thread on a free loopback port; its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **tls.uvicorn_options()))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="tls-uvicorn")
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"https://127.0.0.1:{port}"
-    finally:
-        server.should_exit = server.force_exit = True  # no wait for the TLS shutdown of kept-alive connections
-        thread.join(10)
-        sock.close()
 
 
 def agent_app() -> FastAPI:
