@@ -18,6 +18,11 @@ a host that stays out of reach, or a rollback that cannot finish, ends in
 ``needs-recovery``, left when both hosts answer again (``recover``).
 docs/safety.md gives the invariant and each step's failure.
 
+Several controllers may share one database: a controller drives a migration
+only while it holds the migration's lease (``Store.claim``), and every write
+it makes while driving is fenced by that lease (LeaseLost: another
+controller took it over, so this one stops without touching anything).
+
 The host a server moves to has one name per layer:
 
     controller API (Nova)   ``host`` in the request; ``dest_compute``/``dest_address`` in the record
@@ -45,9 +50,9 @@ from .errors import AgentError, Conflict, ControllerError, NotFound
 from .inventory import Inventory
 from .placement import Placement
 from .facts import Unsettled
-from .records import (FINAL, LIVE_TASK_STATE, RECOVERABLE, TASK_STATES, HostRecord, MigrationRecord, MigrationStatus,
-                      MigrationType)
-from .store import OpenMigrationExists, Store
+from .records import (FINAL, LIVE_TASK_STATE, RECOVERABLE, TASK_STATES, HostRecord, Lease, MigrationRecord,
+                      MigrationStatus, MigrationType, controller_id)
+from .store import LeaseLost, OpenMigrationExists, Store
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +75,20 @@ class StepFailed(Exception):
 
 
 class Conductor:
-    """Starts migrations, drives them through their statuses, and finishes them after restarts."""
+    """Starts migrations, drives them through their statuses, and takes over those no controller
+    holds a live lease on (after a restart, or from a controller that died).
+
+    ``owner`` names this controller in leases (default: unique per process start);
+    ``lease_seconds`` is how long a claim or renewal holds: a controller that stops renewing
+    loses its migrations to another after that long.
+    """
 
     def __init__(self, store: Store, inventory: Inventory, config: ControllerConfig, *,
                  spawn: Spawn = spawn_thread, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, agent_lost_seconds: float | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, agent_lost_seconds: float | None = None,
+                 owner: str | None = None, lease_seconds: float = 60.0) -> None:
         self.store = store
+        self.lease = Lease(owner or controller_id(), lease_seconds)
         self.inventory = inventory
         self.config = config
         self.spawn = spawn
@@ -86,6 +99,7 @@ class Conductor:
         self.placement = Placement(store, inventory, config)
         self._lock = threading.Lock()   # one migration start at a time: checks and record creation
         self._driving: set[int] = set()
+        self._lost: set[int] = set()     # driven here, but the lease went to another controller
 
     # -- checks (placement.py) ---------------------------------------------------
 
@@ -115,7 +129,7 @@ class Conductor:
             target = self.placement.pick(server, target_host, force)
             try:
                 m = self.store.create_migration(
-                    server=server.id, server_name=server.name, source_compute=server.host, dest_compute=target.name,
+                    lease=self.lease, server=server.id, server_name=server.name, source_compute=server.host, dest_compute=target.name,
                     dest_address=target.address, status=_S.PRE_MIGRATING, migration_type=_LIVE if live else _COLD,
                     task_state=LIVE_TASK_STATE if live else TASK_STATES[_S.PRE_MIGRATING],
                     forced=bool(force), old_power_state=server.power_state, flavor=server.flavor)
@@ -136,13 +150,27 @@ class Conductor:
 
     def _finish_verb(self, migration_id: int, status: MigrationStatus, verb: str) -> MigrationRecord:
         with self._lock:
-            m = self.get(migration_id)
-            if m.status != _S.FINISHED:
-                raise Conflict(reason=f"migration {m.id} is {m.status}; only a finished migration "
-                                      f"(server in VERIFY_RESIZE) can be {verb}ed")
+            m = self._claim_in(migration_id, _S.FINISHED, f"only a finished migration (server in VERIFY_RESIZE) "
+                                                          f"can be {verb}ed")
             m = self._set(m, status, source_job=None, dest_job=None, error=None)
         self._start_driving(m.id)
         return m
+
+    def _claim_in(self, migration_id: int, status: MigrationStatus, only: str) -> MigrationRecord:
+        """Claim a migration while it is in ``status`` (one atomic UPDATE: of several controllers
+        asked at once, one wins); the caller then moves it on. Call with ``_lock`` held.
+
+        :raises Conflict: it is in another status (``only`` says which it must be in), or another
+            controller holds it.
+        """
+        m = self.get(migration_id)
+        if m.status == status and self.store.claim("migration", m.id, self.lease, status=status):
+            return self.get(migration_id)
+        m = self.get(migration_id)
+        if m.status != status:
+            raise Conflict(reason=f"migration {m.id} is {m.status}; {only}")
+        raise Conflict(reason=f"migration {m.id} is being handled by another controller ({m.lease_owner}); "
+                              "try again later")
 
     def get(self, migration_id: int) -> MigrationRecord:
         m = self.store.get_migration(migration_id)
@@ -160,33 +188,95 @@ class Conductor:
     # -- driving -----------------------------------------------------------------
 
     def _start_driving(self, migration_id: int) -> bool:
-        with self._lock:
-            if migration_id in self._driving:
-                return False
-            self._driving.add(migration_id)
+        if not self._take(migration_id):
+            return False
         self.spawn(lambda: self.drive(migration_id))
         return True
 
+    def _take(self, migration_id: int) -> bool:
+        """Claim a migration to drive it here; False when this controller drives it already or
+        another holds a live lease on it."""
+        with self._lock:
+            if migration_id in self._driving or not self.store.claim("migration", migration_id, self.lease):
+                return False
+            self._driving.add(migration_id)
+            self._lost.discard(migration_id)
+            return True
+
     def drive(self, migration_id: int) -> None:
-        """Run a migration's steps until it waits for the operator or ends."""
+        """Run a migration's steps until it waits for the operator or ends (then let go of its
+        lease), or until another controller has taken it over (then touch nothing more)."""
         try:
-            while True:
-                m = self.get(migration_id)
-                step = self._steps().get((m.migration_type, m.status))
-                if step is None:
-                    return
-                try:
-                    step(m)
-                except Unsettled as e:
-                    self._needs_recovery(self.get(migration_id), str(e))
-                except (StepFailed, ControllerError) as e:
-                    self._step_failed(self.get(migration_id), str(e))
-                except Exception as e:  # noqa: BLE001 - a bug must not leave a record in flight
-                    log.exception("migration %d: unexpected error", migration_id)
-                    self._step_failed(self.get(migration_id), f"{type(e).__name__}: {e}")
+            while (m := self._next(migration_id)) is not None:
+                self._step(m)
+        except LeaseLost as e:
+            log.warning("migration %d: %s; this controller stops driving it", migration_id, e)
         finally:
             with self._lock:
                 self._driving.discard(migration_id)
+
+    def _next(self, migration_id: int) -> MigrationRecord | None:
+        """The migration, when it has a step to run here; else (it waits for the operator, or
+        ended) its lease is released and None returned. Under ``_lock``, so that a verb that moves
+        it on at this moment either is seen here or finds it no longer driven and drives it."""
+        with self._lock:
+            m = self.get(migration_id)
+            if migration_id in self._lost:
+                raise LeaseLost(url=self.store.url, kind="migration", id=migration_id, owner=self.lease.owner,
+                                now=f"{m.lease_owner or 'nobody'} holds it now")
+            if (m.migration_type, m.status) in self._steps():
+                return m
+            self.store.release("migration", migration_id, self.lease)
+            self._driving.discard(migration_id)
+            return None
+
+    def _step(self, m: MigrationRecord) -> None:
+        """Run ``m``'s step; a failure of it rolls back, needs recovery or fails the migration."""
+        try:
+            self._steps()[(m.migration_type, m.status)](m)
+        except LeaseLost:
+            raise
+        except Unsettled as e:
+            self._needs_recovery(self.get(m.id), str(e))
+        except (StepFailed, ControllerError) as e:
+            self._step_failed(self.get(m.id), str(e))
+        except Exception as e:  # noqa: BLE001 - a bug must not leave a record in flight
+            log.exception("migration %d: unexpected error", m.id)
+            self._step_failed(self.get(m.id), f"{type(e).__name__}: {e}")
+
+    def _update(self, migration_id: int, **fields: Any) -> MigrationRecord:
+        """Write to a migration this controller drives: only while it holds the lease (renewing it).
+
+        :raises LeaseLost: another controller took it over.
+        """
+        return self.store.update_migration(migration_id, lease=self.lease, **fields)
+
+    def _check_held(self, migration_id: int) -> None:
+        """Raise LeaseLost when the renewal pass found another controller holding the migration."""
+        if migration_id in self._lost:
+            raise LeaseLost(url=self.store.url, kind="migration", id=migration_id, owner=self.lease.owner,
+                            now="another controller took it over")
+
+    def renew_leases(self) -> list[int]:
+        """Renew the lease of every migration driven here; returns those another controller took
+        over meanwhile (their drives stop at their next look at the record or the agent)."""
+        with self._lock:
+            driving = sorted(self._driving - self._lost)
+        lost = [i for i in driving if not self.store.renew("migration", i, self.lease)]
+        with self._lock:
+            self._lost.update(lost)
+        for i in lost:
+            log.warning("migration %d: another controller took its lease over; this one stops driving it", i)
+        return lost
+
+    def release_leases(self) -> None:
+        """Let go of every migration driven here (the controller stops): their drives stop at their
+        next write, and another controller takes them over at once."""
+        with self._lock:
+            driving = sorted(self._driving)
+            self._lost.update(driving)
+        for i in driving:
+            self.store.release("migration", i, self.lease)
 
     def _steps(self) -> dict[tuple[MigrationType, MigrationStatus], Callable[[MigrationRecord], None]]:
         return {(_COLD, _S.PRE_MIGRATING): lambda m: self._set(m, _S.MIGRATING),
@@ -200,11 +290,11 @@ class Conductor:
 
     def _set(self, m: MigrationRecord, status: MigrationStatus, **fields: Any) -> MigrationRecord:
         task = LIVE_TASK_STATE if m.migration_type == _LIVE and status not in FINAL else TASK_STATES[status]
-        return self.store.update_migration(m.id, status=status, task_state=task, **fields)
+        return self._update(m.id, status=status, task_state=task, **fields)
 
     def _fail(self, m: MigrationRecord, message: str) -> None:
         log.error("migration %d failed: %s", m.id, message)
-        self.store.update_migration(m.id, status=_S.ERROR, task_state=None, error=message, progress=None)
+        self._update(m.id, status=_S.ERROR, task_state=None, error=message, progress=None)
 
     def _step_failed(self, m: MigrationRecord, why: str) -> None:
         """After the power-off a failure rolls back on facts; while undoing, it needs recovery."""
@@ -256,18 +346,19 @@ class Conductor:
                               "or the agent restarted")
         else:
             name = job_name(m, op)
-            m = self.store.update_migration(m.id, job_seq=m.job_seq + 1, **{f"{side}_job": name})
+            m = self._update(m.id, job_seq=m.job_seq + 1, **{f"{side}_job": name})
             named = body.model_copy(update={"job_id": name})
             try:
                 job = self._ask(host, lambda a: a.start(m.server, op, named))
             except AgentError as e:
                 raise StepFailed(f"{host} refused {op}: {e}") from None
             if job.id != name:  # an agent that does not take the caller's job names
-                self.store.update_migration(m.id, **{f"{side}_job": job.id})
+                self._update(m.id, **{f"{side}_job": job.id})
 
         def on_update(j: JobOut) -> None:
+            self._check_held(m.id)
             if j.progress is not None:
-                self.store.update_migration(m.id, progress=j.progress.model_dump())
+                self._update(m.id, progress=j.progress.model_dump())
 
         job = self._wait_job(host, job.id, on_update)
         if job.state == "error":
@@ -329,21 +420,27 @@ class Conductor:
         """Undo a failed step on facts: the destination stops running the server (or is known not
         to), then the source comes back as it was; the migration ends in error."""
         why = m.error or "a step failed"
-        note = self._clear_dest(m, f"{why}; rolling back")
+        note = self._clear_dest(m, f"{why}; rolling back", rollback=True)
         self._restore_source(self.get(m.id), f"{why}; rolling back")
         self._fail(self.get(m.id), f"{why}; the source was restored: the server is on {m.source_compute} "
                                    f"as before{note}")
 
-    def _clear_dest(self, m: MigrationRecord, doing: str) -> str:
-        """Destroy the server on the destination, its disks only when they are not the source's too
-        (``shared`` known False). Returns a note on what stayed there.
+    def _clear_dest(self, m: MigrationRecord, doing: str, rollback: bool = False) -> str:
+        """Destroy the server on the destination, with its disks only when they are not the source's too.
+
+        ``shared`` False: the disks go. True: they stay. Not known: in a ``rollback`` (the copy's result
+        was never read) the disks are asked to go, because a directory on shared storage carries the
+        source's marker from before the power-off and the destination's driver never deletes a marked
+        directory; for a finished migration recorded before the flag existed (no marker was written
+        then) they stay, and the note says so. Returns that note, or "".
 
         :raises Unsettled: the destroy failed and the destination still runs the server.
         :raises HostLost: the destination does not answer.
         """
+        destroy_disks = m.shared is False or (m.shared is None and rollback)
         try:
-            self._run(m, "dest", "destroy", s.DestroyRequest(destroy_disks=m.shared is False))
-            return "" if m.shared is not None else (
+            self._run(m, "dest", "destroy", s.DestroyRequest(destroy_disks=destroy_disks))
+            return "" if destroy_disks or m.shared else (
                 f"; whether {m.dest_compute} shares the instance storage is not known, so its files of the "
                 f"server were kept: if that storage is not shared, remove them there by hand")
         except StepFailed as e:
@@ -375,7 +472,7 @@ class Conductor:
         try:
             self._run(m, "source", "confirm-migration", s.ConfirmRequest(migration=_migration_ref(m)))
         except LostJob:
-            self.store.update_migration(m.id, source_job=None)  # confirming twice is harmless: start again
+            self._update(m.id, source_job=None)  # confirming twice is harmless: start again
             return
         self._set(m, _S.CONFIRMED)
 
@@ -383,7 +480,7 @@ class Conductor:
         try:
             note = self._clear_dest(m, "revert")
         except LostJob:
-            self.store.update_migration(m.id, dest_job=None)
+            self._update(m.id, dest_job=None)
             return
         except facts.HostLost:
             raise
@@ -396,7 +493,7 @@ class Conductor:
         try:
             self._restore_source(self.get(m.id), "revert")
         except LostJob:
-            self.store.update_migration(m.id, source_job=None)
+            self._update(m.id, source_job=None)
             return
         self._set(self.get(m.id), _S.REVERTED, error=note.lstrip("; ") or None)
 
@@ -415,15 +512,26 @@ class Conductor:
     # -- after a restart, and over time ----------------------------------------------
 
     def reconcile(self) -> list[int]:
-        """Pick up every migration a restart left in flight; returns their ids."""
+        """Take over every in-flight migration no controller holds a live lease on (this one
+        restarted, or the one driving it died) and drive it; returns their ids. Run at start and
+        by the service's lease timer; a migration another controller holds is left alone."""
         ids = []
-        for m in self.store.in_flight_migrations():
-            log.info("migration %d was %s when the controller stopped; picking it up", m.id, m.status)
-            if m.status == _S.MIGRATING and m.migration_type == _COLD and not m.source_job:
-                # Stopped between the status change and naming the job: nothing ran on the agent.
-                self._set(m, _S.PRE_MIGRATING)
+        for m in self.store.in_flight_migrations(free_for=self.lease):
+            if not self._take(m.id):
+                continue
+            m = self.get(m.id)
+            log.info("migration %d is %s and no controller drives it (%s); driving it here", m.id, m.status,
+                     f"the lease of {m.lease_owner} ran out" if m.lease_owner != self.lease.owner else "released")
+            try:
+                if m.status == _S.MIGRATING and m.migration_type == _COLD and not m.source_job:
+                    # Stopped between the status change and naming the job: nothing ran on the agent.
+                    self._set(m, _S.PRE_MIGRATING)
+            except BaseException:
+                with self._lock:
+                    self._driving.discard(m.id)
+                raise
             ids.append(m.id)
-            self._start_driving(m.id)
+            self.spawn(lambda i=m.id: self.drive(i))
         return ids
 
     def recover(self, migration_id: int) -> MigrationRecord:
@@ -432,11 +540,10 @@ class Conductor:
 
         :raises Conflict: it is not in needs-recovery, or a host still does not answer (named).
         """
-        with self._lock:
-            m = self.get(migration_id)
-            if m.status != _S.NEEDS_RECOVERY or migration_id in self._driving:
-                raise Conflict(reason=f"migration {m.id} is {m.status}; only a migration in "
-                                      f"{_S.NEEDS_RECOVERY} can be recovered")
+        m = self.get(migration_id)
+        if m.status != _S.NEEDS_RECOVERY:
+            raise Conflict(reason=f"migration {m.id} is {m.status}; only a migration in "
+                                  f"{_S.NEEDS_RECOVERY} can be recovered")
         silent = [f"{role} {host} does not answer ({fact.reason})"
                   for role, host in (("source", m.source_compute), ("destination", m.dest_compute))
                   if isinstance(fact := facts.where(self.inventory.agent(host), m.server), AgentError)]
@@ -447,9 +554,12 @@ class Conductor:
         jobs = {}
         if step in (_S.CONFIRMING, _S.REVERTING, _S.ROLLING_BACK):
             jobs = self._failed_jobs(m)  # steps re-run from scratch get new job names
-        log.info("migration %d: both hosts answer; recovering from %s", m.id, step)
         why = (m.error or "").split(_KNOWN)[0].split("; rolling back: ")[0] if step == _S.ROLLING_BACK else None
-        m = self._set(m, step, stopped_in=None, error=why, **jobs)
+        with self._lock:
+            m = self._claim_in(migration_id, _S.NEEDS_RECOVERY, f"only a migration in {_S.NEEDS_RECOVERY} can be "
+                                                                "recovered")
+            log.info("migration %d: both hosts answer; recovering from %s", m.id, step)
+            m = self._set(m, step, stopped_in=None, error=why, **jobs)
         self._start_driving(m.id)
         return m
 
@@ -495,12 +605,13 @@ class Conductor:
         return done
 
     def wait(self, migration_id: int, until: frozenset[str], timeout: float = 3600.0,
-             interval: float = 0.5) -> MigrationRecord:
-        """Poll the record until its status is in ``until`` (bounded by ``timeout``)."""
+             interval: float = 0.5, give_up: Callable[[], bool] = lambda: False) -> MigrationRecord:
+        """Poll the record until its status is in ``until`` (bounded by ``timeout``, and by
+        ``give_up`` returning True)."""
         deadline = self.clock() + timeout
         while True:
             m = self.get(migration_id)
-            if m.status in until or self.clock() >= deadline:
+            if m.status in until or self.clock() >= deadline or give_up():
                 return m
             self.sleep(interval)
 

@@ -159,6 +159,9 @@ class ControllerConfig:
     recovery_interval: float = setting(30.0, check=positive,
                                        hint="seconds above 0 between passes over migrations in needs-recovery, "
                                             "e.g. 30")
+    lease_seconds: float = setting(60.0, check=positive,
+                                   hint="seconds above 0 a controller's claim on a migration or a drain holds "
+                                        "without renewal; another controller takes over after that, e.g. 60")
     hosts: tuple[HostConfig, ...] = ()
     users: tuple[UserConfig, ...] = ()
     session_secret: str | None = setting(None, secret=True, hint="signs the dashboard's session cookie")

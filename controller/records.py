@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import os
+import secrets
+import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,6 +71,21 @@ TASK_STATES: dict[MigrationStatus, str | None] = {
 LIVE_TASK_STATE = "migrating"
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A controller's claim on the migrations and drains it drives (docs/safety.md, "Several
+    controllers"): ``owner`` names the controller, unique per process start; a claim or renewal
+    holds for ``seconds``, after which another controller may take the record over."""
+
+    owner: str
+    seconds: float = 60.0
+
+
+def controller_id() -> str:
+    """A lease owner unique to this process start: host name, pid and a random part."""
+    return f"{socket.gethostname()[:200]}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
@@ -128,6 +146,9 @@ class MigrationRecord:
     stopped_in: str | None = None
     # How many jobs the conductor has named for this migration (job names end in it).
     job_seq: int = 0
+    # Internal: the controller that drives it, until when (None: nobody does now).
+    lease_owner: str | None = None
+    lease_until: dt.datetime | None = None
     created_at: dt.datetime = field(default_factory=utcnow)
     updated_at: dt.datetime = field(default_factory=utcnow)
 
@@ -139,7 +160,8 @@ class MigrationRecord:
 
     def to_api(self) -> dict[str, Any]:
         d = asdict(self)
-        for internal in ("shared", "disk_info", "source_job", "dest_job", "powered_off_at", "flavor", "job_seq"):
+        for internal in ("shared", "disk_info", "source_job", "dest_job", "powered_off_at", "flavor", "job_seq",
+                         "lease_owner", "lease_until"):
             d.pop(internal)
         d["created_at"] = isotime(self.created_at)
         d["updated_at"] = isotime(self.updated_at)
@@ -186,6 +208,9 @@ class DrainRecord:
     status: DrainStatus = DrainStatus.RUNNING
     # Set when the drain ended with servers still on the host, or could not tell.
     error: str | None = None
+    # The controller that runs it, until when (None: nobody does now).
+    lease_owner: str | None = None
+    lease_until: dt.datetime | None = None
     rows: list[DrainRowRecord] = field(default_factory=list)
     created_at: dt.datetime = field(default_factory=utcnow)
     updated_at: dt.datetime = field(default_factory=utcnow)

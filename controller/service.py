@@ -15,6 +15,7 @@ from .conductor import Conductor, Spawn, spawn_thread
 from .config import ControllerConfig
 from .drain import Drainer
 from .inventory import Inventory
+from .nova import mount_nova
 from .store import Store
 from .web import mount_dashboard
 
@@ -33,23 +34,41 @@ class Controller:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> list[int]:
-        """Pick up migrations a restart interrupted, resume running drains, and start the timers:
+        """Take over the in-flight migrations and running drains no controller holds a lease on,
+        and start the timers: the lease pass (``tend``, every quarter of the lease time),
         auto-confirm (when configured) and the recovery pass over needs-recovery migrations
-        (every ``recovery_interval`` seconds). Returns the ids of the migrations picked up."""
+        (every ``recovery_interval`` seconds). Returns the ids of the migrations taken over."""
         picked = self.conductor.reconcile()
         if picked:
-            log.info("reconciling migrations %s left in flight by the last run", picked)
+            log.info("reconciling migrations %s that no controller drives", picked)
         resumed = self.drainer.resume()
         if resumed:
-            log.info("resuming drains %s left running by the last run", resumed)
+            log.info("resuming drains %s that no controller runs", resumed)
+        # A quarter: three renewals may fail before the lease runs out, and a dead controller's
+        # migrations are taken over at most 1.25 lease times after its last renewal.
+        self._every(self.conductor.lease.seconds / 4, "lease", self.tend)
         if self.config.auto_confirm_seconds > 0:
             self._every(max(1.0, min(30.0, self.config.auto_confirm_seconds / 4)), "auto-confirm",
                         self.conductor.auto_confirm)
         self._every(self.config.recovery_interval, "recover", self.conductor.recover_all)
         return picked
 
+    def tend(self) -> list[int]:
+        """One lease pass: renew the leases of what this controller drives, then take over the
+        migrations and drains whose holder stopped renewing (it died). Returns the migrations
+        taken over."""
+        self.conductor.renew_leases()
+        self.drainer.renew_leases()
+        drains = self.drainer.resume()
+        if drains:
+            log.info("lease: took over drains %s", drains)
+        return self.conductor.reconcile()
+
     def stop(self) -> None:
+        """Stop the timers and let go of every lease, so that another controller takes over at once."""
         self._stop.set()
+        self.conductor.release_leases()
+        self.drainer.release_leases()
 
     def _every(self, interval: float, what: str, work: Callable[[], list[int]]) -> None:
         """Run ``work`` every ``interval`` seconds in a thread until stop(); log the ids it acted on."""
@@ -67,13 +86,15 @@ class Controller:
 
 
 def build(config: ControllerConfig, *, agents: Mapping[str, AgentClient] | None = None,
-          store: Store | None = None, spawn: Spawn = spawn_thread) -> Controller:
+          store: Store | None = None, spawn: Spawn = spawn_thread, lease_seconds: float | None = None) -> Controller:
     """Wire a controller from its configuration.
 
     :param agents: agent clients by host name; default one AgentClient per configured host.
     :param store: default a Store on ``config.database``, exclusive: a second controller on the
         same SQLite file is refused (DatabaseInUse); several controllers share a PostgreSQL database.
     :param spawn: how background work starts (a thread by default; tests may run it inline).
+    :param lease_seconds: how long this controller's claim on a migration or drain holds
+        without renewal (docs/safety.md, "Several controllers"); default ``config.lease_seconds``.
     """
     store = store or Store(config.database, exclusive=True)
     store.sync_hosts([h.record() for h in config.hosts])
@@ -83,9 +104,11 @@ def build(config: ControllerConfig, *, agents: Mapping[str, AgentClient] | None 
                                       ca_file=config.agent_ca, client_cert=config.agent_client_pair)
                   for h in config.hosts}
     inventory = Inventory(store, agents)
-    conductor = Conductor(store, inventory, config, spawn=spawn)
+    lease_seconds = config.lease_seconds if lease_seconds is None else lease_seconds
+    conductor = Conductor(store, inventory, config, spawn=spawn, lease_seconds=lease_seconds)
     drainer = Drainer(store, conductor, spawn=spawn)
     app = create_app(conductor, drainer, store, config.token)
+    mount_nova(app, conductor, config.token)
     mount_dashboard(app, conductor, drainer, store, config)
     return Controller(config, store, conductor, drainer, app)
 

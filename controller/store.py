@@ -15,7 +15,7 @@ import os
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -23,7 +23,7 @@ from sqlalchemy.pool import StaticPool
 
 from . import records
 from .errors import ControllerError, NotFound
-from .records import DrainRecord, DrainRowRecord, HostRecord, MigrationRecord
+from .records import DrainRecord, DrainRowRecord, HostRecord, Lease, MigrationRecord
 
 
 #: The largest id a migration or drain can have: INTEGER is 32 bits on PostgreSQL (64 on SQLite).
@@ -46,6 +46,12 @@ class DatabaseInUse(StoreError):
 
     msg = ("database {url}: another controller uses it (it holds {lock}); a SQLite database is for one "
            "controller: stop the other one, or give every controller the same PostgreSQL URL")
+
+
+class LeaseLost(StoreError):
+    """A controller wrote to a migration or drain whose lease another controller took (or it let go)."""
+
+    msg = "database {url}: {kind} {id} is no longer driven by this controller ({owner}): {now}"
 
 
 class _UTCDateTime(sa.TypeDecorator[dt.datetime]):
@@ -115,12 +121,16 @@ _migrations = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("shared", sa.Boolean),
     sa.Column("disk_info", sa.Text),
-    sa.Column("source_job", sa.String(64)),
-    sa.Column("dest_job", sa.String(64)),
+    # Job names are {uuid}-{op}-{n}: 65 characters and more.
+    sa.Column("source_job", sa.String(255)),
+    sa.Column("dest_job", sa.String(255)),
     sa.Column("powered_off_at", sa.Float),
     sa.Column("revert_failed", sa.Boolean, nullable=False),
     sa.Column("stopped_in", sa.String(32)),
     sa.Column("job_seq", sa.Integer, nullable=False),
+    # The lease of the controller driving it (docs/safety.md, "Several controllers").
+    sa.Column("lease_owner", sa.String(255)),
+    sa.Column("lease_until", _UTCDateTime),
     sa.Column("created_at", _UTCDateTime, nullable=False),
     sa.Column("updated_at", _UTCDateTime, nullable=False),
     sa.Index("ix_migrations_updated_at", "updated_at"),
@@ -145,6 +155,8 @@ _drains = sa.Table(
     sa.Column("force", sa.Boolean, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("error", sa.Text),
+    sa.Column("lease_owner", sa.String(255)),
+    sa.Column("lease_until", _UTCDateTime),
     sa.Column("created_at", _UTCDateTime, nullable=False),
     sa.Column("updated_at", _UTCDateTime, nullable=False),
     sqlite_autoincrement=True)
@@ -168,7 +180,7 @@ _drain_rows = sa.Table(
 # its own transaction. A step spells out its own DDL (ALTER TABLE ... ADD ...): the tables above
 # describe only the newest version. To change the schema, change the tables, append a step and
 # raise SCHEMA_VERSION to its version.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def _add_precopy_columns(conn: Connection) -> None:
@@ -207,18 +219,34 @@ def _add_open_migration_index(conn: Connection) -> None:
     _open_index.create(conn)
 
 
+def _add_lease_columns(conn: Connection) -> None:
+    # Old rows: nobody holds them; the next controller to claim one drives it.
+    for table in ("migrations", "drains"):
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN lease_owner VARCHAR(255)")
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN lease_until TIMESTAMP")
+    if conn.dialect.name == "postgresql":
+        # A job name ({uuid}-{op}-{n}) is longer than the 64 characters these had; SQLite never
+        # enforced the length.
+        for column in ("source_job", "dest_job"):
+            conn.exec_driver_sql(f"ALTER TABLE migrations ALTER COLUMN {column} TYPE VARCHAR(255)")
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "pre-copy and bytes before/after power-off on migrations", _add_precopy_columns),
     (3, "whether a migration's instance directory is on shared storage", _add_shared_column),
     (4, "failed reverts, needs-recovery and named jobs on migrations; errors on drains", _add_recovery_columns),
     (5, "at most one open migration per server (a partial unique index)", _add_open_migration_index),
+    (6, "leases: the controller driving each migration and drain; full-length job names", _add_lease_columns),
 ]
 
 _MIGRATION_FIELDS = frozenset(f.name for f in dataclasses.fields(MigrationRecord))
 _DRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(DrainRecord)) - {"rows"}
 _ROW_FIELDS = frozenset(f.name for f in dataclasses.fields(DrainRowRecord))
 # Set by the store itself, never by a caller.
-_OWN = frozenset({"id", "uuid", "drain_id", "created_at", "updated_at"})
+_OWN = frozenset({"id", "uuid", "drain_id", "created_at", "updated_at", "lease_owner", "lease_until"})
+#: What a lease is taken on.
+Leased = Literal["migration", "drain"]
+_LEASED: dict[str, sa.Table] = {"migration": _migrations, "drain": _drains}
 
 
 class Store:
@@ -227,14 +255,19 @@ class Store:
     ``url`` is an SQLAlchemy URL (``sqlite:////path/controller.db``,
     ``postgresql+psycopg://user@host/db``); ``clock`` gives the aware UTC
     time stamped on records; ``exclusive`` (a controller's own store) holds a
-    SQLite file for the store's lifetime. Raises StoreError when the database
+    SQLite file for the store's lifetime. ``lease_clock`` is the time leases
+    are taken and compared at; None (the default) is the one clock every
+    controller shares: the database's own (``now()``) on PostgreSQL, and
+    ``clock`` on SQLite, which one controller alone uses (tests give every
+    store one fake clock). Raises StoreError when the database
     cannot be opened or its schema is newer than this code knows, DatabaseInUse
     when an exclusive store holds the SQLite file already.
     """
 
     def __init__(self, url: str, clock: Callable[[], dt.datetime] = records.utcnow, *,
-                 exclusive: bool = False) -> None:
+                 exclusive: bool = False, lease_clock: Callable[[], dt.datetime] | None = None) -> None:
         self._clock = clock
+        self._lease_clock = lease_clock
         try:
             # Shown in errors and as ``url``: never the password.
             self._shown_url = self.url = sa.engine.make_url(url).render_as_string(hide_password=True)
@@ -321,20 +354,22 @@ class Store:
 
     # migrations
 
-    def create_migration(self, **fields: Any) -> MigrationRecord:
-        """Add a migration; ``fields`` are MigrationRecord's, those left out take its defaults.
-        Raises TypeError for unknown, missing or store-owned fields (id, uuid, times), and
-        OpenMigrationExists for an open one of a server that has an open migration already."""
+    def create_migration(self, lease: Lease | None = None, **fields: Any) -> MigrationRecord:
+        """Add a migration, held by ``lease`` when given; ``fields`` are MigrationRecord's, those
+        left out take its defaults. Raises TypeError for unknown, missing or store-owned fields
+        (id, uuid, times, lease), and OpenMigrationExists for an open one of a server that has an
+        open migration already."""
         own = sorted(set(fields) & _OWN)
         if own:
             raise TypeError(f"create_migration() sets {', '.join(own)} itself")
         now = self._clock()
         record = MigrationRecord(id=0, uuid=str(uuidlib.uuid4()), created_at=now, updated_at=now, **fields)
-        values = dataclasses.asdict(record)
+        values = {**dataclasses.asdict(record), **self._held(lease)}
         del values["id"]
         try:
             with self._write() as conn:
                 new_id = _insert(conn, _migrations, values)
+                row = conn.execute(_migrations.select().where(_migrations.c.id == new_id)).one()
         except sa.exc.IntegrityError as e:
             # PostgreSQL names the index; SQLite names the column of a unique index.
             if not any(name in str(e.orig) for name in (_open_index.name, "migrations.server")):
@@ -342,17 +377,15 @@ class Store:
             other = self.open_migration_for(record.server)
             raise OpenMigrationExists(url=self._shown_url, server=record.server, other=(
                 "one that has ended since" if other is None else f"migration {other.id}, {other.status}")) from None
-        return dataclasses.replace(record, id=new_id)
+        return MigrationRecord(**row._mapping)
 
-    def update_migration(self, id: int, **fields: Any) -> MigrationRecord:
-        """Change fields of migration ``id`` and stamp updated_at. Raises TypeError for an
-        unknown or store-owned field, NotFound for an unknown id."""
+    def update_migration(self, id: int, lease: Lease | None = None, **fields: Any) -> MigrationRecord:
+        """Change fields of migration ``id`` and stamp updated_at; with ``lease``, only while it
+        holds the migration, and renewing it. Raises TypeError for an unknown or store-owned
+        field, NotFound for an unknown id, LeaseLost when another controller holds it."""
         _check_fields("update_migration", fields, _MIGRATION_FIELDS)
         with self._write() as conn:
-            done = conn.execute(_migrations.update().where(_migrations.c.id == id)
-                                .values(**fields, updated_at=self._clock()))
-            if done.rowcount == 0:
-                raise NotFound("migration", id)
+            self._update_held(conn, "migration", id, lease, **fields, updated_at=self._clock())
             row = conn.execute(_migrations.select().where(_migrations.c.id == id)).one()
         return MigrationRecord(**row._mapping)
 
@@ -377,9 +410,11 @@ class Store:
         ]
         return self._migrations(*[w for w in where if w is not None])
 
-    def in_flight_migrations(self) -> list[MigrationRecord]:
-        """Migrations a restart interrupted (records.IN_FLIGHT), oldest first."""
-        return self._migrations(_migrations.c.status.in_(sorted(records.IN_FLIGHT)))[::-1]
+    def in_flight_migrations(self, free_for: Lease | None = None) -> list[MigrationRecord]:
+        """Migrations under way (records.IN_FLIGHT), oldest first; with ``free_for``, only those
+        that lease could claim now (see ``claim``)."""
+        free = [] if free_for is None else [self._free(_migrations, free_for)]
+        return self._migrations(_migrations.c.status.in_(sorted(records.IN_FLIGHT)), *free)[::-1]
 
     def migrations_in(self, status: records.MigrationStatus) -> list[MigrationRecord]:
         """Migrations in ``status``, oldest first."""
@@ -400,14 +435,18 @@ class Store:
     # drains
 
     def create_drain(self, host: str, live: bool, max_servers: int, dry_run: bool,
-                     target_host: str | None, force: bool) -> DrainRecord:
+                     target_host: str | None, force: bool, lease: Lease | None = None) -> DrainRecord:
+        """Add a running drain, held by ``lease`` when given (so no other controller runs it
+        before its rows are in)."""
         now = self._clock()
         values: dict[str, Any] = dict(host=host, live=live, max_servers=max_servers, dry_run=dry_run,
                       target_host=target_host, force=force, status=records.DrainStatus.RUNNING, created_at=now,
                       updated_at=now)
         with self._write() as conn:
-            new_id = _insert(conn, _drains, values)
-        return DrainRecord(id=new_id, **values)
+            new_id = _insert(conn, _drains, {**values, **self._held(lease)})
+        drain = self.get_drain(new_id)
+        assert drain is not None
+        return drain
 
     def add_drain_row(self, drain_id: int, server: str, name: str, state_before: str,
                       migration_type: records.MigrationType | None, accepted: bool, status: records.RowStatus,
@@ -421,9 +460,10 @@ class Store:
             new_id = _insert(conn, _drain_rows, values)
         return DrainRowRecord(id=new_id, **values)
 
-    def update_drain_row(self, row_id: int, **fields: Any) -> DrainRowRecord:
-        """Change fields of a drain row (and stamp its drain's updated_at). Raises TypeError
-        for an unknown field, NotFound for an unknown row."""
+    def update_drain_row(self, row_id: int, lease: Lease | None = None, **fields: Any) -> DrainRowRecord:
+        """Change fields of a drain row (and stamp its drain's updated_at); with ``lease``, only
+        while it holds the drain, and renewing it. Raises TypeError for an unknown field,
+        NotFound for an unknown row, LeaseLost when another controller holds the drain."""
         _check_fields("update_drain_row", fields, _ROW_FIELDS)
         with self._write() as conn:
             row = conn.execute(_drain_rows.select().where(_drain_rows.c.id == row_id)).first()
@@ -431,15 +471,15 @@ class Store:
                 raise NotFound("drain row", row_id)
             if fields:
                 conn.execute(_drain_rows.update().where(_drain_rows.c.id == row_id).values(**fields))
-            self._touch_drain(conn, row.drain_id)
+            self._touch_drain(conn, row.drain_id, lease)
         return dataclasses.replace(DrainRowRecord(**row._mapping), **fields)
 
-    def update_drain(self, drain_id: int, **fields: Any) -> DrainRecord:
-        """Change fields of a drain and stamp updated_at. Raises TypeError for an unknown
-        field, NotFound for an unknown drain."""
+    def update_drain(self, drain_id: int, lease: Lease | None = None, **fields: Any) -> DrainRecord:
+        """Change fields of a drain and stamp updated_at; ``lease`` as for update_drain_row.
+        Raises TypeError for an unknown field, NotFound for an unknown drain, LeaseLost."""
         _check_fields("update_drain", fields, _DRAIN_FIELDS)
         with self._write() as conn:
-            self._touch_drain(conn, drain_id, **fields)
+            self._touch_drain(conn, drain_id, lease, **fields)
         drain = self.get_drain(drain_id)
         assert drain is not None
         return drain
@@ -450,9 +490,12 @@ class Store:
         found = self._drains(_drains.c.id == id)
         return found[0] if found else None
 
-    def list_drains(self, status: records.DrainStatus | None = None) -> list[DrainRecord]:
-        """All drains (or those in ``status``) newest first, each with its rows."""
-        return self._drains() if status is None else self._drains(_drains.c.status == status)
+    def list_drains(self, status: records.DrainStatus | None = None,
+                    free_for: Lease | None = None) -> list[DrainRecord]:
+        """All drains (or those in ``status``) newest first, each with its rows; with
+        ``free_for``, only those that lease could claim now (see ``claim``)."""
+        where = [] if status is None else [_drains.c.status == status]
+        return self._drains(*where, *([] if free_for is None else [self._free(_drains, free_for)]))
 
     def _drains(self, *where: Any) -> list[DrainRecord]:
         with self._read() as conn:
@@ -465,11 +508,73 @@ class Store:
                 by_id[r.drain_id].rows.append(DrainRowRecord(**r._mapping))
         return drains
 
-    def _touch_drain(self, conn: Connection, drain_id: int, **fields: Any) -> None:
-        done = conn.execute(_drains.update().where(_drains.c.id == drain_id)
-                            .values(**fields, updated_at=self._clock()))
-        if done.rowcount == 0:
-            raise NotFound("drain", drain_id)
+    def _touch_drain(self, conn: Connection, drain_id: int, lease: Lease | None = None, **fields: Any) -> None:
+        self._update_held(conn, "drain", drain_id, lease, **fields, updated_at=self._clock())
+
+    # leases: which controller drives a migration or runs a drain (docs/safety.md)
+
+    def claim(self, kind: Leased, id: int, lease: Lease, status: str | None = None) -> bool:
+        """Take the lease on a migration or drain for ``lease.seconds``, in one conditional UPDATE:
+        only when nobody holds it, ``lease.owner`` does already, or the holder's lease ran out;
+        with ``status``, only while the record is in that status. Of controllers claiming at
+        once, one wins. Returns whether this one holds it now."""
+        table = _LEASED[kind]
+        where = [table.c.id == id, self._free(table, lease)]
+        if status is not None:
+            where.append(table.c.status == status)
+        with self._write() as conn:
+            return conn.execute(table.update().where(*where).values(**self._held(lease))).rowcount == 1
+
+    def renew(self, kind: Leased, id: int, lease: Lease) -> bool:
+        """Extend ``lease.owner``'s lease by ``lease.seconds`` from now; False when it no longer
+        holds it (another controller took it over, or it was released)."""
+        table = _LEASED[kind]
+        with self._write() as conn:
+            return conn.execute(table.update().where(table.c.id == id, table.c.lease_owner == lease.owner)
+                                .values(**self._held(lease))).rowcount == 1
+
+    def release(self, kind: Leased, id: int, lease: Lease) -> bool:
+        """Let go of ``lease.owner``'s lease, so that any controller may take the record at once;
+        False when it did not hold it."""
+        table = _LEASED[kind]
+        with self._write() as conn:
+            return conn.execute(table.update().where(table.c.id == id, table.c.lease_owner == lease.owner)
+                                .values(lease_owner=None, lease_until=None)).rowcount == 1
+
+    def _lease_times(self, seconds: float) -> tuple[Any, Any]:
+        """Now and ``seconds`` from now on the lease clock, as SQL (see the class docstring)."""
+        if self._lease_clock is None and self._engine.dialect.name == "postgresql":
+            now = sa.func.timezone("UTC", sa.func.now())   # naive UTC, as _UTCDateTime stores times
+            return now, now + sa.func.make_interval(0, 0, 0, 0, 0, 0, float(seconds))
+        t = (self._lease_clock or self._clock)()
+        return sa.literal(t, _UTCDateTime()), sa.literal(t + dt.timedelta(seconds=seconds), _UTCDateTime())
+
+    def _held(self, lease: Lease | None) -> dict[str, Any]:
+        """The values that make ``lease`` the holder from now on (none without a lease)."""
+        return {} if lease is None else {"lease_owner": lease.owner, "lease_until": self._lease_times(lease.seconds)[1]}
+
+    def _free(self, table: sa.Table, lease: Lease) -> Any:
+        """Whether ``lease`` may take a row of ``table`` now. A store holding its SQLite file
+        (``exclusive``) may take every row: any other holder is a controller that died, so a
+        restart takes its migrations over at once instead of after the lease time."""
+        if self._file_lock is not None:
+            return sa.true()
+        now = self._lease_times(lease.seconds)[0]
+        return sa.or_(table.c.lease_owner.is_(None), table.c.lease_owner == lease.owner, table.c.lease_until < now)
+
+    def _update_held(self, conn: Connection, kind: Leased, id: int, lease: Lease | None, **values: Any) -> None:
+        """UPDATE one migration or drain; with ``lease``, only while it holds the record (and
+        renewing it). Raises NotFound, or LeaseLost naming who holds the record now."""
+        table = _LEASED[kind]
+        where = [table.c.id == id] + ([] if lease is None else [table.c.lease_owner == lease.owner])
+        if conn.execute(table.update().where(*where).values(**values, **self._held(lease))).rowcount == 1:
+            return
+        holder = conn.execute(sa.select(table.c.lease_owner).where(table.c.id == id)).first()
+        if holder is None:
+            raise NotFound(kind, id)
+        assert lease is not None
+        raise LeaseLost(url=self._shown_url, kind=kind, id=id, owner=lease.owner,
+                        now="released" if holder.lease_owner is None else f"{holder.lease_owner} holds it now")
 
     # plumbing
 

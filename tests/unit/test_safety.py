@@ -217,8 +217,24 @@ def test_source_out_of_reach_during_the_copy_rolls_back_once_it_answers(env: Env
     m = settle(env, m.id)
     assert m.status == _S.ERROR and "the source was restored" in m.error, m.error
     assert env.where(VM) == {"host1": RUNNING}
-    # The copy's result was never read, so whether storage is shared is unknown: host2's files stay.
-    assert env.drivers["host2"].disks(VM) and "remove them there by hand" in m.error
+    # The copy's result was never read: the rollback asks host2 to remove its partial copy, which the
+    # driver does because no shared-storage marker protects it (test_unknown_sharing_... covers that).
+    assert env.drivers["host2"].disks(VM) == {} and "by hand" not in m.error
+
+
+def test_a_rollback_with_sharing_unknown_keeps_a_directory_the_source_marked_shared(tmp_path: Path) -> None:
+    env = Env.make(tmp_path, agent_lost_seconds=60, shared_storage=[("host1", "host2")])
+    t = FakeTime()
+    env.conductor.clock, env.conductor.sleep = t.clock, t.sleep
+    env.add("host1", VM, "web")
+    spy(env, "host1", after=lambda op, job: env.cut("host1") if op == "migrate-disk-and-power-off" else None)
+    m = settle(env, env.conductor.migrate("web", "host2").id)
+    assert m.status == _S.NEEDS_RECOVERY and m.shared is None, m.error
+    env.mend("host1")
+    env.conductor.recover_all()
+    m = settle(env, m.id)
+    assert m.status == _S.ERROR and "the source was restored" in m.error, m.error
+    assert env.where(VM) == {"host1": RUNNING} and env.drivers["host1"].disks(VM)
 
 
 def test_recover_refuses_a_migration_that_does_not_need_it(env: Env) -> None:

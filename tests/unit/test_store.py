@@ -163,7 +163,9 @@ ADDED = {2: [("migrations", "precopy"), ("migrations", "bytes_before_power_off")
          3: [("migrations", "shared")],
          4: [("migrations", "revert_failed"), ("migrations", "stopped_in"), ("migrations", "job_seq"),
              ("drains", "error")],
-         5: [("index", "ux_migrations_open_server")]}
+         5: [("index", "ux_migrations_open_server")],
+         6: [("migrations", "lease_owner"), ("migrations", "lease_until"), ("drains", "lease_owner"),
+             ("drains", "lease_until")]}
 
 
 def downgrade(s: Store, version: int) -> None:
@@ -185,7 +187,7 @@ def test_upgrade_from_version_1_adds_the_precopy_figures(url, clock):
         downgrade(s, 1)
     assert "precopy" not in columns(url, "migrations")
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 5
+        assert s.schema_version() == SCHEMA_VERSION == 6
         got = s.get_migration(cold.id)
         assert (got.precopy, got.bytes_before_power_off, got.bytes_after_power_off, got.bytes_sent) == (
             False, 0, 5000, 5000)
@@ -239,7 +241,8 @@ def open_migrations_of(url: str, server: str, n: int) -> None:
             row = dataclasses.asdict(records.MigrationRecord(
                 id=0, uuid=str(uuidlib.uuid4()), server=server, server_name="web", source_compute="a",
                 dest_compute="b", dest_address="198.18.0.2", status=MigrationStatus.MIGRATING))
-            del row["id"]
+            for newer in ("id", "lease_owner", "lease_until"):   # the lease came with version 6
+                del row[newer]
             conn.execute(store_module._migrations.insert().values(row))
     engine.dispose()
 
@@ -266,6 +269,32 @@ def test_upgrade_from_version_4_adds_the_open_migration_index(url, clock):
         assert s.schema_version() == SCHEMA_VERSION
         with pytest.raises(store_module.OpenMigrationExists):
             migration(s, server="u-twice")
+
+
+def test_upgrade_from_version_5_adds_the_lease_columns(url, clock):
+    """A version-5 database gets the lease columns: nobody holds its migrations and drains, so
+    the first controller to claim one drives it; job names get their full length."""
+    with Store(url, clock=clock) as s:
+        old = migration(s, status=MigrationStatus.MIGRATING)
+        drain = s.create_drain("compute1", False, 1, False, None, False)
+        downgrade(s, 5)
+        if url.startswith("postgresql"):
+            with s._write() as conn:
+                for column in ("source_job", "dest_job"):
+                    conn.execute(sa.text(f"ALTER TABLE migrations ALTER COLUMN {column} TYPE VARCHAR(64)"))
+    assert "lease_owner" not in columns(url, "migrations") and "lease_until" not in columns(url, "drains")
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        got = s.get_migration(old.id)
+        assert (got.lease_owner, got.lease_until) == (None, None) and "lease_owner" not in got.to_api()
+        assert s.get_drain(drain.id).lease_owner is None
+        lease = records.Lease("ctl-a", 60)
+        assert [m.id for m in s.in_flight_migrations(free_for=lease)] == [old.id]
+        assert s.claim("migration", old.id, lease) and s.claim("drain", drain.id, lease)
+        assert s.get_migration(old.id).lease_owner == s.get_drain(drain.id).lease_owner == "ctl-a"
+        assert not s.claim("migration", old.id, records.Lease("ctl-b", 60))
+        name = f"{old.uuid}-migrate-disk-and-power-off-1"   # 65 characters: too long before, on PostgreSQL
+        assert s.update_migration(old.id, source_job=name, dest_job=name).source_job == name
 
 
 def test_newer_schema_is_refused(url, monkeypatch):
