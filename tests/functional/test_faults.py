@@ -490,7 +490,8 @@ def test_failed_revert_then_auto_confirm_window(stack: Stack, outcome: Row):
         assert stack.state(dom, SOURCE) == "shut off" and dirs(stack, dom, SOURCE) == [f"{dom.uuid}_resize"]
     finally:
         faults.restart_libvirtd(stack.lab, DEST)
-    assert stack.state(dom, DEST) == "running"
+    # The recovery pass may already be reverting (the destination's copy shutting down): where the
+    # server ends is checked below, once the migration settles.
     record = settle(stack, mid)
     if record["status"] == "finished":
         revert(stack, mid)
