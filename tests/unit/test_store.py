@@ -20,11 +20,13 @@ from controller import records
 from controller.records import DrainStatus, MigrationStatus, MigrationType, RowStatus
 from controller.errors import NotFound
 from controller.records import HostRecord
+from controller import schema as schema_module
 from controller import store as store_module
-from controller.store import SCHEMA_VERSION, Store, StoreError
+from controller.schema import SCHEMA_VERSION
+from controller.store import Store, StoreError
 from driver.model import PowerState
 
-BASE_STEPS = list(store_module.STEPS)
+BASE_STEPS = list(schema_module.STEPS)
 V = SCHEMA_VERSION
 T0 = dt.datetime(2026, 11, 23, 11, 40, tzinfo=dt.timezone.utc)
 
@@ -99,8 +101,8 @@ def test_reopening_keeps_the_records(url, clock):
 
 def with_steps(monkeypatch, *steps) -> None:
     """Make the code one or more schema versions newer than the database."""
-    monkeypatch.setattr(store_module, "STEPS", [*BASE_STEPS, *steps])
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", steps[-1][0])
+    monkeypatch.setattr(schema_module, "STEPS", [*BASE_STEPS, *steps])
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", steps[-1][0])
 
 
 def columns(url: str, table: str) -> set[str]:
@@ -243,7 +245,7 @@ def open_migrations_of(url: str, server: str, n: int) -> None:
                 dest_compute="b", dest_address="198.18.0.2", status=MigrationStatus.MIGRATING))
             for newer in ("id", "lease_owner", "lease_until"):   # the lease came with version 6
                 del row[newer]
-            conn.execute(store_module._migrations.insert().values(row))
+            conn.execute(schema_module.migrations.insert().values(row))
     engine.dispose()
 
 
@@ -298,7 +300,7 @@ def test_upgrade_from_version_5_adds_the_lease_columns(url, clock):
 
 
 def test_newer_schema_is_refused(url, monkeypatch):
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 99)
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 99)
     Store(url).close()  # made by a newer coldferry
     monkeypatch.undo()
     with pytest.raises(StoreError) as e:

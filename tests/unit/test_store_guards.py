@@ -16,7 +16,8 @@ from controller.config import ControllerConfig
 from controller.errors import Conflict
 from controller.records import MigrationRecord, MigrationStatus
 from controller.service import build
-from controller.store import SCHEMA_VERSION, DatabaseInUse, OpenMigrationExists, Store
+from controller.schema import SCHEMA_VERSION
+from controller.store import DatabaseInUse, OpenMigrationExists, Store
 from tests.unit.controller_env import TOKEN, Env
 
 VM = "00000000-0000-4000-8000-00000000000a"
