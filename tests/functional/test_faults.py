@@ -443,6 +443,22 @@ def test_revert_on_shared_storage(stack: Stack, outcome: Row):
             stack.remove_domain(dom)
 
 
+def test_migrate_and_confirm_on_shared_storage(stack: Stack, outcome: Row):
+    """Migrate and confirm on shared instance storage (no fault: the confirm must keep the one copy)."""
+    with stack.shared_storage([SOURCE, DEST]):
+        dom = stack.define_blank(SOURCE, data_mib=DATA_MIB, start=True)
+        try:
+            before = digest(stack, dom)
+            mid = migrate(stack, dom)
+            record = conclude(stack, mid)
+            check_end(stack, dom, record, before, True, outcome, shared=True)
+            assert record["status"] == "confirmed", record
+            # The confirm dropped the source's shared-storage marker: nothing protects a copy no longer used twice.
+            assert not (stack.nodes[DEST].dir(dom.uuid) / ".coldferry-shared").exists()
+        finally:
+            stack.remove_domain(dom)
+
+
 def test_failed_finish_on_shared_storage(stack: Stack, outcome: Row):
     """A failed finish on shared instance storage (the destination lacks the guest's bridge)."""
     bridge = "cffault0"
