@@ -116,6 +116,12 @@ class AgentConfig:
 
 # TLS files: the agent's, and through the same checks the controller's ------------------------------
 
+#: How long the agent and the controller keep an idle HTTP connection open. Longer than the
+#: 5 s that clients poll at (openstack --wait, the controller's job polls): with uvicorn's
+#: default of 5 s a poll could reuse a connection the server was closing at that moment.
+KEEP_ALIVE_SECONDS = 75
+
+
 @dataclass(frozen=True)
 class ServerTLS:
     """What a server's TLS is made of: its certificate and key (PEM files) and the CA file a

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from agent import AgentConfig, create_app
+    from agent.config import KEEP_ALIVE_SECONDS
     from driver.errors import DriverError
 
     try:
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 log.info("%s", banner)
 
     server = Server(uvicorn.Config(app, host=config.listen, port=config.port, log_config=None,
-                                   **(tls.uvicorn_options() if tls else {})))
+                                   timeout_keep_alive=KEEP_ALIVE_SECONDS, **(tls.uvicorn_options() if tls else {})))
     server.run()
     return 0 if server.started else 1
 

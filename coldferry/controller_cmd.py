@@ -70,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from agent.config import KEEP_ALIVE_SECONDS
     from controller.config import ControllerConfig
     from controller.errors import ControllerError
     from controller.service import build
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
              config.port, len(config.hosts), ", ".join(h.name for h in config.hosts) or "none")
     try:
         uvicorn.run(ctl.app, host=config.listen, port=config.port, log_level="warning",
-                    **(tls.uvicorn_options() if tls else {}))
+                    timeout_keep_alive=KEEP_ALIVE_SECONDS, **(tls.uvicorn_options() if tls else {}))
     finally:
         ctl.stop()
     return 0

@@ -33,7 +33,7 @@ from controller import records
 from controller.records import MigrationRecord, MigrationStatus
 from driver.model import PowerState
 from tests.unit.controller_env import TOKEN, Env
-from tests.unit.test_tls import serve
+from tests.support.serve import serve
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACT = REPO / "test-artifacts" / "nova-clients.md"

@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import uvicorn
 
+from agent.config import KEEP_ALIVE_SECONDS
+
 
 @contextlib.contextmanager
 def serve(app: Any, tls: Any = None, name: str = "test-uvicorn") -> Iterator[str]:
@@ -23,7 +25,8 @@ def serve(app: Any, tls: Any = None, name: str = "test-uvicorn") -> Iterator[str
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     options = tls.uvicorn_options() if tls is not None else {}
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **options))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                           timeout_keep_alive=KEEP_ALIVE_SECONDS, **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=name)
     thread.start()
     deadline = time.monotonic() + 10
