@@ -22,10 +22,17 @@ disks to the other hosts over SSH as the driver does (``[driver]`` as
 once; ``shared_storage`` gives hosts one instances directory, ``small_disk`` gives one
 a tmpfs (hostmounts.py); tests/support/faults.py breaks things on purpose.
 
+Several controllers: ``Stack.up(..., controllers=2, database=url)`` starts that many
+``coldferry controller`` processes on one database (a PostgreSQL URL: SQLite is for one
+controller), each on its own loopback port with its own configuration and log. Controller 0
+is the one every call talks to by default; ``api``, ``cli``, ``migration`` and the like take
+``controller=i``, and ``kill_controller(i)`` / ``start_controller(i)`` crash and restart one.
+
 ``down()`` ends every process the stack started, by pid (SIGTERM, then SIGKILL
 after a bounded wait), and removes the domains it defined; it runs on
 ``__exit__`` and when ``up`` fails half-way. Logs: ``workdir/<host>-agent.log``,
-``workdir/controller.log``.
+``workdir/controller.log`` (controller 0; controller i > 0: ``workdir/controller<i>.log``,
+configured by ``controller<i>.toml``).
 """
 
 from __future__ import annotations
@@ -139,7 +146,7 @@ def _make_certificates(tls: Path, hosts: Sequence[Any]) -> None:
 
 @dataclass
 class Stack:
-    """Agents on the lab hosts and a controller, started by ``Stack.up``."""
+    """Agents on the lab hosts and one or more controllers, started by ``Stack.up``."""
 
     lab: Any
     workdir: Path
@@ -147,13 +154,12 @@ class Stack:
     nodes: dict[str, DriverNode]
     agent_token: str
     token: str
-    controller_config: Path
-    controller_port: int
+    controller_ports: list[int]
     plain_http: bool = False
     agents: dict[str, Process] = field(default_factory=dict)
-    controller: Process | None = None
+    controllers: dict[int, Process] = field(default_factory=dict)
     domains: list[Domain] = field(default_factory=list)
-    _client: httpx.Client | None = None
+    _clients: dict[int, httpx.Client] = field(default_factory=dict)
     _image: guest.GuestImage | None = None
     _domain_type: str | None = None
 
@@ -163,8 +169,9 @@ class Stack:
     def up(cls, lab: Any, workdir: Path, hosts: Sequence[str] | None = None,
            driver_settings: dict[str, Any] | None = None,
            controller_settings: dict[str, Any] | None = None, timeout: float = 60.0,
-           plain_http: bool = False) -> "Stack":
-        """Start an agent in each of ``hosts`` (names; default: every lab host) and a controller.
+           plain_http: bool = False, controllers: int = 1, database: str | None = None) -> "Stack":
+        """Start an agent in each of ``hosts`` (names; default: every lab host) and ``controllers``
+        controllers.
 
         Agents listen on port 8797 of their host's address, so one stack runs on a lab at a time.
 
@@ -173,15 +180,23 @@ class Stack:
         controller_settings: override keys of ``[controller]``.
         timeout: seconds each daemon gets to answer.
         plain_http: serve plain HTTP, not TLS (for faults that read the answers on the wire).
+        controllers: how many controller processes to start, each on its own port.
+        database: the SQLAlchemy URL every controller keeps its records in; default a SQLite
+            file in ``workdir``, which serves one controller only (ValueError for more).
         Raises StackError (after stopping what it started) when a daemon does not come up.
         """
+        if controllers < 1:
+            raise ValueError(f"controllers must be at least 1, not {controllers}")
+        if controllers > 1 and database is None:
+            raise ValueError(f"{controllers} controllers need one database they can share: give database= "
+                             "a PostgreSQL URL (a SQLite file serves one controller)")
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         chosen = [lab.host(n) for n in hosts] if hosts is not None else list(lab.hosts)
         agent_token = secrets.token_urlsafe(24)
         stack = cls(lab=lab, workdir=workdir, hosts=chosen, nodes={}, agent_token=agent_token,
-                    token=secrets.token_urlsafe(24), controller_config=workdir / "controller.toml",
-                    controller_port=free_port(), plain_http=plain_http)
+                    token=secrets.token_urlsafe(24), controller_ports=[free_port() for _ in range(controllers)],
+                    plain_http=plain_http)
         try:
             _make_certificates(stack.tls_dir, chosen)
             for host in chosen:
@@ -190,8 +205,13 @@ class Stack:
                 stack.start_agent(host.name, wait=False)
             for host in chosen:
                 stack.wait_agent(host.name, timeout)
-            stack._write_controller_config({**DEFAULT_CONTROLLER_SETTINGS, **(controller_settings or {})})
-            stack.start_controller(timeout)
+            settings = {**DEFAULT_CONTROLLER_SETTINGS, **(controller_settings or {})}
+            db = database or f"sqlite:///{workdir / 'controller.db'}"
+            # One after the other: controllers starting at the same moment on a new database race
+            # in writing its host table (Store.sync_hosts), and one of them fails to start.
+            for index in range(controllers):
+                stack._write_controller_config(index, db, settings)
+                stack.start_controller(index, timeout=timeout)
         except BaseException:
             stack.down()
             raise
@@ -216,8 +236,38 @@ class Stack:
 
     @property
     def url(self) -> str:
-        """The controller's base URL."""
-        return f"{self._scheme}://127.0.0.1:{self.controller_port}"
+        """Controller 0's base URL."""
+        return self.controller_url(0)
+
+    def controller_url(self, index: int = 0) -> str:
+        """The base URL of controller ``index``."""
+        return f"{self._scheme}://127.0.0.1:{self.controller_ports[index]}"
+
+    @property
+    def controller_port(self) -> int:
+        """Controller 0's port."""
+        return self.controller_ports[0]
+
+    @property
+    def controller_config(self) -> Path:
+        """Controller 0's configuration file."""
+        return self.controller_config_path(0)
+
+    @property
+    def controller(self) -> Process | None:
+        """Controller 0's process (None before it first started)."""
+        return self.controllers.get(0)
+
+    def _controller_file(self, index: int, suffix: str) -> Path:
+        """``controller<suffix>`` for controller 0, ``controller<index><suffix>`` for the others."""
+        return self.workdir / f"controller{index or ''}{suffix}"
+
+    def controller_config_path(self, index: int) -> Path:
+        return self._controller_file(index, ".toml")
+
+    def controller_log(self, index: int = 0) -> Path:
+        """The log of controller ``index`` (appended to by each start)."""
+        return self._controller_file(index, ".log")
 
     @property
     def _scheme(self) -> str:
@@ -255,17 +305,16 @@ class Stack:
                        + "\n" + driver_table)
         return node
 
-    def _write_controller_config(self, settings: dict[str, Any]) -> None:
-        db = self.workdir / "controller.db"
-        table = {"listen": "127.0.0.1", "port": self.controller_port, "token": self.token,
-                 "database": f"sqlite:///{db}", **self._tls_settings("controller", agent_ca=str(self.ca_file)),
+    def _write_controller_config(self, index: int, database: str, settings: dict[str, Any]) -> None:
+        table = {"listen": "127.0.0.1", "port": self.controller_ports[index], "token": self.token,
+                 "database": database, **self._tls_settings("controller", agent_ca=str(self.ca_file)),
                  **settings}
         text = "[controller]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
         for host in self.hosts:
             entry = {"name": host.name, "agent_url": self.agent_url(host.name), "address": host.ip,
                      "agent_token": self.agent_token}
             text += "\n[[hosts]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in entry.items())
-        _write_private(self.controller_config, text)
+        _write_private(self.controller_config_path(index), text)
 
     def start_agent(self, host_name: str, wait: bool = True, timeout: float = 60.0) -> None:
         """Start the agent of ``host_name`` inside that host (its log is appended to)."""
@@ -287,18 +336,26 @@ class Stack:
         headers = {"Authorization": f"Bearer {self.agent_token}"}
         return self._wait_http(proc, lambda c: c.get(url, headers=headers), timeout)
 
-    def start_controller(self, timeout: float = 60.0) -> None:
-        """Start the controller (again, after ``kill_controller``) and wait until it answers."""
-        if self.controller is not None and self.controller.alive():
-            raise StackError(f"the controller (pid {self.controller.popen.pid}) is still running")
-        log_path = self.workdir / "controller.log"
+    def start_controller(self, index: int = 0, *, wait: bool = True, timeout: float = 60.0) -> None:
+        """Start controller ``index`` (again, after ``kill_controller``) and, with ``wait``, wait
+        until it answers."""
+        running = self.controllers.get(index)
+        if running is not None and running.alive():
+            raise StackError(f"the {running.what} (pid {running.popen.pid}) is still running")
+        log_path = self.controller_log(index)
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen([COLDFERRY, "controller", "--config", str(self.controller_config)],
+            proc = subprocess.Popen([COLDFERRY, "controller", "--config", str(self.controller_config_path(index))],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env=_clean_env(), start_new_session=True, cwd=self.workdir)
-        self.controller = Process("controller", proc, log_path, ProcRef.of(proc.pid))
-        url = f"{self.url}/v1/os-hypervisors"
-        self._wait_http(self.controller, lambda c: c.get(url, headers=self._auth()), timeout)
+        what = "controller" if len(self.controller_ports) == 1 else f"controller {index}"
+        self.controllers[index] = Process(what, proc, log_path, ProcRef.of(proc.pid))
+        if wait:
+            self.wait_controller(index, timeout)
+
+    def wait_controller(self, index: int = 0, timeout: float = 60.0) -> None:
+        """GET /v1/os-hypervisors of controller ``index`` until it answers 200."""
+        url = f"{self.controller_url(index)}/v1/os-hypervisors"
+        self._wait_http(self.controllers[index], lambda c: c.get(url, headers=self._auth()), timeout)
 
     def _wait_http(self, proc: Process, request: Callable[[httpx.Client], httpx.Response],
                    timeout: float) -> Any:
@@ -327,13 +384,14 @@ class Stack:
         return {"Authorization": f"Bearer {token or self.token}"}
 
     def cli(self, *args: str, timeout: float = 300.0, check: bool = False,
-            merge_output: bool = False) -> subprocess.CompletedProcess:
-        """``coldferry ARGS`` against this controller (COLDFERRY_URL/COLDFERRY_TOKEN/COLDFERRY_CA_FILE set).
+            merge_output: bool = False, controller: int = 0) -> subprocess.CompletedProcess:
+        """``coldferry ARGS`` against controller ``controller`` (COLDFERRY_URL/COLDFERRY_TOKEN/COLDFERRY_CA_FILE set).
 
         check: raise AssertionError (with the output) unless it exits 0.
         merge_output: standard error goes into ``stdout`` too, in the order it was written.
         """
-        env = _clean_env(COLDFERRY_URL=self.url, COLDFERRY_TOKEN=self.token, COLDFERRY_CA_FILE=str(self.ca_file))
+        env = _clean_env(COLDFERRY_URL=self.controller_url(controller), COLDFERRY_TOKEN=self.token,
+                         COLDFERRY_CA_FILE=str(self.ca_file))
         env.pop("COLDFERRY_CLIENT_CONFIG", None)
         run = subprocess.run([COLDFERRY, *args], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT if merge_output else subprocess.PIPE, text=True,
@@ -343,9 +401,9 @@ class Stack:
                                  f"{run.stdout}\n{run.stderr or ''}")
         return run
 
-    def cli_json(self, *args: str, timeout: float = 300.0) -> Any:
+    def cli_json(self, *args: str, timeout: float = 300.0, controller: int = 0) -> Any:
         """``coldferry ARGS -f json``, which must succeed; its parsed output."""
-        run = self.cli(*args, "-f", "json", timeout=timeout, check=True)
+        run = self.cli(*args, "-f", "json", timeout=timeout, check=True, controller=controller)
         try:
             return json.loads(run.stdout)
         except ValueError:
@@ -353,35 +411,39 @@ class Stack:
                                  f"{run.stderr}") from None
 
     def api(self, method: str, path: str, json: Any = None, *, token: str | None = None,
-            auth: bool = True, **kw: Any) -> httpx.Response:
-        """One request to the controller API; ``auth=False`` sends no Authorization header."""
-        if self._client is None:
-            self._client = httpx.Client(base_url=self.url, trust_env=False, timeout=60.0, verify=self.ssl_context())
+            auth: bool = True, controller: int = 0, **kw: Any) -> httpx.Response:
+        """One request to the API of controller ``controller``; ``auth=False`` sends no
+        Authorization header."""
+        client = self._clients.get(controller)
+        if client is None:
+            client = self._clients[controller] = httpx.Client(
+                base_url=self.controller_url(controller), trust_env=False, timeout=60.0, verify=self.ssl_context())
         headers = dict(kw.pop("headers", {}) or {})
         if auth:
             headers.update(self._auth(token))
-        return self._client.request(method, path, json=json, headers=headers, **kw)
+        return client.request(method, path, json=json, headers=headers, **kw)
 
-    def api_ok(self, method: str, path: str, json: Any = None) -> Any:
+    def api_ok(self, method: str, path: str, json: Any = None, *, controller: int = 0) -> Any:
         """``api`` that must answer 2xx; the parsed body."""
-        reply = self.api(method, path, json)
+        reply = self.api(method, path, json, controller=controller)
         assert reply.is_success, f"{method} {path} -> {reply.status_code}: {reply.text}"
         return reply.json()
 
-    def server(self, ref: str) -> dict[str, Any]:
-        return self.api_ok("GET", f"/v1/servers/{ref}")
+    def server(self, ref: str, *, controller: int = 0) -> dict[str, Any]:
+        return self.api_ok("GET", f"/v1/servers/{ref}", controller=controller)
 
-    def migration(self, migration_id: int) -> dict[str, Any]:
-        return self.api_ok("GET", f"/v1/os-migrations/{migration_id}")
+    def migration(self, migration_id: int, *, controller: int = 0) -> dict[str, Any]:
+        return self.api_ok("GET", f"/v1/os-migrations/{migration_id}", controller=controller)
 
-    def migrations(self, server: str | None = None) -> list[dict[str, Any]]:
+    def migrations(self, server: str | None = None, *, controller: int = 0) -> list[dict[str, Any]]:
         """Migration records, newest first (of one server when given)."""
-        reply = self.api("GET", "/v1/os-migrations", params={"server": server} if server else None)
+        reply = self.api("GET", "/v1/os-migrations", params={"server": server} if server else None,
+                         controller=controller)
         assert reply.is_success, f"GET /v1/os-migrations -> {reply.status_code}: {reply.text}"
         return reply.json()["migrations"]
 
     def wait_migration(self, migration_id: int, statuses: Iterable[str], timeout: float = 180.0,
-                       poll: float = 0.3) -> dict[str, Any]:
+                       poll: float = 0.3, *, controller: int = 0) -> dict[str, Any]:
         """Poll the record until its status is one of ``statuses``; the record.
 
         Raises AssertionError with the record when it reaches another final status or time runs out.
@@ -390,7 +452,7 @@ class Stack:
         final = {"confirmed", "reverted", "completed", "error"}
         deadline = time.monotonic() + timeout
         while True:
-            record = self.migration(migration_id)
+            record = self.migration(migration_id, controller=controller)
             if record["status"] in wanted:
                 return record
             if record["status"] in final - wanted:
@@ -401,10 +463,13 @@ class Stack:
                                      f"{timeout:g} s: {record}")
             time.sleep(poll)
 
-    def kill_controller(self) -> None:
-        """SIGKILL the controller by pid (a crash: nothing gets to clean up)."""
-        proc = self.controller
-        assert proc is not None and proc.alive(), "the controller is not running"
+    def kill_controller(self, index: int = 0) -> None:
+        """SIGKILL controller ``index`` by pid (a crash: nothing gets to clean up, no lease is let go)."""
+        proc = self.controllers.get(index)
+        assert proc is not None and proc.alive(), f"controller {index} is not running"
+        client = self._clients.pop(index, None)
+        if client is not None:   # its connections lead nowhere now
+            client.close()
         os.kill(proc.popen.pid, signal.SIGKILL)
         proc.popen.wait(30)
 
@@ -557,14 +622,13 @@ class Stack:
     # -- taking it down ----------------------------------------------------------------
 
     def processes(self) -> list[Process]:
-        return [p for p in [self.controller, *self.agents.values()] if p is not None]
+        return [*self.controllers.values(), *self.agents.values()]
 
     def down(self, remove_domains: bool = True) -> None:
         """Stop the controller and the agents by pid (SIGTERM, then SIGKILL after 10 s) and,
         unless told otherwise, remove the domains the stack defined. Idempotent."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        while self._clients:
+            self._clients.popitem()[1].close()
         procs = self.processes()
         refs = [p.ref for p in procs if p.ref is not None and p.alive()]
         left = terminate(refs, term_timeout=10.0, kill_timeout=5.0)
