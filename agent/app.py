@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from driver.base import ComputeDriver
 from driver.errors import DriverError, InstanceNotFound, InvalidInstanceState
-from driver.model import Flavor, Instance, Migration, ProgressHook
+from driver.model import Flavor, Instance, Migration, ProgressHook, Timeline
 from transfer.progress import Progress
 
 from . import schemas as s
@@ -243,20 +243,25 @@ def _migration(uuid: str, ref: s.MigrationRef | None) -> Migration:
 def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
                     shutdown_defaults: tuple[int, int]) -> None:
     def start(op: str, uuid: str, job_id: str | None,
-              work: Callable[[ProgressHook], s.Outcome | None]) -> dict[str, Any]:
-        """Run ``work(progress)`` as job ``op`` (named ``job_id``); the driver's outcome, serialized,
-        is the job's result. A job_id the runner has returns that job instead."""
-        return runner.start(op, uuid, lambda report: s.dump_result(work(_progress(report))), job_id).to_dict()
+              work: Callable[[ProgressHook, Timeline], s.Outcome | None]) -> dict[str, Any]:
+        """Run ``work(progress, timeline)`` as job ``op`` (named ``job_id``); the driver's outcome
+        with the phases recorded on the timeline, serialized, is the job's result, and the job
+        shows those phases as they are recorded. A job_id the runner has returns that job instead."""
+        timeline = Timeline()
+
+        def run(report: Report) -> dict[str, Any] | None:
+            return s.dump_result(work(_progress(report), timeline), timeline.phases)
+        return runner.start(op, uuid, run, job_id, timeline).to_dict()
 
     def start_on(op: str, uuid: str, job_id: str | None,
-                 work: Callable[[Instance, ProgressHook], s.Outcome | None]) -> dict[str, Any]:
+                 work: Callable[[Instance, ProgressHook, Timeline], s.Outcome | None]) -> dict[str, Any]:
         """As start, on the instance defined here (404 if unknown), looked up only for a new job:
         asking again for a job that moved the instance away still finds the job."""
         known = runner.named(job_id, op, uuid)
         if known is not None:
             return known.to_dict()
         inst = driver.get_instance(uuid)
-        return start(op, uuid, job_id, lambda progress: work(inst, progress))
+        return start(op, uuid, job_id, lambda progress, timeline: work(inst, progress, timeline))
 
     def shutdown(body: s.PowerOffRequest) -> tuple[int, int]:
         timeout, retry = shutdown_defaults
@@ -271,23 +276,24 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
     @api.post("/instances/{uuid}/power-on", **job_on, summary="start a stopped instance" + again)
     def power_on(uuid: str, body: s.PowerOnRequest | None = None) -> dict[str, Any]:
         body = body or s.PowerOnRequest()
-        return start_on("power-on", uuid, body.job_id, lambda inst, progress: driver.power_on(inst))
+        return start_on("power-on", uuid, body.job_id, lambda inst, progress, timeline: driver.power_on(inst))
 
     @api.post("/instances/{uuid}/power-off", **job_on, summary="clean shutdown, forced after the timeout" + again)
     def power_off(uuid: str, body: s.PowerOffRequest | None = None) -> dict[str, Any]:
         body = body or s.PowerOffRequest()
         timeout, retry = shutdown(body)
-        return start_on("power-off", uuid, body.job_id, lambda inst, progress: driver.power_off(inst, timeout, retry))
+        return start_on("power-off", uuid, body.job_id,
+                        lambda inst, progress, timeline: driver.power_off(inst, timeout, retry))
 
     @api.post("/instances/{uuid}/migrate-disk-and-power-off", **job_on,
               summary="source side: power off and copy the disks to dest" + again)
     def migrate(uuid: str, body: s.MigrateRequest) -> dict[str, Any]:
         timeout, retry = shutdown(body)
 
-        def work(inst: Instance, progress: ProgressHook) -> s.Outcome:
+        def work(inst: Instance, progress: ProgressHook, timeline: Timeline) -> s.Outcome:
             flavor = body.flavor.to_flavor() if body.flavor else inst.flavor
             return driver.migrate_disk_and_power_off(inst, body.dest, flavor, s.vifs(body.network_info), None,
-                                                     timeout, retry, progress=progress)
+                                                     timeout, retry, progress=progress, timeline=timeline)
         return start_on("migrate-disk-and-power-off", uuid, body.job_id, work)
 
     @api.post("/instances/{uuid}/finish-migration", **job, summary="destination side: define and start" + again)
@@ -295,32 +301,37 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
         migration = body.migration.to_migration(uuid)
         inst = Instance(uuid, body.name, body.flavor.to_flavor(), migration.dest_host)
         disk_info = body.disks()
-        return start("finish-migration", uuid, body.job_id, lambda progress: driver.finish_migration(
-            migration, inst, disk_info, s.vifs(body.network_info), {}, body.resize_instance, None, body.power_on))
+        return start("finish-migration", uuid, body.job_id, lambda progress, timeline: driver.finish_migration(
+            migration, inst, disk_info, s.vifs(body.network_info), {}, body.resize_instance, None, body.power_on,
+            timeline=timeline))
 
     @api.post("/instances/{uuid}/confirm-migration", **job, summary="source side: drop the kept copy" + again)
     def confirm(uuid: str, body: s.ConfirmRequest | None = None) -> dict[str, Any]:
         body = body or s.ConfirmRequest()
         migration = _migration(uuid, body.migration)
+        source = _bare(uuid, migration.source_host)
         return start("confirm-migration", uuid, body.job_id,
-                     lambda progress: driver.confirm_migration(migration, _bare(uuid, migration.source_host), []))
+                     lambda progress, timeline: driver.confirm_migration(migration, source, []))
 
     @api.post("/instances/{uuid}/finish-revert-migration", **job,
               summary="source side: restart from the kept copy" + again)
     def revert(uuid: str, body: s.RevertRequest | None = None) -> dict[str, Any]:
         body = body or s.RevertRequest()
         migration = _migration(uuid, body.migration)
-        return start("finish-revert-migration", uuid, body.job_id, lambda progress: driver.finish_revert_migration(
-            _bare(uuid, migration.source_host), [], migration, None, body.power_on))
+        return start("finish-revert-migration", uuid, body.job_id,
+                     lambda progress, timeline: driver.finish_revert_migration(
+                         _bare(uuid, migration.source_host), [], migration, None, body.power_on))
 
     @api.post("/instances/{uuid}/destroy", **job, summary="stop and undefine here, removing disks if asked" + again)
     def destroy(uuid: str, body: s.DestroyRequest | None = None) -> dict[str, Any]:
         body = body or s.DestroyRequest()
         destroy_disks = body.destroy_disks
-        return start("destroy", uuid, body.job_id, lambda progress: driver.destroy(_bare(uuid), [], destroy_disks))
+        return start("destroy", uuid, body.job_id,
+                     lambda progress, timeline: driver.destroy(_bare(uuid), [], destroy_disks))
 
     @api.post("/instances/{uuid}/live-migrate", **job_on,
               summary="move a running instance, keeping it running" + again)
     def live_migrate(uuid: str, body: s.LiveMigrateRequest) -> dict[str, Any]:
         return start_on("live-migrate", uuid, body.job_id,
-                        lambda inst, progress: driver.live_migration(inst, body.dest, progress=progress))
+                        lambda inst, progress, timeline: driver.live_migration(inst, body.dest, progress=progress,
+                                                                               timeline=timeline))

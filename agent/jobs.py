@@ -8,7 +8,9 @@ name a job (``job_id``): a start naming a job the runner has returns that
 job instead of starting another, so a caller that lost the reply can ask
 again safely. Finished jobs are kept, newest last, up to a bound, so a
 controller that polls late still finds the outcome. A job's work gets its own ``report`` callable, so
-progress lands on that job whichever thread reports it.
+progress lands on that job whichever thread reports it. A job may carry a Timeline its work
+records phases into: the job shows the phases recorded so far, while it runs and after it
+failed too.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import functools
 import time
 import uuid as uuidlib
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
+
+from driver.model import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,8 @@ class JobNotFound(JobError):
 
 @dataclass
 class Job:
-    """One background operation on one instance, as the API shows it."""
+    """One background operation on one instance, as the API shows it; ``timeline`` holds the
+    phases its work recorded."""
 
     id: str
     op: str
@@ -77,12 +82,14 @@ class Job:
     result: Any = None
     error: dict[str, str] | None = None
     ended_at: str | None = None
+    timeline: Timeline = field(default_factory=Timeline, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The job as the API answers it."""
         return {"id": self.id, "op": self.op, "instance_uuid": self.instance_uuid, "state": self.state,
                 "progress": self.progress, "result": self.result, "error": self.error,
-                "started_at": self.started_at, "ended_at": self.ended_at}
+                "started_at": self.started_at, "ended_at": self.ended_at,
+                "phases": [p.to_dict() for p in self.timeline.phases]}
 
 
 def iso_utc(t: float) -> str:
@@ -104,7 +111,8 @@ class JobRunner:
         self._ended: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def start(self, op: str, instance_uuid: str, work: Callable[[Report], Any], job_id: str | None = None) -> Job:
+    def start(self, op: str, instance_uuid: str, work: Callable[[Report], Any], job_id: str | None = None,
+              timeline: Timeline | None = None) -> Job:
         """Run ``work(report)`` in a new thread as job ``op`` on ``instance_uuid``.
 
         ``report`` sets this job's progress (see Report). The work's return
@@ -114,6 +122,7 @@ class JobRunner:
         :param job_id: the caller's name for the job (a new uuid if None). If
             the runner has a job of that name, nothing starts: that job is
             returned, whatever its state.
+        :param timeline: the recorder ``work`` records its phases into; the job shows them.
         :returns: a snapshot of the new job, or of the named one it already had.
         :raises JobIdTaken: ``job_id`` names a job of another operation or instance.
         :raises JobConflict: the instance has a running job (of another name).
@@ -124,15 +133,16 @@ class JobRunner:
                 return known
             for other in self._jobs.values():
                 if other.instance_uuid == instance_uuid and other.state == RUNNING:
-                    raise JobConflict(instance_uuid, replace(other))
-            job = Job(job_id or uuidlib.uuid4().hex, op, instance_uuid, iso_utc(self.clock()))
+                    raise JobConflict(instance_uuid, _snapshot(other))
+            job = Job(job_id or uuidlib.uuid4().hex, op, instance_uuid, iso_utc(self.clock()),
+                      timeline=timeline if timeline is not None else Timeline())
             self._jobs[job.id] = job
             self._ended[job.id] = threading.Event()
             self._prune()
             thread = threading.Thread(target=self._run, args=(job, work), name=f"job-{op}-{job.id[:8]}",
                                       daemon=True)
             thread.start()
-            return replace(job)
+            return _snapshot(job)
 
     def named(self, job_id: str | None, op: str, instance_uuid: str) -> Job | None:
         """A snapshot of the job ``job_id`` if the runner has it (None for no name or an unknown one).
@@ -207,4 +217,4 @@ class JobRunner:
 
 def _snapshot(job: Job) -> Job:
     """A copy callers may read while the job's thread goes on updating the original."""
-    return replace(job, progress=dict(job.progress) if job.progress else None)
+    return replace(job, progress=dict(job.progress) if job.progress else None, timeline=job.timeline.copy())

@@ -9,12 +9,12 @@ live next to the shapes they convert.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import Annotated, Any, Iterable, Literal, get_type_hints
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 
 from driver.model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
-                          Migration, Vif)
+                          Migration, Phase, Vif)
 from transfer.progress import Progress
 from transfer.endpoint import is_host_address
 from transfer.result import CopyResult
@@ -189,6 +189,28 @@ class ProgressOut(_Response):
         return cls(file=file, done=p.done, total=p.total, rate=p.rate, eta=p.eta, fraction=p.fraction)
 
 
+class PhaseOut(_Response):
+    """One phase of a migration (driver.model.Phase; PhaseName lists the names): epoch seconds."""
+
+    phase: str
+    host: str = Field(default="", description="the host it ran on; empty where that is the host answering")
+    start: float
+    end: float
+    seconds: float
+    detail: str = Field(default="", description="e.g. the file a copy phase copied")
+
+    @classmethod
+    def of(cls, p: Phase) -> "PhaseOut":
+        return cls(**p.to_dict())
+
+    def to_phase(self) -> Phase:
+        return Phase(self.phase, self.start, self.end, self.host, self.detail)
+
+
+def phases_out(phases: Iterable[Phase]) -> list[PhaseOut]:
+    return [PhaseOut.of(p) for p in phases]
+
+
 # -- job results: what a driver call returned, as the agent serializes it and the controller parses it --
 
 # One finished copy: transfer.CopyResult's fields.
@@ -212,23 +234,26 @@ class MigrateResult(_Response):
     bytes_skipped: int
     rate: float
     digests: list[str]
+    phases: list[PhaseOut] = Field(default=[], description="the driver's phases, as the job shows them")
 
     @classmethod
-    def of(cls, o: MigrateOutcome) -> "MigrateResult":
+    def of(cls, o: MigrateOutcome, phases: Iterable[Phase] = ()) -> "MigrateResult":
         return cls(disk_info=DiskInfo.dumps(o.disk_info), copies=[CopyOut(**asdict(c)) for c in o.copies], shared=o.shared,
                    precopy=o.precopy, was_running=o.was_running, powered_off_at=o.powered_off_at,
                    bytes_before_power_off=o.bytes_before_power_off, bytes_after_power_off=o.bytes_after_power_off,
-                   bytes_sent=o.bytes_sent, bytes_skipped=o.bytes_skipped, rate=o.rate, digests=o.digests)
+                   bytes_sent=o.bytes_sent, bytes_skipped=o.bytes_skipped, rate=o.rate, digests=o.digests,
+                   phases=phases_out(phases))
 
 
 class FinishResult(_Response):
     """finish-migration's result (driver.model.FinishOutcome)."""
 
     running_at: float | None
+    phases: list[PhaseOut] = Field(default=[], description="the driver's phases, as the job shows them")
 
     @classmethod
-    def of(cls, o: FinishOutcome) -> "FinishResult":
-        return cls(running_at=o.running_at)
+    def of(cls, o: FinishOutcome, phases: Iterable[Phase] = ()) -> "FinishResult":
+        return cls(running_at=o.running_at, phases=phases_out(phases))
 
 
 class LiveResult(_Response):
@@ -241,11 +266,12 @@ class LiveResult(_Response):
     prepare_s: float = 0.0
     migration_s: float = 0.0
     flags: list[str] = []
+    phases: list[PhaseOut] = Field(default=[], description="the driver's phases, as the job shows them")
 
     @classmethod
-    def of(cls, o: LiveOutcome) -> "LiveResult":
+    def of(cls, o: LiveOutcome, phases: Iterable[Phase] = ()) -> "LiveResult":
         return cls(downtime_s=o.downtime_s, shared=o.shared, job_s=o.job_s, memory_bytes=o.memory_bytes,
-                   prepare_s=o.prepare_s, migration_s=o.migration_s, flags=list(o.flags))
+                   prepare_s=o.prepare_s, migration_s=o.migration_s, flags=list(o.flags), phases=phases_out(phases))
 
 
 #: The result model of each job operation that has one; the others' result is null.
@@ -255,17 +281,18 @@ RESULTS: dict[str, type[_Response]] = {"migrate-disk-and-power-off": MigrateResu
 Outcome = MigrateOutcome | FinishOutcome | LiveOutcome
 
 
-def dump_result(outcome: Outcome | None) -> dict[str, Any] | None:
-    """A driver call's outcome as JSON data, the way a job's result carries it (None stays None)."""
+def dump_result(outcome: Outcome | None, phases: Iterable[Phase] = ()) -> dict[str, Any] | None:
+    """A driver call's outcome, with the phases it recorded, as JSON data, the way a job's
+    result carries it (None stays None)."""
     if outcome is None:
         return None
     model: _Response
     if isinstance(outcome, MigrateOutcome):
-        model = MigrateResult.of(outcome)
+        model = MigrateResult.of(outcome, phases)
     elif isinstance(outcome, FinishOutcome):
-        model = FinishResult.of(outcome)
+        model = FinishResult.of(outcome, phases)
     else:
-        model = LiveResult.of(outcome)
+        model = LiveResult.of(outcome, phases)
     return model.model_dump(mode="json")
 
 
@@ -293,6 +320,8 @@ class JobOut(_Response):
     error: JobErrorOut | None
     started_at: str
     ended_at: str | None
+    phases: list[PhaseOut] = Field(default=[], description="the phases the job's driver call recorded so far "
+                                                            "(a failed job shows where it got to)")
 
 
 class JobsOut(_Response):

@@ -8,6 +8,7 @@ fields, the API's names), so scripts rely on docs/api.md, not on our columns.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from driver.model import Phase, copy_seconds, total_seconds
 from transfer.units import format_size
 
 FORMATS = ("table", "json")
@@ -116,6 +118,47 @@ def describe_progress(progress: Row | None) -> str:
     return (f"{progress.get('file', '')} {format_size(progress.get('done', 0))} of "
             f"{format_size(progress.get('total', 0))} ({percent(progress)}) at "
             f"{format_size(progress.get('rate') or 0)}/s, eta {format_eta(progress.get('eta'))}")
+
+
+def phases(timeline: Sequence[Row] | None) -> list[Phase]:
+    """A record's ``timeline`` (the API's phase objects) as Phases."""
+    return [Phase.from_dict(p) for p in timeline or ()]
+
+
+def describe_timeline(timeline: Sequence[Row] | None) -> str:
+    """A timeline in one line: how many phases, the time from the first start to the last end,
+    and the share of it spent copying."""
+    ps = phases(timeline)
+    if not ps:
+        return ""
+    total = total_seconds(ps)
+    return f"{len(ps)} phases over {total:.3f} s, copying {copy_share(ps)}"
+
+
+def copy_share(ps: Sequence[Phase]) -> str:
+    """``0.512 s (12%)``: the seconds of the copy phases and their share of the whole timeline."""
+    total, copying = total_seconds(ps), copy_seconds(ps)
+    return f"{copying:.3f} s ({100 * copying / total:.0f}%)" if total > 0 else f"{copying:.3f} s"
+
+
+def timeline_table(timeline: Sequence[Row]) -> Table:
+    """One row per phase, in the order recorded: where it ran, when it started (seconds after
+    the first phase's start) and how long it took; the caption gives the total and the copy share."""
+    ps = phases(timeline)
+    first = min((p.start for p in ps), default=0.0)
+    began = dt.datetime.fromtimestamp(first, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    table = Table("Phase", "Host", "Detail", "Start", "Seconds", title=f"Timeline from {began} UTC",
+                  caption=f"total {total_seconds(ps):.3f} s; copying {copy_share(ps)}")
+    for p in ps:
+        table.add_row(Text(p.name), Text(p.host or "(controller)"), Text(p.detail), f"+{p.start - first:.3f}",
+                      f"{p.seconds:.3f}")
+    return table
+
+
+def print_timeline(timeline: Sequence[Row] | None) -> None:
+    """The timeline as a table, below a record; nothing when no phase was recorded."""
+    if timeline:
+        console().print(timeline_table(timeline))
 
 
 def note(line: str) -> None:

@@ -47,6 +47,7 @@ MIGRATION_SHOWN: dict[str, Callable[[Any], Any]] = {
     "bytes_before_power_off": _bytes, "bytes_after_power_off": _bytes,
     "rate": lambda r: f"{format_size(r or 0)}/s",
     "downtime_s": lambda d: "" if d is None else f"{d:.3f} s",
+    "timeline": output.describe_timeline,
 }
 
 SERVER_HELP = """\
@@ -109,7 +110,11 @@ example:
 MIGRATION_SHOW_HELP = """\
 Show one migration record: hosts, status, progress, bytes sent (in all, and
 before and after the server's power-off when it was pre-copied), downtime,
-digests, error.
+digests, error; then its timeline: each phase (scheduled, source_job,
+shutdown, copy of each file, dest_job, define, start, ...), the host it ran
+on, when it began and how long it took, with the total and the share of it
+spent copying. With -f json the record's "timeline" lists the phases with
+their start and end times (epoch seconds).
 
 example:
   coldferry server migration show 12
@@ -213,7 +218,10 @@ def run_migration_list(args: argparse.Namespace, c: ControllerClient) -> int:
 
 
 def run_migration_show(args: argparse.Namespace, c: ControllerClient) -> int:
-    output.print_record(c.migration(args.id), args.format, MIGRATION_SHOWN)
+    record = c.migration(args.id)
+    output.print_record(record, args.format, MIGRATION_SHOWN)
+    if args.format != "json":
+        output.print_timeline(record.get("timeline"))
     return 0
 
 
@@ -251,6 +259,8 @@ def wait_for_migration(c: ControllerClient, record: Row, timeout: float, fmt: st
         final = client.make_waiter().poll(lambda: c.migration(mid), lambda m: m["status"] in WAIT_ENDS, timeout,
                                           show)
     output.print_record(final, fmt, MIGRATION_SHOWN)
+    if fmt != "json":
+        output.print_timeline(final.get("timeline"))
     if final["status"] == ERROR:
         return fail(f"migration {mid} of server {final.get('server_name')} failed: {final.get('error')}")
     if final["status"] == NEEDS_RECOVERY:

@@ -32,16 +32,18 @@ The host a server moves to has one name per layer:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from agent import schemas as s
 from agent.schemas import FinishResult, JobOut, LiveResult, MigrateResult
-from driver.model import PowerState
+from driver.model import Phase, PhaseName, PowerState
 
 from . import facts
 from .agents import AgentClient
@@ -64,6 +66,10 @@ T = TypeVar("T")
 _S, _COLD, _LIVE = MigrationStatus, MigrationType.COLD, MigrationType.LIVE
 # Where a needs-recovery message turns from what went wrong to what the hosts say.
 _KNOWN = ". Known now: "
+#: The jobs a migration's timeline records, by operation: the phase the conductor records for the
+#: job itself; the agent's phases inside it follow it, with the host they ran on.
+JOB_PHASES = {"migrate-disk-and-power-off": PhaseName.SOURCE_JOB, "live-migrate": PhaseName.SOURCE_JOB,
+              "finish-migration": PhaseName.DEST_JOB}
 
 
 def spawn_thread(fn: Callable[[], None]) -> None:
@@ -132,7 +138,8 @@ class Conductor:
                     lease=self.lease, server=server.id, server_name=server.name, source_compute=server.host, dest_compute=target.name,
                     dest_address=target.address, status=_S.PRE_MIGRATING, migration_type=_LIVE if live else _COLD,
                     task_state=LIVE_TASK_STATE if live else TASK_STATES[_S.PRE_MIGRATING],
-                    forced=bool(force), old_power_state=server.power_state, flavor=server.flavor)
+                    forced=bool(force), old_power_state=server.power_state, flavor=server.flavor,
+                    requested_at=self.clock())
             except OpenMigrationExists as e:
                 # Another controller recorded one since the check: answer as the check would have.
                 self.placement.check_movable(server)
@@ -344,9 +351,11 @@ class Conductor:
             if job is None or job.op != op:
                 raise LostJob(f"the agent of {host} does not know job {name} ({op}): it never started, "
                               "or the agent restarted")
+            started = _epoch(job.started_at)   # started by an earlier drive: the agent's time, to the second
         else:
             name = job_name(m, op)
-            m = self._update(m.id, job_seq=m.job_seq + 1, **{f"{side}_job": name})
+            started = self.clock()
+            m = self._update(m.id, job_seq=m.job_seq + 1, **{f"{side}_job": name}, **self._scheduled(m, op, started))
             named = body.model_copy(update={"job_id": name})
             try:
                 job = self._ask(host, lambda a: a.start(m.server, op, named))
@@ -361,9 +370,33 @@ class Conductor:
                 self._update(m.id, progress=j.progress.model_dump())
 
         job = self._wait_job(host, job.id, on_update)
+        self._record_phases(m.id, host, op, started, job)
         if job.state == "error":
             raise StepFailed(f"{op} on {host}: {job.error.message if job.error else 'failed'}")
         return job
+
+    def _scheduled(self, m: MigrationRecord, op: str, now: float) -> dict[str, Any]:
+        """The record's timeline with the scheduled phase ending ``now``, when ``op`` is the job
+        that starts the migration and the phase is not there yet; else no change ({})."""
+        if JOB_PHASES.get(op) != PhaseName.SOURCE_JOB or m.requested_at is None or any(
+                p.name == PhaseName.SCHEDULED for p in m.timeline):
+            return {}
+        return {"timeline": [*m.timeline, Phase(PhaseName.SCHEDULED, m.requested_at, now)]}
+
+    def _record_phases(self, migration_id: int, host: str, op: str, started: float, job: JobOut) -> None:
+        """Add a migration job (JOB_PHASES) to the timeline: the job as this controller saw it,
+        from ``started`` until now, then the phases its agent recorded, on ``host``. A job whose
+        phases the timeline has already (a restarted controller waited for it again) is not
+        added twice."""
+        name = JOB_PHASES.get(op)
+        if name is None:
+            return
+        timeline = self.get(migration_id).timeline
+        agent = [replace(p, host=p.host or host) for p in (out.to_phase() for out in job.phases)]
+        new = [p for p in agent if p not in timeline]
+        if agent and not new:
+            return
+        self._update(migration_id, timeline=[*timeline, Phase(name, started, self.clock(), host, op), *new])
 
     def _wait_job(self, host: str, job_id: str, on_update: Callable[[JobOut], None]) -> JobOut:
         """Wait for a job; an agent out of reach is asked again until it has been silent for
@@ -625,6 +658,11 @@ def _result(job: JobOut, model: type[R]) -> R:
     if not isinstance(job.result, model):
         raise TypeError(f"job {job.id} ({job.op}) has no {model.__name__} result")
     return job.result
+
+
+def _epoch(iso: str) -> float:
+    """An agent's job time (``2026-11-23T11:40:00Z``) in epoch seconds."""
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def job_name(m: MigrationRecord, op: str) -> str:

@@ -10,7 +10,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from driver.model import PowerState
+from driver.model import Phase, PowerState
 
 
 class MigrationStatus(enum.StrEnum):
@@ -146,6 +146,11 @@ class MigrationRecord:
     stopped_in: str | None = None
     # How many jobs the conductor has named for this migration (job names end in it).
     job_seq: int = 0
+    # Where the time went: the conductor's phases and the agents' (each with its host), in the
+    # order they were recorded (driver.model.PhaseName lists them).
+    timeline: list[Phase] = field(default_factory=list)
+    # Internal: when the request was accepted (epoch seconds), the start of the scheduled phase.
+    requested_at: float | None = None
     # Internal: the controller that drives it, until when (None: nobody does now).
     lease_owner: str | None = None
     lease_until: dt.datetime | None = None
@@ -161,8 +166,9 @@ class MigrationRecord:
     def to_api(self) -> dict[str, Any]:
         d = asdict(self)
         for internal in ("shared", "disk_info", "source_job", "dest_job", "powered_off_at", "flavor", "job_seq",
-                         "lease_owner", "lease_until"):
+                         "lease_owner", "lease_until", "requested_at"):
             d.pop(internal)
+        d["timeline"] = [p.to_dict() for p in self.timeline]
         d["created_at"] = isotime(self.created_at)
         d["updated_at"] = isotime(self.updated_at)
         return d

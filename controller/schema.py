@@ -16,7 +16,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
+from driver.model import Phase
+
 from . import records
+
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
     """Aware UTC datetimes, stored naive (in UTC) so both databases compare them alike."""
@@ -46,6 +49,19 @@ class JSONText(sa.TypeDecorator[Any]):
 
     def process_result_value(self, value: str | None, dialect: Any) -> Any:
         return None if value is None else json.loads(value)
+
+
+class PhasesJSON(sa.TypeDecorator[list[Phase]]):
+    """A migration's timeline: a list of Phase kept as JSON text (each phase as the API shows it)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: list[Phase] | None, dialect: Any) -> str | None:
+        return None if value is None else json.dumps([p.to_dict() for p in value])
+
+    def process_result_value(self, value: str | None, dialect: Any) -> list[Phase]:
+        return [] if value is None else [Phase.from_dict(d) for d in json.loads(value)]
 
 
 metadata = sa.MetaData()
@@ -92,6 +108,10 @@ migrations = sa.Table(
     sa.Column("revert_failed", sa.Boolean, nullable=False),
     sa.Column("stopped_in", sa.String(32)),
     sa.Column("job_seq", sa.Integer, nullable=False),
+    # The timeline (records.MigrationRecord.timeline) and when the request was accepted, in epoch
+    # seconds: the start of its first phase.
+    sa.Column("timeline", PhasesJSON, nullable=False),
+    sa.Column("requested_at", sa.Float),
     # The lease of the controller driving it (docs/safety.md, "Several controllers").
     sa.Column("lease_owner", sa.String(255)),
     sa.Column("lease_until", UTCDateTime),
@@ -144,7 +164,7 @@ drain_rows = sa.Table(
 # its own transaction. A step spells out its own DDL (ALTER TABLE ... ADD ...): the tables above
 # describe only the newest version. To change the schema, change the tables, append a step and
 # raise SCHEMA_VERSION to its version.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def _add_precopy_columns(conn: Connection) -> None:
@@ -195,12 +215,19 @@ def _add_lease_columns(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE migrations ALTER COLUMN {column} TYPE VARCHAR(255)")
 
 
+def _add_timeline_columns(conn: Connection) -> None:
+    # Old rows: no phases recorded, and the request time is not known to the second.
+    conn.exec_driver_sql("ALTER TABLE migrations ADD COLUMN timeline TEXT NOT NULL DEFAULT '[]'")
+    conn.exec_driver_sql("ALTER TABLE migrations ADD COLUMN requested_at FLOAT")
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "pre-copy and bytes before/after power-off on migrations", _add_precopy_columns),
     (3, "whether a migration's instance directory is on shared storage", _add_shared_column),
     (4, "failed reverts, needs-recovery and named jobs on migrations; errors on drains", _add_recovery_columns),
     (5, "at most one open migration per server (a partial unique index)", _add_open_migration_index),
     (6, "leases: the controller driving each migration and drain; full-length job names", _add_lease_columns),
+    (7, "the timeline of each migration: its phases and when it was requested", _add_timeline_columns),
 ]
 
 

@@ -178,7 +178,7 @@ class Store:
             raise TypeError(f"create_migration() sets {', '.join(own)} itself")
         now = self._clock()
         record = MigrationRecord(id=0, uuid=str(uuidlib.uuid4()), created_at=now, updated_at=now, **fields)
-        values = {**dataclasses.asdict(record), **self._held(lease)}
+        values = {**dataclasses.asdict(record), "timeline": record.timeline, **self._held(lease)}
         del values["id"]
         try:
             with self._write() as conn:

@@ -12,7 +12,7 @@ import abc
 
 from .errors import DriverError
 from .model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
-                    Migration, ProgressHook, Vif)
+                    Migration, ProgressHook, Timeline, Vif)
 
 
 class ComputeDriver(abc.ABC):
@@ -20,8 +20,12 @@ class ComputeDriver(abc.ABC):
 
     Operations that copy disks take ``progress``, a ProgressHook called with
     (file name, Progress) as each copy goes on, possibly from the copier's
-    own threads; None reports nothing. Every operation raises DriverError (a
-    subclass naming what failed) and nothing else for a failure it expects.
+    own threads; None reports nothing. The migration calls take ``timeline``, a
+    Timeline they record their phases into as each ends (driver.model.PhaseName
+    names them), so that a caller sees where the time went, and after a
+    failure where the call got to; None records nothing. Every operation
+    raises DriverError (a subclass naming what failed) and nothing else for a
+    failure it expects.
     """
 
     #: The name hosts advertise to the scheduler (``QEMU``, ``xen``).
@@ -55,12 +59,14 @@ class ComputeDriver(abc.ABC):
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor,
                                    network_info: list[Vif], block_device_info: dict | None = None,
                                    timeout: int = 0, retry_interval: int = 0,
-                                   progress: ProgressHook | None = None) -> MigrateOutcome:
+                                   progress: ProgressHook | None = None,
+                                   timeline: Timeline | None = None) -> MigrateOutcome:
         """Power the instance off and copy its disks to host ``dest``.
 
         :param dest: the destination host's address for SSH.
         :param flavor: the flavor the instance will have on the destination.
         :param progress: called as the disks are copied.
+        :param timeline: records connect, snapshot, precopy, shutdown, copy, merge as they apply.
         :returns: the disks as the destination has them and every copy's figures.
         :raises DriverError: before power-off for a bad flavor or a full
             target; after it, MigrationFailed with the source restored.
@@ -69,10 +75,12 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def finish_migration(self, migration: Migration, instance: Instance, disk_info: list[DiskInfo],
                          network_info: list[Vif], image_meta: dict, resize_instance: bool,
-                         block_device_info: dict | None = None, power_on: bool = True) -> FinishOutcome:
+                         block_device_info: dict | None = None, power_on: bool = True,
+                         timeline: Timeline | None = None) -> FinishOutcome:
         """On the destination: grow disks, define the instance here and start it.
 
         :param disk_info: the disks as migrate_disk_and_power_off reported them.
+        :param timeline: records commit, grow, define, start as they apply.
         """
 
     @abc.abstractmethod
@@ -90,13 +98,15 @@ class ComputeDriver(abc.ABC):
 
     # -- live migration (optional) -----------------------------------------------
 
-    def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None) -> LiveOutcome:
+    def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None,
+                       timeline: Timeline | None = None) -> LiveOutcome:
         """Move a running instance to host ``dest`` while it keeps running, disks included.
 
         Not abstract: a driver without live migration keeps this refusal.
 
         :param dest: the destination host's address (as for migrate_disk_and_power_off).
         :param progress: called as disks made ahead on the destination are copied.
+        :param timeline: records connect, precopy, live_migrate as they apply.
         :raises InvalidInstanceState: the instance is not running.
         :raises MigrationFailed: with the instance still running here.
         :raises DriverError: this driver cannot live-migrate.

@@ -30,7 +30,7 @@ from .base import ComputeDriver
 from .errors import (DriverError, InstanceNotFound, InsufficientSpace, InvalidInstanceState, MigrationFailed,
                      ResizeDown)
 from .model import (MOVABLE_STATES, DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome,
-                    MigrateOutcome, Migration, PowerState, ProgressHook, Vif)
+                    MigrateOutcome, Migration, PhaseName, PowerState, ProgressHook, Timeline, Vif)
 
 GiB = 1 << 30
 ROOT_DISK = "disk"
@@ -239,8 +239,10 @@ class MemoryDriver(ComputeDriver):
 
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor, network_info: list[Vif],
                                    block_device_info: dict | None = None, timeout: int = 0,
-                                   retry_interval: int = 0, progress: ProgressHook | None = None) -> MigrateOutcome:
+                                   retry_interval: int = 0, progress: ProgressHook | None = None,
+                                   timeline: Timeline | None = None) -> MigrateOutcome:
         self._maybe_fail("migrate_disk_and_power_off")
+        tl = timeline or Timeline()
         uuid = instance.uuid
         current = self._copy_of(uuid)
         if current.power_state not in MOVABLE_STATES:
@@ -248,12 +250,14 @@ class MemoryDriver(ComputeDriver):
                                        reason="resume it or shut it off before migrating")
         disks = self.disks(uuid)
         _check_flavor(current, flavor, disks)
-        target = self._target(dest)
-        shared = self._shares_storage_with(target)
-        if not shared:
-            target._check_space(uuid, dest, sum(disks.values()))
+        with tl.phase(PhaseName.CONNECT):
+            target = self._target(dest)
+            shared = self._shares_storage_with(target)
+            if not shared:
+                target._check_space(uuid, dest, sum(disks.values()))
         was_running = current.power_state == PowerState.RUNNING
-        self.power_off(current, timeout, retry_interval)
+        with tl.phase(PhaseName.SHUTDOWN):
+            self.power_off(current, timeout, retry_interval)
         powered_off_at = self.now()
         disk_info = [_disk_info(uuid, name, size, i) for i, (name, size) in enumerate(disks.items())]
         with self._lock:
@@ -266,7 +270,8 @@ class MemoryDriver(ComputeDriver):
             return MigrateOutcome(disk_info, [], shared=True, was_running=was_running, powered_off_at=powered_off_at)
         try:
             target._receive_dir(uuid, replace(current, power_state=PowerState.SHUTDOWN))
-            copies = [self._copy(uuid, name, size, target, progress) for name, size in disks.items()]
+            copies = [self._copy(uuid, name, size, target, progress, tl, PhaseName.COPY)
+                      for name, size in disks.items()]
         except BaseException as e:
             restored = self._rollback(current, target, was_running)
             raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__,
@@ -297,9 +302,15 @@ class MemoryDriver(ComputeDriver):
         with self._lock:
             self._dirs[uuid].disks[name] = size
 
-    def _copy(self, uuid: str, name: str, size: int, target: "MemoryDriver",
-              progress: ProgressHook | None) -> CopyResult:
-        """Move ``size`` bytes to ``target`` in steps, reporting progress after each."""
+    def _copy(self, uuid: str, name: str, size: int, target: "MemoryDriver", progress: ProgressHook | None,
+              timeline: Timeline, phase: PhaseName) -> CopyResult:
+        """Move ``size`` bytes to ``target`` in steps, reporting progress after each; recorded as
+        ``phase`` with the disk's name."""
+        with timeline.phase(phase, detail=name):
+            return self._copy_steps(uuid, name, size, target, progress)
+
+    def _copy_steps(self, uuid: str, name: str, size: int, target: "MemoryDriver",
+                    progress: ProgressHook | None) -> CopyResult:
         start = self.clock()
         done = 0
         for step in range(1, self.copy_steps + 1):
@@ -338,10 +349,12 @@ class MemoryDriver(ComputeDriver):
 
     def finish_migration(self, migration: Migration, instance: Instance, disk_info: list[DiskInfo],
                          network_info: list[Vif], image_meta: dict, resize_instance: bool,
-                         block_device_info: dict | None = None, power_on: bool = True) -> FinishOutcome:
+                         block_device_info: dict | None = None, power_on: bool = True,
+                         timeline: Timeline | None = None) -> FinishOutcome:
         self._maybe_fail("finish_migration")
+        tl = timeline or Timeline()
         uuid = instance.uuid
-        with self._lock:
+        with tl.phase(PhaseName.DEFINE), self._lock:
             d = self._dirs.get(uuid)
             if d is None or d.definition is None:
                 raise DriverError(reason=f"the copied domain definition of {uuid} is missing here")
@@ -353,7 +366,8 @@ class MemoryDriver(ComputeDriver):
                                            self.host_name, PowerState.SHUTDOWN)
         if not power_on:
             return FinishOutcome()
-        self._set_state(uuid, PowerState.RUNNING)
+        with tl.phase(PhaseName.START):
+            self._set_state(uuid, PowerState.RUNNING)
         return FinishOutcome(running_at=self.now())
 
     # -- confirm and revert ---------------------------------------------------------
@@ -405,13 +419,15 @@ class MemoryDriver(ComputeDriver):
 
     # -- live migration ---------------------------------------------------------------
 
-    def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None) -> LiveOutcome:
+    def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None,
+                       timeline: Timeline | None = None) -> LiveOutcome:
         """Move a running instance to ``dest``, keeping it running; its disks are copied while it runs.
 
         :raises InvalidInstanceState: the instance is not running.
         :raises MigrationFailed: the copy failed; the source kept running.
         """
         self._maybe_fail("live_migration")
+        tl = timeline or Timeline()
         uuid = instance.uuid
         current = self._copy_of(uuid)
         if current.power_state != PowerState.RUNNING:
@@ -421,23 +437,25 @@ class MemoryDriver(ComputeDriver):
         target = self._target(dest)
         shared = self._shares_storage_with(target)
         started = self.clock()
-        copies = [] if shared else self._copy_live(uuid, dest, disks, target, progress)
+        copies = [] if shared else self._copy_live(uuid, dest, disks, target, progress, tl)
         paused_at = self.clock()
-        target._adopt_running(replace(current, host=target.host_name))
-        with self._lock:
-            self._defined.pop(uuid, None)
-            if not shared:
-                self._dirs.pop(uuid, None)
+        with tl.phase(PhaseName.LIVE_MIGRATE):
+            target._adopt_running(replace(current, host=target.host_name))
+            with self._lock:
+                self._defined.pop(uuid, None)
+                if not shared:
+                    self._dirs.pop(uuid, None)
         done = self.clock()
         return LiveOutcome(downtime_s=done - paused_at, shared=shared, migration_s=done - started, copies=copies)
 
     def _copy_live(self, uuid: str, dest: str, disks: dict[str, int], target: "MemoryDriver",
-                   progress: ProgressHook | None) -> list[CopyResult]:
+                   progress: ProgressHook | None, timeline: Timeline) -> list[CopyResult]:
         """Copy the disks of a running instance to ``target``; on failure drop the partial copy."""
         target._check_space(uuid, dest, sum(disks.values()))
         target._receive_dir(uuid, self._copy_of(uuid))
         try:
-            return [self._copy(uuid, name, size, target, progress) for name, size in disks.items()]
+            return [self._copy(uuid, name, size, target, progress, timeline, PhaseName.PRECOPY)
+                    for name, size in disks.items()]
         except BaseException as e:
             target._drop_dir(uuid)
             raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import enum
 import json
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from transfer.progress import Progress
 from transfer.result import CopyResult
@@ -216,3 +219,138 @@ class LiveOutcome:
     migration_s: float = 0.0
     flags: list[str] = field(default_factory=list)
     copies: list[CopyResult] = field(default_factory=list)
+
+
+# -- the migration timeline --------------------------------------------------------------
+
+
+class PhaseName(enum.StrEnum):
+    """The phases a migration's timeline records, the one list of their names.
+
+    Controller (host: the agent's host it waited for, "" for its own):
+
+    - ``scheduled``: the request accepted until the source agent was asked to start its job;
+    - ``source_job``: the source agent's job (migrate-disk-and-power-off or live-migrate), from
+      the request that started it until the controller saw it end (its polling included);
+    - ``dest_job``: the destination agent's finish-migration job, the same way.
+
+    Source agent:
+
+    - ``connect``: reaching the destination (SSH) and looking at it: shared storage, image
+      cache, free space;
+    - ``snapshot``: the disk-only snapshot that lets a pre-copy read disks while the guest runs;
+    - ``flatten``: a disk merged with its backing chain before its copy (backing = flatten);
+    - ``precopy``: one file copied while the guest still runs (detail: its name);
+    - ``shutdown``: the guest's shutdown requested until it was seen off (forced after the timeout);
+    - ``copy``: one file copied after the power-off (detail: its name; ``disk.precopy`` is the
+      overlay of what the guest wrote during a pre-copy);
+    - ``merge``: pre-copy overlays merged back into the source's kept disks;
+    - ``live_migrate``: the hypervisor's live migration (memory, and disks it mirrors).
+
+    Destination agent:
+
+    - ``commit``: copied disks made final (pre-copy overlays committed into their disks,
+      imported disk chains attached);
+    - ``grow``: disks grown to the new flavor;
+    - ``define``: the instance defined here;
+    - ``start``: the instance started, until it runs.
+    """
+
+    SCHEDULED = "scheduled"
+    SOURCE_JOB = "source_job"
+    CONNECT = "connect"
+    SNAPSHOT = "snapshot"
+    FLATTEN = "flatten"
+    PRECOPY = "precopy"
+    SHUTDOWN = "shutdown"
+    COPY = "copy"
+    MERGE = "merge"
+    LIVE_MIGRATE = "live_migrate"
+    DEST_JOB = "dest_job"
+    COMMIT = "commit"
+    GROW = "grow"
+    DEFINE = "define"
+    START = "start"
+
+
+#: Phases that move data between the hosts, for a timeline's copy share.
+COPY_PHASES = frozenset({PhaseName.PRECOPY, PhaseName.COPY})
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a migration: ``name`` (a PhaseName), its ``start`` and ``end`` in epoch
+    seconds, the ``host`` it ran on ("" where the recorder is that host) and a ``detail``
+    (the file a copy phase copied)."""
+
+    name: str
+    start: float
+    end: float
+    host: str = ""
+    detail: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.end - self.start)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The phase as both APIs show it: ``{phase, host, start, end, seconds, detail}``."""
+        return {"phase": self.name, "host": self.host, "start": self.start, "end": self.end,
+                "seconds": round(self.seconds, 6), "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Phase":
+        """The inverse of ``to_dict`` (``seconds`` is derived, so it is not read)."""
+        return cls(str(d["phase"]), float(d["start"]), float(d["end"]), str(d.get("host") or ""),
+                   str(d.get("detail") or ""))
+
+
+class Timeline:
+    """Records the phases of one operation as they end; any thread may record.
+
+    ``with timeline.phase(PhaseName.COPY, detail="disk"):`` records the block's
+    start and end, also when it raises: a failed operation shows where it got to.
+
+    :param now: epoch seconds (time.time); tests pass a fake clock.
+    """
+
+    def __init__(self, now: Callable[[], float] = time.time, phases: Iterable[Phase] = ()) -> None:
+        self.now = now
+        self._phases = list(phases)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def phase(self, name: str, detail: str = "", host: str = "") -> Iterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.add(name, start, self.now(), host=host, detail=detail)
+
+    def add(self, name: str, start: float, end: float, host: str = "", detail: str = "") -> Phase:
+        """Record a phase whose times are known already; returns it."""
+        p = Phase(str(name), start, end, host, detail)
+        with self._lock:
+            self._phases.append(p)
+        return p
+
+    @property
+    def phases(self) -> list[Phase]:
+        """The phases recorded so far, in the order they ended (a copy)."""
+        with self._lock:
+            return list(self._phases)
+
+    def copy(self) -> "Timeline":
+        """A recorder holding the phases recorded so far, which this one's later phases do not reach."""
+        return Timeline(self.now, self.phases)
+
+
+def total_seconds(phases: Iterable[Phase]) -> float:
+    """From the first phase's start to the last one's end (0.0 without phases)."""
+    ps = list(phases)
+    return max(p.end for p in ps) - min(p.start for p in ps) if ps else 0.0
+
+
+def copy_seconds(phases: Iterable[Phase]) -> float:
+    """The time spent copying (COPY_PHASES), summed."""
+    return sum(p.seconds for p in phases if p.name in COPY_PHASES)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from driver.model import Phase, copy_seconds, total_seconds
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
@@ -39,4 +43,21 @@ def when(iso: str | None) -> str:
     return "" if not iso else iso.replace("T", " ").rstrip("Z")
 
 
-FILTERS = {"size": size, "mib": mib, "gib": gib, "share": share, "percent": percent, "when": when}
+def seconds(s: float) -> str:
+    """A duration to the millisecond: ``1.234 s``."""
+    return f"{s:.3f} s"
+
+
+def timeline(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """A record's timeline (the API's phases) for its table: each phase with its start as
+    seconds after the first phase's start, the total, and the time and share spent copying."""
+    ps = [Phase.from_dict(p) for p in phases]
+    first = min((p.start for p in ps), default=0.0)
+    total, copying = total_seconds(ps), copy_seconds(ps)
+    return {"rows": [{"phase": p.name, "host": p.host, "detail": p.detail, "offset": p.start - first,
+                      "seconds": p.seconds} for p in ps],
+            "total": total, "copying": copying, "copy_share": copying / total if total > 0 else None}
+
+
+FILTERS = {"size": size, "mib": mib, "gib": gib, "share": share, "percent": percent, "when": when,
+           "seconds": seconds, "timeline": timeline}

@@ -28,7 +28,7 @@ from ..base import ComputeDriver
 from ..errors import (DriverError, InstanceNotFound, InstancesPathMissing, InvalidInstanceState, MigrationFailed,
                       ResizeDown)
 from ..model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
-                     Migration, PowerState, ProgressHook, Vif)
+                     Migration, PhaseName, PowerState, ProgressHook, Timeline, Vif)
 from . import bridges, domain_xml, images, live, precopy, sharing
 from .config import DriverConfig
 from .host import LibvirtHost, host_errors
@@ -120,7 +120,9 @@ class LibvirtDriver(ComputeDriver):
     @_host_errors("migrate the instance")
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor, network_info: list[Vif],
                                    block_device_info: dict | None = None, timeout: int = 0,
-                                   retry_interval: int = 0, progress: ProgressHook | None = None) -> MigrateOutcome:
+                                   retry_interval: int = 0, progress: ProgressHook | None = None,
+                                   timeline: Timeline | None = None) -> MigrateOutcome:
+        tl = timeline or Timeline()
         uuid = instance.uuid
         inst_dir = self.layout.instance_dir(uuid)
         self._clear_leftover(uuid)
@@ -133,21 +135,25 @@ class LibvirtDriver(ComputeDriver):
         precopy.refuse_leftover(disk_info)
         self._check_flavor(instance, flavor, disk_info)
         was_running = state == PowerState.RUNNING
+        connecting = tl.now()
         with self.mover.remote(dest) as rfs:
             shared = self.mover.is_shared(rfs)
             cache_needed = [] if shared else self.mover.backing_to_send(rfs, disk_info)
             if not shared:
                 self.mover.check_space(rfs, dest, uuid, disk_info, cache_needed)
+            tl.add(PhaseName.CONNECT, connecting, tl.now())
             if precopy.applies(self.config, was_running, shared, disk_info):
                 log.info("migrating %s to %s with pre-copy", uuid, dest)
-                run = precopy.PreCopy(self.host, self.mover, instance, dest, disk_info, cache_needed, xml, progress)
+                run = precopy.PreCopy(self.host, self.mover, instance, dest, disk_info, cache_needed, xml, progress,
+                                      tl)
                 outcome = run.run(rfs, timeout, retry_interval)
                 return replace(outcome, disk_info=self._as_sent(outcome.disk_info, shared))
             log.info("migrating %s to %s (%s storage)", uuid, dest, "shared" if shared else "local")
             if shared:  # before anything changes: the directory stays the one copy both hosts see
                 sharing.mark(self.layout, uuid, self.config.host_name, dest)
             try:
-                self.host.power_off(instance, timeout, retry_interval)
+                with tl.phase(PhaseName.SHUTDOWN):
+                    self.host.power_off(instance, timeout, retry_interval)
             except BaseException:
                 if shared:
                     sharing.unmark(self.layout, uuid, self.config.host_name)
@@ -161,7 +167,7 @@ class LibvirtDriver(ComputeDriver):
                     rfs.mkdir(uuid)
                     if cache_needed:
                         rfs.mkdir(CACHE_DIR)
-                    copies = self._copy_instance(uuid, dest, disk_info, cache_needed, sent, progress)
+                    copies = self._copy_instance(uuid, dest, disk_info, cache_needed, sent, progress, tl)
             except BaseException as e:
                 restored = self._rollback(instance, dest, shared, was_running, sent)
                 raise MigrationFailed(uuid=uuid, dest=dest, reason=str(e) or type(e).__name__,
@@ -186,17 +192,17 @@ class LibvirtDriver(ComputeDriver):
                              current_gb=instance.flavor.ephemeral_gb, wanted_gb=flavor.ephemeral_gb)
 
     def _copy_instance(self, uuid: str, dest: str, disks: list[DiskInfo], cache_needed: list[str],
-                       sent: list[str], progress: ProgressHook | None) -> list[CopyResult]:
+                       sent: list[str], progress: ProgressHook | None, tl: Timeline) -> list[CopyResult]:
         """Keep the directory as ``_resize`` and copy from there: backing files, disks, definition."""
         inst_dir, resize_dir = self.layout.instance_dir(uuid), self.layout.resize_dir(uuid)
         os.rename(inst_dir, resize_dir)
-        copies = self.mover.copy_cache(cache_needed, dest, sent, progress)
+        copies = self.mover.copy_cache(cache_needed, dest, sent, progress, tl)
         for disk in disks:
             copies.append(self.mover.copy_disk(os.path.join(resize_dir, os.path.basename(disk.path)), dest, disk,
-                                               progress))
+                                               progress, tl))
         definition = self.layout.definition(uuid)
         copies.append(self.mover.copy(os.path.join(resize_dir, os.path.basename(definition)), dest, definition,
-                                      progress))
+                                      progress, tl))
         return copies
 
     def _clear_leftover(self, uuid: str) -> None:
@@ -231,16 +237,19 @@ class LibvirtDriver(ComputeDriver):
     # -- live migration ---------------------------------------------------------
 
     @_host_errors("live-migrate the instance")
-    def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None) -> LiveOutcome:
+    def live_migration(self, instance: Instance, dest: str, progress: ProgressHook | None = None,
+                       timeline: Timeline | None = None) -> LiveOutcome:
         """Move the running ``instance`` to ``dest``'s libvirtd with its disks (see live.py)."""
-        return live.LiveMigration(self.host, self.mover, instance, dest, progress).run()
+        return live.LiveMigration(self.host, self.mover, instance, dest, progress, timeline).run()
 
     # -- migration: destination side ------------------------------------------
 
     @_host_errors("finish the migration")
     def finish_migration(self, migration: Migration, instance: Instance, disk_info: list[DiskInfo],
                          network_info: list[Vif], image_meta: dict, resize_instance: bool,
-                         block_device_info: dict | None = None, power_on: bool = True) -> FinishOutcome:
+                         block_device_info: dict | None = None, power_on: bool = True,
+                         timeline: Timeline | None = None) -> FinishOutcome:
+        tl = timeline or Timeline()
         uuid = instance.uuid
         inst_dir = self.layout.instance_dir(uuid)
         try:
@@ -249,18 +258,24 @@ class LibvirtDriver(ComputeDriver):
         except OSError as e:
             raise DriverError(reason=f"the copied domain definition of {uuid} is missing here: {e}") from None
         flavor = instance.flavor
-        precopy.fold_overlays(disk_info, self.runner)
+        if any(d.overlay for d in disk_info):
+            with tl.phase(PhaseName.COMMIT):
+                precopy.fold_overlays(disk_info, self.runner)
         if resize_instance:
-            self._grow_disks(disk_info, flavor)
-        root = domain_xml.parse(xml)
-        bridges.ensure(domain_xml.bridges(root), network_info, self.config.create_bridges, self.config.host_name)
-        new_xml = domain_xml.rewrite(xml, inst_dir, inst_dir, flavor.memory_mb, flavor.vcpus,
-                                     {"name": flavor.name, "root_gb": flavor.root_gb,
-                                      "ephemeral_gb": flavor.ephemeral_gb})
-        dom = self.host.define(uuid, new_xml, "define the migrated domain")
+            with tl.phase(PhaseName.GROW):
+                self._grow_disks(disk_info, flavor)
+        with tl.phase(PhaseName.DEFINE):
+            root = domain_xml.parse(xml)
+            bridges.ensure(domain_xml.bridges(root), network_info, self.config.create_bridges,
+                           self.config.host_name)
+            new_xml = domain_xml.rewrite(xml, inst_dir, inst_dir, flavor.memory_mb, flavor.vcpus,
+                                         {"name": flavor.name, "root_gb": flavor.root_gb,
+                                          "ephemeral_gb": flavor.ephemeral_gb})
+            dom = self.host.define(uuid, new_xml, "define the migrated domain")
         if not power_on:
             return FinishOutcome()
-        self.host.start(dom, uuid)
+        with tl.phase(PhaseName.START):
+            self.host.start(dom, uuid)
         return FinishOutcome(running_at=time.time())
 
     def _grow_disks(self, disks: list[DiskInfo], flavor: Flavor) -> None:

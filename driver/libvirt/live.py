@@ -35,7 +35,7 @@ from transfer.remotefs import RemoteFS
 from transfer.result import CopyResult
 
 from ..errors import DriverError, ImageError, InstanceNotFound, InvalidInstanceState, MigrationFailed
-from ..model import DiskInfo, Instance, LiveOutcome, PowerState, ProgressHook
+from ..model import DiskInfo, Instance, LiveOutcome, PhaseName, PowerState, ProgressHook, Timeline
 from . import images
 from .config import DriverConfig
 from .host import LibvirtHost, libvirt_reason
@@ -161,10 +161,12 @@ class LiveMigration:
     :param host: this host's libvirtd.
     :param mover: looks at and copies to the destination's instances directory.
     :param progress: called as the image cache entries and blank images are copied.
+    :param timeline: records connect, precopy (each file made ahead on the destination) and
+        live_migrate.
     """
 
     def __init__(self, host: LibvirtHost, mover: DiskMover, instance: Instance, dest: str,
-                 progress: ProgressHook | None = None) -> None:
+                 progress: ProgressHook | None = None, timeline: Timeline | None = None) -> None:
         self.host = host
         self.mover = mover
         self.config = host.config
@@ -172,6 +174,7 @@ class LiveMigration:
         self.uuid = instance.uuid
         self.dest = dest
         self.progress = progress
+        self.timeline = timeline or Timeline()
         self.made: list[str] = []   # names made under instances_path on dest, for the clean-up
         self.copies: list[CopyResult] = []
 
@@ -196,17 +199,21 @@ class LiveMigration:
                                                         "raw and qcow2 can")
         keep_backing = self.config.backing == "send" and any(d.backing_file for d in disks)
         started = host.clock()
+        tl = self.timeline
         log.info("live-migrating %s to %s", uuid, dest)
         try:
+            connecting = tl.now()
             dconn = self._open()
             try:
                 with self.mover.remote(dest) as rfs:
                     shared = self.mover.is_shared(rfs)
+                    tl.add(PhaseName.CONNECT, connecting, tl.now())
                     if not shared:
                         _refuse_if_defined(dconn, uuid, dest)
                         self.prepare_dest(rfs, disks, keep_backing)
                 copied = host.clock()
-                new_dom = self._migrate(dom, dconn, disks, shared, keep_backing)
+                with tl.phase(PhaseName.LIVE_MIGRATE):
+                    new_dom = self._migrate(dom, dconn, disks, shared, keep_backing)
                 done = host.clock()
                 outcome = LiveOutcome(**figures(_job_stats(new_dom)), shared=shared, prepare_s=copied - started,
                                       migration_s=done - copied, flags=flag_names(flags(shared, keep_backing)),
@@ -241,13 +248,14 @@ class LiveMigration:
         rfs.mkdir(uuid)
         if cache_needed:
             rfs.mkdir(CACHE_DIR)
-        self.copies += mover.copy_cache(cache_needed, dest, self.made, self.progress)
+        tl, running = self.timeline, PhaseName.PRECOPY
+        self.copies += mover.copy_cache(cache_needed, dest, self.made, self.progress, tl, running)
         # Made here and sent with the copier: coldferry runs no qemu-img on other hosts.
         with tempfile.TemporaryDirectory(prefix=".coldferry-live-", dir=self.config.instances_path) as tmp:
             for disk in disks:
                 blank = os.path.join(tmp, os.path.basename(disk.path))
                 make_blank(disk, keep_backing, blank, self.host.runner)
-                self.copies.append(mover.copy(blank, dest, disk.path, self.progress))
+                self.copies.append(mover.copy(blank, dest, disk.path, self.progress, tl, running))
 
     def _open(self) -> Any:
         uri = dest_uri(self.config, self.dest)

@@ -21,7 +21,7 @@ from transfer.result import CopyResult
 from transfer.units import format_size
 
 from ..errors import ImageError, InsufficientSpace
-from ..model import DiskInfo, ProgressHook
+from ..model import DiskInfo, PhaseName, ProgressHook, Timeline
 from . import images
 from .config import DriverConfig
 from .layout import Layout
@@ -105,33 +105,42 @@ class DiskMover:
 
     # -- copying ----------------------------------------------------------------------
 
-    def copy(self, src: str, dest: str, dest_path: str, progress: ProgressHook | None = None) -> CopyResult:
-        """Copy local ``src`` to ``dest_path`` on host ``dest``, replacing it; verified by digest."""
+    def copy(self, src: str, dest: str, dest_path: str, progress: ProgressHook | None = None,
+             timeline: Timeline | None = None, phase: PhaseName = PhaseName.COPY) -> CopyResult:
+        """Copy local ``src`` to ``dest_path`` on host ``dest``, replacing it; verified by digest.
+
+        Recorded on ``timeline`` as ``phase`` (copy, or precopy while the guest runs) with the
+        file's name as detail.
+        """
         name = os.path.basename(dest_path)
         report = (lambda p: progress(name, p)) if progress else None
-        return transfer.copy(src, self.endpoint(dest, dest_path), self.config.copy_options, overwrite=True,
-                             progress=report, sleep=self.sleep)
+        with (timeline or Timeline()).phase(phase, detail=name):
+            return transfer.copy(src, self.endpoint(dest, dest_path), self.config.copy_options, overwrite=True,
+                                 progress=report, sleep=self.sleep)
 
-    def copy_disk(self, src: str, dest: str, disk: DiskInfo, progress: ProgressHook | None = None) -> CopyResult:
+    def copy_disk(self, src: str, dest: str, disk: DiskInfo, progress: ProgressHook | None = None,
+                  timeline: Timeline | None = None, phase: PhaseName = PhaseName.COPY) -> CopyResult:
         """Copy one disk to its path on ``dest``; merged with its backing chain first with backing = flatten."""
         if disk.backing_file and self.config.backing == "flatten":
             flat = src + ".flat"
-            images.flatten(src, flat, self.runner)
+            with (timeline or Timeline()).phase(PhaseName.FLATTEN, detail=os.path.basename(disk.path)):
+                images.flatten(src, flat, self.runner)
             try:
-                return self.copy(flat, dest, disk.path, progress)
+                return self.copy(flat, dest, disk.path, progress, timeline, phase)
             finally:
                 os.unlink(flat)
-        return self.copy(src, dest, disk.path, progress)
+        return self.copy(src, dest, disk.path, progress, timeline, phase)
 
-    def copy_cache(self, paths: list[str], dest: str, sent: list[str],
-                   progress: ProgressHook | None = None) -> list[CopyResult]:
+    def copy_cache(self, paths: list[str], dest: str, sent: list[str], progress: ProgressHook | None = None,
+                   timeline: Timeline | None = None, phase: PhaseName = PhaseName.COPY) -> list[CopyResult]:
         """Copy backing files into ``dest``'s image cache; each name goes on ``sent`` before
         its copy starts, so that a failed copy's partial file is removed too."""
         out = []
         for path in paths:
             name = Layout.cache_name(path)
             sent.append(name)
-            out.append(self.copy(path, dest, os.path.join(self.config.instances_path, name), progress))
+            out.append(self.copy(path, dest, os.path.join(self.config.instances_path, name), progress,
+                                 timeline, phase))
         return out
 
     def remove_on_dest(self, dest: str, names: list[str]) -> str:

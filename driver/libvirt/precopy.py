@@ -40,7 +40,7 @@ import libvirt
 from transfer.result import CopyResult
 
 from ..errors import DriverError, ImageError, MigrationFailed
-from ..model import DiskInfo, Instance, MigrateOutcome, ProgressHook
+from ..model import DiskInfo, Instance, MigrateOutcome, PhaseName, ProgressHook, Timeline
 from . import domain_xml, images
 from .config import DriverConfig
 from .host import LibvirtHost, libvirt_reason
@@ -104,10 +104,13 @@ class PreCopy:
     :param mover: copies to ``dest`` and removes partial copies there.
     :param xml: the domain's inactive XML before the snapshot: defined again at the end.
     :param progress: called as files are copied.
+    :param timeline: records snapshot, precopy (each file copied while the guest runs),
+        shutdown, copy (each overlay) and merge.
     """
 
     def __init__(self, host: LibvirtHost, mover: DiskMover, instance: Instance, dest: str, disks: list[DiskInfo],
-                 cache_needed: list[str], xml: str, progress: ProgressHook | None = None) -> None:
+                 cache_needed: list[str], xml: str, progress: ProgressHook | None = None,
+                 timeline: Timeline | None = None) -> None:
         self.host = host
         self.mover = mover
         self.instance = instance
@@ -117,6 +120,7 @@ class PreCopy:
         self.cache_needed = cache_needed
         self.xml = xml
         self.progress = progress
+        self.timeline = timeline or Timeline()
         self.definition = host.layout.definition(instance.uuid)
         self.inst_dir = host.layout.instance_dir(instance.uuid)
         self.resize_dir = host.layout.resize_dir(instance.uuid)
@@ -132,23 +136,27 @@ class PreCopy:
         :raises MigrationFailed: with the source restored (running on its own disks again).
         """
         dom = self.host.domain(self.uuid)
+        tl = self.timeline
         try:
             write_atomic(self.definition, self.xml)
             rfs.mkdir(self.uuid)
             if self.cache_needed:
                 rfs.mkdir(CACHE_DIR)
-            self._snapshot(dom)
+            with tl.phase(PhaseName.SNAPSHOT):
+                self._snapshot(dom)
             log.info("pre-copy of %s: copying %d disk(s) while it runs", self.uuid, len(self.disks))
             # The definition is the one from before the snapshot: it can go now, not during the downtime.
-            before = [self._copy_file(self.definition), *self._copy_bases()]
-            self.host.power_off(self.instance, timeout, retry_interval)
+            before = [self._copy_file(self.definition, PhaseName.PRECOPY), *self._copy_bases()]
+            with tl.phase(PhaseName.SHUTDOWN):
+                self.host.power_off(self.instance, timeout, retry_interval)
             off = time.time()
-            after = [self._copy_file(overlay_path(d.path)) for d in self.overlays]
+            after = [self._copy_file(overlay_path(d.path), PhaseName.COPY) for d in self.overlays]
             copied_at = time.time()
             copied = [replace(d, overlay=overlay_path(d.path)) for d in self.overlays]
-            self._merge_offline()
-            self._define(self.xml)
-            os.rename(self.inst_dir, self.resize_dir)
+            with tl.phase(PhaseName.MERGE):
+                self._merge_offline()
+                self._define(self.xml)
+                os.rename(self.inst_dir, self.resize_dir)
             log.info("pre-copy of %s after power-off: overlays copied in %.2f s, merged back in %.2f s", self.uuid,
                      copied_at - off, time.time() - copied_at)
         except BaseException as e:
@@ -179,15 +187,16 @@ class PreCopy:
         self.overlays = list(self.disks)
 
     def _copy_bases(self) -> list[CopyResult]:
-        out = self.mover.copy_cache(self.cache_needed, self.dest, self.sent, self.progress)
+        tl, running = self.timeline, PhaseName.PRECOPY
+        out = self.mover.copy_cache(self.cache_needed, self.dest, self.sent, self.progress, tl, running)
         for d in self.disks:
-            out.append(self.mover.copy_disk(d.path, self.dest, d, self.progress))
+            out.append(self.mover.copy_disk(d.path, self.dest, d, self.progress, tl, running))
         return out
 
-    def _copy_file(self, path: str) -> CopyResult:
+    def _copy_file(self, path: str, phase: PhaseName) -> CopyResult:
         """Copy ``path`` to the same path on the target (it is under instances_path on both)."""
         self.sent.append(self.host.layout.relative(path))
-        return self.mover.copy(path, self.dest, path, self.progress)
+        return self.mover.copy(path, self.dest, path, self.progress, self.timeline, phase)
 
     # -- merging back ------------------------------------------------------------------
 

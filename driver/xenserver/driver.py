@@ -34,7 +34,7 @@ from ..base import ComputeDriver
 from ..errors import (DriverError, InstanceNotFound, InsufficientSpace, InvalidInstanceState,
                       MigrationFailed, PowerOffFailed, ResizeDown, StartFailed)
 from ..model import (MOVABLE_STATES, DiskInfo, FinishOutcome, Flavor, HostResources, Instance, MigrateOutcome,
-                     Migration, PowerState, ProgressHook, Vif)
+                     Migration, PhaseName, PowerState, ProgressHook, Timeline, Vif)
 from . import staging, vhd
 from .copier import Copier
 from .session import HALTED, PAUSED, RUNNING, SUSPENDED, Session, VMRecord, XenAPIFailure
@@ -50,9 +50,11 @@ _STATES = {HALTED: PowerState.SHUTDOWN, RUNNING: PowerState.RUNNING, PAUSED: Pow
 
 @dataclass
 class _Done:
-    """What the source has done so far: for the rollback, and the outcome's disks and copies."""
+    """What the source has done so far: for the rollback, and the outcome's disks and copies;
+    ``timeline`` records each step as it ends."""
 
     progress: ProgressHook | None
+    timeline: Timeline = field(default_factory=Timeline)
     snapshots: list[str] = field(default_factory=list)
     bases: dict[str, str] = field(default_factory=dict)  # VM's vdi uuid -> base uuid the snapshot made
     sent: list[str] = field(default_factory=list)
@@ -156,7 +158,8 @@ class XenServerDriver(ComputeDriver):
 
     def migrate_disk_and_power_off(self, instance: Instance, dest: str, flavor: Flavor, network_info: list[Vif],
                                    block_device_info: dict[str, Any] | None = None, timeout: int = 0,
-                                   retry_interval: int = 0, progress: ProgressHook | None = None) -> MigrateOutcome:
+                                   retry_interval: int = 0, progress: ProgressHook | None = None,
+                                   timeline: Timeline | None = None) -> MigrateOutcome:
         uuid = instance.uuid
         vm = self._vm(uuid)
         state = self._state(vm)
@@ -164,15 +167,17 @@ class XenServerDriver(ComputeDriver):
             raise InvalidInstanceState(uuid=uuid, state=state.label, reason="resume it or shut it off before migrating")
         disks = [(vbd.userdevice, vdi) for vbd, vdi in self.session.vm_get_disks(vm)]
         self._check_flavor(instance, flavor, disks)
-        self._check_space(uuid, dest, disks)
+        done = _Done(progress, timeline or Timeline())
+        with done.timeline.phase(PhaseName.CONNECT):
+            self._check_space(uuid, dest, disks)
         was_running = state == PowerState.RUNNING
-        done = _Done(progress)
         log.info("migrating %s to %s: copying base VHDs while it runs", uuid, dest)
         try:
             for device, vdi in disks:
                 self._snapshot_and_copy_bases(uuid, vm, device, vdi, dest, done)
             before = sum(c.sent for c in done.copies)
-            self.power_off(instance, timeout, retry_interval)
+            with done.timeline.phase(PhaseName.SHUTDOWN):
+                self.power_off(instance, timeout, retry_interval)
             powered_off_at = self.now()
             for device, vdi in disks:
                 self._copy_leaf(uuid, device, vdi, dest, done)
@@ -207,7 +212,8 @@ class XenServerDriver(ComputeDriver):
 
     def _snapshot_and_copy_bases(self, uuid: str, vm: str, device: str, vdi: str, dest: str, done: _Done) -> None:
         """Snapshot one disk and copy every VHD below its new leaf, the VM still running."""
-        snap = self.session.vdi_snapshot(vdi)
+        with done.timeline.phase(PhaseName.SNAPSHOT, detail=staging.device_name(device)):
+            snap = self.session.vdi_snapshot(vdi)
         done.snapshots.append(snap)
         bases = self.session.vdi_get_parent_chain(snap)[1:]
         done.bases[self.session.vdi_get_record(vdi).uuid] = self.session.vdi_get_record(bases[0]).uuid
@@ -215,7 +221,7 @@ class XenServerDriver(ComputeDriver):
         for depth, base in enumerate(bases, 1):
             name = staging.staged_name(uuid, device, depth)
             backing = staging.staged_name(uuid, device, depth + 1) if depth < len(bases) else ""
-            self._send(self._file(base), dest, name, done)
+            self._send(self._file(base), dest, name, done, PhaseName.PRECOPY)
             done.disks.append(self._disk_info(base, name, backing, ""))
 
     def _copy_leaf(self, uuid: str, device: str, vdi: str, dest: str, done: _Done) -> None:
@@ -234,10 +240,11 @@ class XenServerDriver(ComputeDriver):
         finally:
             os.unlink(path)
 
-    def _send(self, src: str, dest: str, name: str, done: _Done) -> None:
+    def _send(self, src: str, dest: str, name: str, done: _Done, phase: PhaseName = PhaseName.COPY) -> None:
         done.sent.append(name)  # before the copy: a failed one may leave a partial file to remove
         progress = functools.partial(done.progress, name) if done.progress else None
-        done.copies.append(self.copier.copy(src, dest, name, progress))
+        with done.timeline.phase(phase, detail=name):
+            done.copies.append(self.copier.copy(src, dest, name, progress))
 
     def _disk_info(self, vdi: str, name: str, backing: str, target: str) -> DiskInfo:
         info = vhd.info(self._file(vdi))
@@ -294,21 +301,27 @@ class XenServerDriver(ComputeDriver):
 
     def finish_migration(self, migration: Migration, instance: Instance, disk_info: list[DiskInfo],
                          network_info: list[Vif], image_meta: dict[str, Any], resize_instance: bool,
-                         block_device_info: dict[str, Any] | None = None, power_on: bool = True) -> FinishOutcome:
+                         block_device_info: dict[str, Any] | None = None, power_on: bool = True,
+                         timeline: Timeline | None = None) -> FinishOutcome:
+        tl = timeline or Timeline()
         uuid = instance.uuid
         sr = self.session.sr_get_default()
         sr_path = self.session.sr_get_path(sr)
         meta = staging.read_metadata(sr_path, uuid)
         created: list[str] = []
         try:
-            vm = self.session.vm_create(VMRecord(uuid, instance.name, instance.flavor.memory_mb, instance.flavor.vcpus,
-                                                 other_config={FLAVOR_KEY: instance.flavor.name}))
+            with tl.phase(PhaseName.DEFINE):
+                vm = self.session.vm_create(VMRecord(uuid, instance.name, instance.flavor.memory_mb,
+                                                     instance.flavor.vcpus,
+                                                     other_config={FLAVOR_KEY: instance.flavor.name}))
             created.append(vm)
             for leaf in (d for d in disk_info if d.target):
-                vdi = staging.import_chain(self.session, sr, leaf, disk_info, self.new_uuid, created)
+                with tl.phase(PhaseName.COMMIT, detail=leaf.target):
+                    vdi = staging.import_chain(self.session, sr, leaf, disk_info, self.new_uuid, created)
                 device = staging.userdevice(leaf.target)
                 if resize_instance and device == "0" and instance.flavor.root_gb * GiB > leaf.virt_disk_size:
-                    self.session.vdi_resize(vdi, instance.flavor.root_gb * GiB)
+                    with tl.phase(PhaseName.GROW, detail=leaf.target):
+                        self.session.vdi_resize(vdi, instance.flavor.root_gb * GiB)
                 self.session.vbd_create(vm, vdi, device, device == "0")
         except BaseException:
             self._undo_import(created)
@@ -316,7 +329,8 @@ class XenServerDriver(ComputeDriver):
         os.unlink(os.path.join(sr_path, staging.metadata_name(uuid)))
         if not power_on:
             return FinishOutcome()
-        self.power_on(instance)
+        with tl.phase(PhaseName.START):
+            self.power_on(instance)
         running_at = self.now()
         log.info("instance %s runs here after %.3f s of downtime", uuid, running_at - meta["powered_off_at"])
         return FinishOutcome(running_at=running_at)

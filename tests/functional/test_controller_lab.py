@@ -90,6 +90,7 @@ def test_guest_migrates_to_the_named_host_and_is_confirmed(stack: Stack):
     assert record["bytes_skipped"] >= 60 * MiB           # holes were never sent
     assert file_digest(str(kept)) in record["digests"]   # the digest both ends agreed on is the source's
     assert record["downtime_s"] is not None and 0 < record["downtime_s"] < 120
+    check_timeline(stack, mid, record["downtime_s"])
 
     confirmed = confirm(stack, mid)
     assert confirmed["task_state"] is None
@@ -101,6 +102,36 @@ def test_guest_migrates_to_the_named_host_and_is_confirmed(stack: Stack):
     assert records[0].boot_id != records[1].boot_id      # one written on host1, one on host2
     after = stack.server(dom.name)
     assert (after["host"], after["status"], after["migration_id"]) == ("host2", "ACTIVE", None)
+
+
+def check_timeline(stack: Stack, mid: int, downtime_s: float) -> None:
+    """The real migration's timeline: host1 shut the guest down and copied its disk, host2 defined
+    and started it, in that order, inside the jobs the controller waited for; the CLI shows it."""
+    shown = stack.cli_json("server", "migration", "show", str(mid))["timeline"]
+    phases = {(p["phase"], p["detail"]): p for p in shown}
+    assert list(phases)[:2] == [("scheduled", ""), ("source_job", "migrate-disk-and-power-off")]
+    for p in shown:
+        assert p["start"] <= p["end"] and abs(p["seconds"] - (p["end"] - p["start"])) < 1e-5, p
+        assert (p["host"] == "") == (p["phase"] == "scheduled"), p   # the controller's own phase has no host
+    hosts = {name: phases[name]["host"] for name in phases}
+    assert hosts[("shutdown", "")] == hosts[("copy", "disk")] == hosts[("copy", "domain.xml")] == "host1"
+    assert hosts[("define", "")] == hosts[("start", "")] == "host2"
+    order = [phases[k] for k in (("scheduled", ""), ("shutdown", ""), ("copy", "disk"), ("define", ""),
+                                 ("start", ""))]
+    assert all(a["end"] <= b["start"] for a, b in zip(order, order[1:])), order
+    source, dest = phases[("source_job", "migrate-disk-and-power-off")], phases[("dest_job", "finish-migration")]
+    for name in (("shutdown", ""), ("copy", "disk")):
+        assert source["start"] <= phases[name]["start"] <= phases[name]["end"] <= source["end"]
+    for name in (("define", ""), ("start", "")):
+        assert dest["start"] <= phases[name]["start"] <= phases[name]["end"] <= dest["end"]
+    # The guest shuts down cleanly (well inside the lab's shutdown timeout) and boots; the disk holds
+    # a few records, at most 16 MiB/s (BWLIMIT).
+    assert 0 < phases[("shutdown", "")]["seconds"] < 120 and 0 < phases[("copy", "disk")]["seconds"] < 60
+    # The record's downtime runs from the power-off to the guest running: the shutdown's end to the start's.
+    assert abs((phases[("start", "")]["end"] - phases[("shutdown", "")]["end"]) - downtime_s) < 0.5
+    run = stack.cli("server", "migration", "show", str(mid))
+    assert run.returncode == 0, output(run)
+    assert "Timeline from" in run.stdout and "copying" in run.stdout
 
 
 def test_scheduler_picks_the_other_host(stack: Stack):

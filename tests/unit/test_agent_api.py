@@ -543,7 +543,8 @@ def test_job_results_parse_with_the_result_models_the_controller_uses(cloud, gat
         assert job["state"] == "done", job
         parsed = schemas.parse_result(job["op"], job["result"])
         assert isinstance(parsed, model) and parsed.model_dump(mode="json") == job["result"]
-    assert finished["result"] == {"running_at": None}  # power_on false: it never ran here
+    assert finished["result"]["running_at"] is None  # power_on false: it never ran here
+    assert [p["phase"] for p in finished["result"]["phases"]] == ["define"]   # and was not started
     assert schemas.parse_result("power-on", None) is None
     assert migrated["result"]["disk_info"] == schemas.MigrateResult.model_validate(migrated["result"]).disk_info
 

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from agent.jobs import JobConflict, JobIdTaken, JobNotFound, JobRunner, iso_utc
+from driver.model import PhaseName, Timeline
 
 WAIT = 5.0
 
@@ -39,7 +40,34 @@ def test_job_runs_to_done_with_result_and_times(runner):
     assert (done.state, done.result, done.error) == ("done", {"answer": 42}, None)
     assert done.ended_at == "2026-11-23T11:30:02Z"
     assert done.to_dict().keys() == {"id", "op", "instance_uuid", "state", "progress", "result", "error",
-                                     "started_at", "ended_at"}
+                                     "started_at", "ended_at", "phases"}
+    assert done.to_dict()["phases"] == []   # its work recorded none
+
+
+def test_a_job_shows_its_phases_while_it_runs_and_after_it_failed(runner):
+    timeline = Timeline(now=Clock(100.0))
+    gate, recorded = threading.Event(), threading.Event()
+
+    def work(report):
+        with timeline.phase(PhaseName.SHUTDOWN):
+            pass
+        recorded.set()
+        gate.wait(WAIT)
+        with timeline.phase(PhaseName.COPY, detail="disk"):
+            raise OSError("disk on fire")
+
+    job = runner.start("migrate-disk-and-power-off", "u1", work, timeline=timeline)
+    assert recorded.wait(WAIT)
+    running = runner.get(job.id)
+    assert running.state == "running"
+    assert running.to_dict()["phases"] == [{"phase": "shutdown", "host": "", "start": 101.0, "end": 102.0,
+                                            "seconds": 1.0, "detail": ""}]
+    gate.set()
+    failed = runner.wait(job.id, WAIT)
+    assert failed.state == "error"
+    assert [(p.name, p.detail, p.seconds) for p in failed.timeline.phases] == [("shutdown", "", 1.0),
+                                                                             ("copy", "disk", 1.0)]
+    assert len(running.timeline.phases) == 1   # a snapshot keeps the phases it was taken with
 
 
 def test_exception_ends_the_job_in_error(runner):

@@ -138,7 +138,7 @@ def test_migrate_passes_arguments_and_reports_the_copies_and_precopy_figures(drv
         {"method": "stream", "size": 10, "sent": 8, "wire": 6, "skipped": 2, "resumed": 0, "seconds": 0.5,
          "digest": "xxh3:abc"}], "powered_off_at": 1700000000.5, "bytes_before_power_off": 7,
         "bytes_after_power_off": 1, "was_running": True, "bytes_sent": 8, "bytes_skipped": 2, "rate": 16.0,
-        "digests": ["xxh3:abc"]}
+        "digests": ["xxh3:abc"], "phases": []}
     args = the(drv).migrate_disk_and_power_off.call_args.args
     assert args == (INST, "h2", Flavor("big", 2, 2048, 20, 0), [Vif("52:54:00:00:00:01", "bridge", "br0")],
                     None, 60, 10)
@@ -161,7 +161,7 @@ def test_migrate_keeps_the_flavor_without_one(drv, run):
     assert rc == 0 and out["result"] == {"disk_info": "[]", "shared": False, "precopy": False, "copies": [],
                                          "powered_off_at": None, "bytes_before_power_off": 0,
                                          "bytes_after_power_off": 0, "was_running": False, "bytes_sent": 0,
-                                         "bytes_skipped": 0, "rate": 0.0, "digests": []}
+                                         "bytes_skipped": 0, "rate": 0.0, "digests": [], "phases": []}
     assert the(drv).migrate_disk_and_power_off.call_args.args[2] == SMALL
 
 
@@ -175,7 +175,7 @@ def test_finish_migration_builds_the_instance_from_the_arguments(drv, run):
         "uuid": UUID, "name": "vm1", "disk_info": DiskInfo.dumps([DISK]), "resize_instance": True,
         "power_on": False, "flavor": {"name": "big", "vcpus": 2, "memory_mb": 2048, "root_gb": 20, "ephemeral_gb": 5},
         "migration": {"id": "m-7", "source_host": "h0"}})
-    assert (rc, out) == (0, {"result": {"running_at": 1700000100.25}})
+    assert (rc, out) == (0, {"result": {"running_at": 1700000100.25, "phases": []}})
     d = the(drv)
     d.get_instance.assert_not_called()
     mig, inst, disk_info, vifs, meta, resize, bdi, power_on = d.finish_migration.call_args.args
@@ -205,7 +205,8 @@ def test_live_migrate_prints_the_figures(drv, run):
     driver.libvirt.LibvirtDriver.side_effect = _with(drv, live_migration=live)
     rc, out = run("live-migrate", {"uuid": UUID, "dest": "h2"})
     assert (rc, out) == (0, {"result": {"downtime_s": 0.04, "shared": False, "job_s": 3.5, "memory_bytes": 1 << 30,
-                                        "prepare_s": 1.0, "migration_s": 3.75, "flags": ["LIVE", "PEER2PEER"]}})
+                                        "prepare_s": 1.0, "migration_s": 3.75, "flags": ["LIVE", "PEER2PEER"],
+                                        "phases": []}})
     assert the(drv).live_migration.call_args.args == (INST, "h2")
 
 

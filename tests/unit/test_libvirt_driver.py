@@ -23,7 +23,7 @@ from driver.errors import (BridgeMissing, DriverError, HostError, ImageError, In
                            InvalidInstanceState, MigrationFailed, PowerOffFailed, ResizeDown, StartFailed)
 from driver.libvirt import DriverConfig, LibvirtDriver, bridges, domain_xml
 from driver.libvirt import driver as driver_mod
-from driver.model import DiskInfo, Flavor, Instance, MigrateOutcome, Migration, PowerState, Vif
+from driver.model import DiskInfo, Flavor, Instance, MigrateOutcome, Migration, PowerState, Timeline, Vif
 from transfer.options import CopyOptions
 from transfer.errors import ConnectionLost, TransferError
 
@@ -529,6 +529,27 @@ def test_migrate_reports_progress_per_file(env):
     assert seen == [("disk", len(ROOT_DATA)), ("domain.xml", len(env.conn.domains[UUID].xml))]
 
 
+def test_migrate_records_its_phases(env):
+    inst, dom = env.add_instance(local_size=GiB)
+    dom.shutdown_takes = 2
+    timeline = Timeline()
+    env.migrate(inst, timeout=60, retry_interval=10, timeline=timeline)
+    assert [(p.name, p.detail) for p in timeline.phases] == [
+        ("connect", ""), ("shutdown", ""), ("copy", "disk"), ("copy", "disk.local"), ("copy", "domain.xml")]
+    ends = [p.end for p in timeline.phases]
+    assert ends == sorted(ends) and all(p.start <= p.end for p in timeline.phases)
+
+
+def test_a_failed_copy_leaves_the_phases_up_to_it(env):
+    inst, _ = env.add_instance(local_size=GiB)
+    env.copier.fail_on = "disk.local"
+    timeline = Timeline()
+    with pytest.raises(MigrationFailed):
+        env.migrate(inst, timeline=timeline)
+    assert [(p.name, p.detail) for p in timeline.phases] == [
+        ("connect", ""), ("shutdown", ""), ("copy", "disk"), ("copy", "disk.local")]
+
+
 def test_migrate_clean_shutdown_with_timeout(env):
     inst, dom = env.add_instance()
     dom.shutdown_takes = 2
@@ -859,6 +880,13 @@ def test_finish_passes_create_bridges(make_env, mocker):
     ensure = mocker.patch.object(bridges, "ensure", return_value=[])
     env.driver.finish_migration(MIGRATION, Instance(UUID, "vm1", SMALL), [], [], {}, False, None, False)
     assert ensure.call_args.args[2] is True
+
+
+def test_finish_records_grow_define_and_start(dest):
+    timeline = Timeline()
+    dest.driver.finish_migration(MIGRATION, Instance(UUID, "vm1", Flavor("large", 4, 4096, 20, 5), "hostB"),
+                                 dest.disk_info, [], {}, True, None, True, timeline=timeline)
+    assert [p.name for p in timeline.phases] == ["grow", "define", "start"]
 
 
 def test_finish_without_power_on_only_defines(dest):

@@ -20,7 +20,7 @@ from coldferry import driver_cmd
 from driver.base import ComputeDriver
 from driver.errors import DriverError, ImageError, InvalidInstanceState, MigrationFailed
 from driver.libvirt import DriverConfig, LibvirtDriver, live
-from driver.model import DiskInfo, Flavor, Instance, LiveOutcome, PowerState
+from driver.model import DiskInfo, Flavor, Instance, LiveOutcome, PowerState, Timeline
 
 from .fakes import FakeClock, FakeConn, FakeCopier, FakeDomain, FakeQemuImg, FakeTarget, libvirt_error
 from .fakes import domain_xml as make_xml
@@ -227,6 +227,13 @@ def test_running_instance_moves_with_blank_disks_made_first(env):
     assert not env.inst_dir.exists()  # the stale copy here is dropped
     assert not [p for p in env.src.iterdir() if p.name.startswith(".coldferry-live-")]
     assert env.dconn.closed == 1
+
+
+def test_the_blanks_count_as_copies_while_running_then_the_live_migration(env):
+    timeline = Timeline()
+    env.driver.live_migration(env.instance, DEST, timeline=timeline)
+    assert [(p.name, p.detail) for p in timeline.phases] == [("connect", ""), ("precopy", "disk"),
+                                                             ("live_migrate", "")]
 
 
 def test_backing_file_is_sent_and_only_the_overlay_mirrored(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import pytest
 from driver.errors import DriverError, ImageError, MigrationFailed
 from driver.libvirt import DriverConfig, precopy
 from driver.libvirt.precopy import SNAPSHOT_FLAGS
-from driver.model import DiskInfo
+from driver.model import DiskInfo, Timeline
 
 from .fakes import GiB, FakeDomain, libvirt_error
 from .test_libvirt_driver import LOCAL_DATA, MIGRATION, ROOT_DATA, SMALL, UUID, Env
@@ -240,6 +240,18 @@ def test_precopy_copies_bases_while_running_then_only_overlays(env):
     assert len(outcome.copies) == 5
 
 
+def test_precopy_records_its_phases_copies_while_running_marked_precopy(env):
+    inst, _dom, _events = running(env, local_size=GiB)
+    timeline = Timeline()
+    env.migrate(inst, timeout=0, timeline=timeline)
+    assert [(p.name, p.detail) for p in timeline.phases] == [
+        ("connect", ""), ("snapshot", ""), ("precopy", "domain.xml"), ("precopy", "disk"),
+        ("precopy", "disk.local"), ("shutdown", ""), ("copy", "disk.precopy"), ("copy", "disk.local.precopy"),
+        ("merge", "")]
+    ends = [p.end for p in timeline.phases]
+    assert ends == sorted(ends) and all(p.start <= p.end for p in timeline.phases)
+
+
 def test_backing_files_the_target_lacks_go_before_the_power_off(env):
     base = env.add_base()
     inst, _dom, events = running(env, backing=base)
@@ -448,10 +460,12 @@ def test_finish_commits_the_overlay_into_the_disk_before_defining(env, mocker):
     overlay = str(env.inst_dir / "disk.precopy")
     disk_info = [DiskInfo("raw", str(env.inst_dir / "disk"), GiB, "", 1, 1, "vda", overlay)]
     mocker.patch("driver.libvirt.driver.bridges.ensure")
+    timeline = Timeline()
     env.driver.finish_migration(MIGRATION, type("I", (), {"uuid": UUID, "flavor": SMALL})(), disk_info, [], {},
-                                False, power_on=False)
+                                False, power_on=False, timeline=timeline)
     assert env.qemu.commands("commit") == [["qemu-img", "commit", "-q", "-d", "-f", "qcow2", overlay]]
     assert not os.path.exists(overlay) and len(env.conn.defined) == 1
+    assert [p.name for p in timeline.phases] == ["commit", "define"]
 
 
 def test_finish_stops_before_defining_when_the_commit_fails(env, mocker):

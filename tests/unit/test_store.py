@@ -24,7 +24,7 @@ from controller import schema as schema_module
 from controller import store as store_module
 from controller.schema import SCHEMA_VERSION
 from controller.store import Store, StoreError
-from driver.model import PowerState
+from driver.model import Phase, PhaseName, PowerState
 
 BASE_STEPS = list(schema_module.STEPS)
 V = SCHEMA_VERSION
@@ -167,7 +167,8 @@ ADDED = {2: [("migrations", "precopy"), ("migrations", "bytes_before_power_off")
              ("drains", "error")],
          5: [("index", "ux_migrations_open_server")],
          6: [("migrations", "lease_owner"), ("migrations", "lease_until"), ("drains", "lease_owner"),
-             ("drains", "lease_until")]}
+             ("drains", "lease_until")],
+         7: [("migrations", "timeline"), ("migrations", "requested_at")]}
 
 
 def downgrade(s: Store, version: int) -> None:
@@ -189,7 +190,7 @@ def test_upgrade_from_version_1_adds_the_precopy_figures(url, clock):
         downgrade(s, 1)
     assert "precopy" not in columns(url, "migrations")
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 6
+        assert s.schema_version() == SCHEMA_VERSION == 7
         got = s.get_migration(cold.id)
         assert (got.precopy, got.bytes_before_power_off, got.bytes_after_power_off, got.bytes_sent) == (
             False, 0, 5000, 5000)
@@ -243,7 +244,8 @@ def open_migrations_of(url: str, server: str, n: int) -> None:
             row = dataclasses.asdict(records.MigrationRecord(
                 id=0, uuid=str(uuidlib.uuid4()), server=server, server_name="web", source_compute="a",
                 dest_compute="b", dest_address="198.18.0.2", status=MigrationStatus.MIGRATING))
-            for newer in ("id", "lease_owner", "lease_until"):   # the lease came with version 6
+            # the lease came with version 6, the timeline with version 7
+            for newer in ("id", "lease_owner", "lease_until", "timeline", "requested_at"):
                 del row[newer]
             conn.execute(schema_module.migrations.insert().values(row))
     engine.dispose()
@@ -297,6 +299,28 @@ def test_upgrade_from_version_5_adds_the_lease_columns(url, clock):
         assert not s.claim("migration", old.id, records.Lease("ctl-b", 60))
         name = f"{old.uuid}-migrate-disk-and-power-off-1"   # 65 characters: too long before, on PostgreSQL
         assert s.update_migration(old.id, source_job=name, dest_job=name).source_job == name
+
+
+def test_upgrade_from_version_6_adds_the_timeline(url, clock):
+    """A version-6 database gets an empty timeline and no request time on its migrations; a
+    timeline written afterwards comes back as the phases it was, and the API shows it."""
+    with Store(url, clock=clock) as s:
+        old = migration(s, status=MigrationStatus.FINISHED)
+        downgrade(s, 6)
+    assert "timeline" not in columns(url, "migrations")
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        got = s.get_migration(old.id)
+        assert (got.timeline, got.requested_at) == ([], None)
+        phases = [Phase(PhaseName.SHUTDOWN, 1_800_000_000.25, 1_800_000_003.5, "a"),
+                  Phase(PhaseName.COPY, 1_800_000_003.5, 1_800_000_004.0, "a", "disk")]
+        assert s.update_migration(old.id, timeline=phases, requested_at=1_799_999_999.125).timeline == phases
+        got = s.get_migration(old.id)
+        assert (got.timeline, got.requested_at) == (phases, 1_799_999_999.125)
+        api = got.to_api()
+        assert "requested_at" not in api
+        assert api["timeline"][1] == {"phase": "copy", "host": "a", "start": 1_800_000_003.5, "end": 1_800_000_004.0,
+                                      "seconds": 0.5, "detail": "disk"}
 
 
 def test_newer_schema_is_refused(url, monkeypatch):

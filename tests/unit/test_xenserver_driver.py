@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from driver.errors import InstanceNotFound, InvalidInstanceState, MigrationFailed, ResizeDown
-from driver.model import FinishOutcome, Flavor, Instance, MigrateOutcome, Migration
+from driver.model import FinishOutcome, Flavor, Instance, MigrateOutcome, Migration, Timeline
 from driver.xenserver import vhd
 from driver.xenserver.copier import LocalCopier
 from driver.xenserver.driver import MARKER, XenServerDriver
@@ -156,6 +156,19 @@ def test_precopy_sequence_moves_every_write_and_copies_only_the_leaf_after_power
     hidden = [v for v in dst.session.vdis.values() if not v.managed]
     assert len(hidden) == 1 and hidden[0].read_only
     assert dst.driver.get_instance(UUID).flavor == Flavor("small", 1, 1024, 1)
+
+
+def test_both_sides_record_their_phases(hosts):
+    src, dst, _ = hosts
+    inst = src.driver.get_instance(UUID)
+    source, dest = Timeline(), Timeline()
+    outcome = src.driver.migrate_disk_and_power_off(inst, "h2", SMALL, [], timeline=source)
+    dst.driver.finish_migration(migration(), Instance(UUID, inst.name, SMALL, "h2"), outcome.disk_info, [], {},
+                                False, timeline=dest)
+    assert [(p.name, p.detail) for p in source.phases] == [
+        ("connect", ""), ("snapshot", "xvda"), ("precopy", f"migrate-{UUID}-0-1.vhd"), ("shutdown", ""),
+        ("copy", f"migrate-{UUID}-0-0.vhd"), ("copy", f"migrate-{UUID}.json")]
+    assert [(p.name, p.detail) for p in dest.phases] == [("define", ""), ("commit", "xvda"), ("start", "")]
 
 
 def test_progress_is_reported_per_file(hosts):

@@ -97,10 +97,14 @@ function followDrain(box) {
 const drainBox = document.getElementById("drain");
 if (drainBox) followDrain(drainBox);
 
-// A list with migrations under way shows their progress by reloading itself.
+// A list with migrations under way shows their progress by reloading itself, but not while a
+// dialog or a timeline is open: the reload would close it under the reader.
 const refreshing = document.querySelector("[data-refresh-ms]");
 if (refreshing) {
-  window.setTimeout(() => {
-    if (!document.querySelector("dialog[open]")) window.location.reload();
-  }, Number(refreshing.dataset.refreshMs));
+  const every = Number(refreshing.dataset.refreshMs);
+  const reload = () => {
+    if (document.querySelector("dialog[open], details[open]")) window.setTimeout(reload, every);
+    else window.location.reload();
+  };
+  window.setTimeout(reload, every);
 }
