@@ -36,6 +36,7 @@ from transfer.progress import Progress
 
 from . import schemas as s
 from .jobs import JobConflict, JobIdTaken, JobNotFound, JobRunner, Report
+from .metrics import AgentMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def bearer_ok(request: Request, expected: bytes) -> bool:
 
 
 def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner | None = None, *,
-               shutdown_timeout: int = 60, shutdown_retry_interval: int = 10) -> FastAPI:
+               shutdown_timeout: int = 60, shutdown_retry_interval: int = 10,
+               metrics: AgentMetrics | None = None) -> FastAPI:
     """The agent's FastAPI app serving ``driver``.
 
     :param token: the bearer token every request must present.
@@ -113,6 +115,7 @@ def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner 
     :param jobs: the job runner; a new one if omitted.
     :param shutdown_timeout: clean-shutdown seconds when a request names none.
     :param shutdown_retry_interval: seconds between shutdown requests when a request names none.
+    :param metrics: what ``GET /metrics`` shows (agent/metrics.py); new ones if omitted.
     :raises ValueError: the token is empty.
     """
     if not token:
@@ -130,8 +133,10 @@ def create_app(driver: ComputeDriver, token: str, address: str, jobs: JobRunner 
     document_400_not_422(app)
     api = APIRouter(prefix="/v1", dependencies=[Depends(check_token)], responses=errors(401))
     _add_read_routes(api, driver, address, runner)
-    _add_job_routes(api, driver, runner, (shutdown_timeout, shutdown_retry_interval))
+    metrics = metrics if metrics is not None else AgentMetrics()
+    _add_job_routes(api, driver, runner, (shutdown_timeout, shutdown_retry_interval), metrics)
     app.include_router(api)
+    serve_metrics(app, metrics.registry, token)
     return app
 
 
@@ -241,7 +246,7 @@ def _migration(uuid: str, ref: s.MigrationRef | None) -> Migration:
 
 
 def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
-                    shutdown_defaults: tuple[int, int]) -> None:
+                    shutdown_defaults: tuple[int, int], metrics: AgentMetrics) -> None:
     def start(op: str, uuid: str, job_id: str | None,
               work: Callable[[ProgressHook, Timeline], s.Outcome | None]) -> dict[str, Any]:
         """Run ``work(progress, timeline)`` as job ``op`` (named ``job_id``); the driver's outcome
@@ -250,7 +255,10 @@ def _add_job_routes(api: APIRouter, driver: ComputeDriver, runner: JobRunner,
         timeline = Timeline()
 
         def run(report: Report) -> dict[str, Any] | None:
-            return s.dump_result(work(_progress(report), timeline), timeline.phases)
+            with metrics.job(op, timeline):
+                outcome = work(_progress(report), timeline)
+                metrics.outcome(outcome)
+            return s.dump_result(outcome, timeline.phases)
         return runner.start(op, uuid, run, job_id, timeline).to_dict()
 
     def start_on(op: str, uuid: str, job_id: str | None,

@@ -92,8 +92,11 @@ class Conductor:
     def __init__(self, store: Store, inventory: Inventory, config: ControllerConfig, *,
                  spawn: Spawn = spawn_thread, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep, agent_lost_seconds: float | None = None,
-                 owner: str | None = None, lease_seconds: float = 60.0) -> None:
+                 owner: str | None = None, lease_seconds: float = 60.0,
+                 ended: Callable[[MigrationRecord], None] | None = None) -> None:
         self.store = store
+        #: Called with each migration this controller brings to a final status (the metrics).
+        self.ended = ended or (lambda m: None)
         self.lease = Lease(owner or controller_id(), lease_seconds)
         self.inventory = inventory
         self.config = config
@@ -256,7 +259,10 @@ class Conductor:
 
         :raises LeaseLost: another controller took it over.
         """
-        return self.store.update_migration(migration_id, lease=self.lease, **fields)
+        record = self.store.update_migration(migration_id, lease=self.lease, **fields)
+        if fields.get("status") in FINAL:
+            self.ended(record)
+        return record
 
     def _check_held(self, migration_id: int) -> None:
         """Raise LeaseLost when the renewal pass found another controller holding the migration."""
@@ -550,11 +556,12 @@ class Conductor:
         by the service's lease timer; a migration another controller holds is left alone."""
         ids = []
         for m in self.store.in_flight_migrations(free_for=self.lease):
+            previous = m.lease_owner
             if not self._take(m.id):
                 continue
             m = self.get(m.id)
             log.info("migration %d is %s and no controller drives it (%s); driving it here", m.id, m.status,
-                     f"the lease of {m.lease_owner} ran out" if m.lease_owner != self.lease.owner else "released")
+                     f"the lease of {previous} ran out" if previous and previous != self.lease.owner else "released")
             try:
                 if m.status == _S.MIGRATING and m.migration_type == _COLD and not m.source_job:
                     # Stopped between the status change and naming the job: nothing ran on the agent.

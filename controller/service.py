@@ -1,4 +1,4 @@
-"""The controller put together: store, agents, inventory, conductor, drainer, API, dashboard and timers."""
+"""The controller put together: store, agents, inventory, conductor, drainer, API, metrics, dashboard and timers."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from typing import Callable, Mapping
 
 from fastapi import FastAPI
 
+from agent.metrics import serve_metrics
+
 from .agents import AgentClient
 from .api import create_app
 from .conductor import Conductor, Spawn, spawn_thread
 from .config import ControllerConfig
 from .drain import Drainer
 from .inventory import Inventory
+from .metrics import ControllerMetrics, FleetCounts
 from .nova import mount_nova
 from .store import Store
 from .web import mount_dashboard
@@ -105,9 +108,12 @@ def build(config: ControllerConfig, *, agents: Mapping[str, AgentClient] | None 
                   for h in config.hosts}
     inventory = Inventory(store, agents)
     lease_seconds = config.lease_seconds if lease_seconds is None else lease_seconds
-    conductor = Conductor(store, inventory, config, spawn=spawn, lease_seconds=lease_seconds)
+    metrics = ControllerMetrics(lambda: FleetCounts(*store.tally()))
+    conductor = Conductor(store, inventory, config, spawn=spawn, lease_seconds=lease_seconds,
+                          ended=metrics.migration_ended)
     drainer = Drainer(store, conductor, spawn=spawn)
     app = create_app(conductor, drainer, store, config.token)
+    serve_metrics(app, metrics.registry, config.token)
     mount_nova(app, conductor, config.token)
     mount_dashboard(app, conductor, drainer, store, config)
     return Controller(config, store, conductor, drainer, app)

@@ -135,6 +135,7 @@ class Store:
         """Make the stored hosts the configured ones: add new hosts, update the agent URL and
         address of known ones (keeping their enabled status), drop hosts no longer listed."""
         with self._write() as conn:
+            schema.hold_schema(conn)   # controllers starting at once on one database take turns
             known = set(conn.execute(sa.select(schema.hosts.c.name)).scalars())
             for h in hosts:
                 if h.name in known:
@@ -229,6 +230,16 @@ class Store:
         that lease could claim now (see ``claim``)."""
         free = [] if free_for is None else [self._free(schema.migrations, free_for)]
         return self._migrations(schema.migrations.c.status.in_(sorted(records.IN_FLIGHT)), *free)[::-1]
+
+    def tally(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """What the database holds now: migrations by (type, status), and drain rows by status."""
+        m, r = schema.migrations, schema.drain_rows
+        with self._read() as conn:
+            migrations = {(kind, status): n for kind, status, n in conn.execute(
+                sa.select(m.c.migration_type, m.c.status, sa.func.count()).group_by(m.c.migration_type, m.c.status))}
+            rows = {status: n for status, n in conn.execute(
+                sa.select(r.c.status, sa.func.count()).group_by(r.c.status))}
+        return migrations, rows
 
     def migrations_in(self, status: records.MigrationStatus) -> list[MigrationRecord]:
         """Migrations in ``status``, oldest first."""

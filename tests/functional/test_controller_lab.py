@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import guest
 from tests.support.stack import Domain, Stack
@@ -102,6 +104,35 @@ def test_guest_migrates_to_the_named_host_and_is_confirmed(stack: Stack):
     assert records[0].boot_id != records[1].boot_id      # one written on host1, one on host2
     after = stack.server(dom.name)
     assert (after["host"], after["status"], after["migration_id"]) == ("host2", "ACTIVE", None)
+    check_metrics(stack, confirmed)
+
+
+def scrape(stack: Stack, url: str, token: str) -> dict[tuple[str, tuple], float]:
+    """``GET url/metrics`` over the stack's TLS with ``token``, read with prometheus-client's parser."""
+    with httpx.Client(verify=stack.ssl_context(), trust_env=False, timeout=10) as client:
+        assert client.get(f"{url}/metrics").status_code == 401
+        r = client.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    return {(x.name, tuple(sorted(x.labels.items()))): x.value
+            for family in text_string_to_metric_families(r.text) for x in family.samples}
+
+
+def check_metrics(stack: Stack, record: dict) -> None:
+    """The real processes' /metrics count the migration: the source agent's copy bytes match the
+    record's, the destination agent's define, the controller's confirmed record and downtime."""
+    source = scrape(stack, stack.agent_url("host1"), stack.agent_token)
+    op = (("op", "migrate-disk-and-power-off"),)
+    assert source[("coldferry_agent_jobs_total", op + (("state", "done"),))] >= 1
+    assert source[("coldferry_agent_copy_bytes_total", (("kind", "sent"),))] >= record["bytes_sent"] > 0
+    assert source[("coldferry_agent_phase_seconds_count", op + (("phase", "shutdown"),))] >= 1
+    assert source[("coldferry_agent_copies_in_flight", ())] == 0
+    dest = scrape(stack, stack.agent_url("host2"), stack.agent_token)
+    assert dest[("coldferry_agent_phase_seconds_count", (("op", "finish-migration"), ("phase", "define")))] >= 1
+    ctl = scrape(stack, stack.url, stack.token)
+    kind = (("status", "confirmed"), ("type", "migration"))
+    assert ctl[("coldferry_migrations", kind)] >= 1
+    assert ctl[("coldferry_migrations_ended_total", kind)] >= 1
+    assert ctl[("coldferry_migration_downtime_seconds_count", (("type", "migration"),))] >= 1
 
 
 def check_timeline(stack: Stack, mid: int, downtime_s: float) -> None:
