@@ -15,7 +15,8 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from driver.errors import DriverError
-from driver.model import DiskInfo, FinishOutcome, Flavor, Instance, LiveOutcome, MigrateOutcome, Migration, Vif
+from driver.model import (DiskInfo, FinishOutcome, Flavor, Instance, LiveOutcome, MigrateOutcome, Migration, Timeline,
+                          Vif)
 from transfer.errors import TransferError
 
 if TYPE_CHECKING:  # the driver (libvirt, pyroute2, paramiko) loads only when a call runs
@@ -83,39 +84,42 @@ def _bare(drv: LibvirtDriver, a: dict[str, Any]) -> Instance:
     return Instance(a["uuid"], a.get("name", ""), Flavor("", 0, 0, 0), drv.config.host_name)
 
 
-def _migrate(drv: LibvirtDriver, a: dict[str, Any]) -> MigrateOutcome:
+def _migrate(drv: LibvirtDriver, a: dict[str, Any], timeline: Timeline) -> MigrateOutcome:
     inst = drv.get_instance(a["uuid"])
     flavor = Flavor.from_dict(a["flavor"]) if "flavor" in a else inst.flavor
     timeout, retry = _shutdown(drv, a)
-    return drv.migrate_disk_and_power_off(inst, a["dest"], flavor, _vifs(a), None, timeout, retry)
+    return drv.migrate_disk_and_power_off(inst, a["dest"], flavor, _vifs(a), None, timeout, retry, timeline=timeline)
 
 
-def _finish(drv: LibvirtDriver, a: dict[str, Any]) -> FinishOutcome:
+def _finish(drv: LibvirtDriver, a: dict[str, Any], timeline: Timeline) -> FinishOutcome:
     return drv.finish_migration(_migration(drv, a), _instance(drv, a), DiskInfo.loads(a["disk_info"]), _vifs(a), {},
-                                bool(a.get("resize_instance", False)), None, bool(a.get("power_on", True)))
+                                bool(a.get("resize_instance", False)), None, bool(a.get("power_on", True)),
+                                timeline=timeline)
 
 
-def _output(result: Any) -> Any:
-    """A call's result as JSON data; a driver outcome exactly as the agent's job result carries it."""
+def _output(result: Any, timeline: Timeline) -> Any:
+    """A call's result as JSON data; a driver outcome (with the phases it recorded) exactly as the
+    agent's job result carries it."""
     if not isinstance(result, (MigrateOutcome, FinishOutcome, LiveOutcome)):
         return result
     from agent.schemas import dump_result  # the agent package brings FastAPI: load it only for an outcome
-    return dump_result(result)
+    return dump_result(result, timeline.phases)
 
 
-CALLS: dict[str, Callable[[LibvirtDriver, dict[str, Any]], Any]] = {
-    "list-instances": lambda d, a: [i.to_dict() for i in d.list_instances()],
-    "get-instance": lambda d, a: d.get_instance(a["uuid"]).to_dict(),
-    "host-resources": lambda d, a: dataclasses.asdict(d.host_resources()),
-    "power-on": lambda d, a: d.power_on(d.get_instance(a["uuid"])),
-    "power-off": lambda d, a: d.power_off(d.get_instance(a["uuid"]), *_shutdown(d, a)),
+#: Each call, given the driver, its arguments and the timeline its phases are recorded on.
+CALLS: dict[str, Callable[[LibvirtDriver, dict[str, Any], Timeline], Any]] = {
+    "list-instances": lambda d, a, t: [i.to_dict() for i in d.list_instances()],
+    "get-instance": lambda d, a, t: d.get_instance(a["uuid"]).to_dict(),
+    "host-resources": lambda d, a, t: dataclasses.asdict(d.host_resources()),
+    "power-on": lambda d, a, t: d.power_on(d.get_instance(a["uuid"])),
+    "power-off": lambda d, a, t: d.power_off(d.get_instance(a["uuid"]), *_shutdown(d, a)),
     "migrate-disk-and-power-off": _migrate,
     "finish-migration": _finish,
-    "confirm-migration": lambda d, a: d.confirm_migration(_migration(d, a), _bare(d, a), _vifs(a)),
-    "finish-revert-migration": lambda d, a: d.finish_revert_migration(_bare(d, a), _vifs(a), _migration(d, a), None,
+    "confirm-migration": lambda d, a, t: d.confirm_migration(_migration(d, a), _bare(d, a), _vifs(a)),
+    "finish-revert-migration": lambda d, a, t: d.finish_revert_migration(_bare(d, a), _vifs(a), _migration(d, a), None,
                                                                       bool(a.get("power_on", True))),
-    "live-migrate": lambda d, a: d.live_migration(d.get_instance(a["uuid"]), a["dest"]),
-    "destroy": lambda d, a: d.destroy(_bare(d, a), _vifs(a), bool(a.get("destroy_disks", True))),
+    "live-migrate": lambda d, a, t: d.live_migration(d.get_instance(a["uuid"]), a["dest"], timeline=t),
+    "destroy": lambda d, a, t: d.destroy(_bare(d, a), _vifs(a), bool(a.get("destroy_disks", True))),
 }
 
 
@@ -127,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("arguments must be a JSON object")
         from driver.libvirt import DriverConfig, LibvirtDriver
         drv = LibvirtDriver(DriverConfig.load(args.config))
-        result = _output(CALLS[args.call](drv, call_args))
+        timeline = Timeline()
+        result = _output(CALLS[args.call](drv, call_args, timeline), timeline)
     except (DriverError, TransferError) as e:
         print(json.dumps({"error": type(e).__name__, "message": str(e)}))
         return 1

@@ -19,7 +19,7 @@ from coldferry import cli, driver_cmd
 from driver.errors import InstanceNotFound, MigrationFailed
 from driver.libvirt import DriverConfig, LibvirtDriver
 from driver.model import (DiskInfo, FinishOutcome, Flavor, HostResources, Instance, LiveOutcome, MigrateOutcome,
-                          Migration, PowerState, Vif)
+                          Migration, PhaseName, PowerState, Vif)
 from transfer.errors import HostKeyError
 from transfer.result import CopyResult
 
@@ -125,7 +125,8 @@ DISK = DiskInfo("qcow2", "/i/disk", 20 << 30, "", 1 << 30, 19 << 30, "vda")
 
 
 def test_migrate_passes_arguments_and_reports_the_copies_and_precopy_figures(drv, run):
-    def migrate(inst, dest, flavor, vifs, bdi, timeout, retry):
+    def migrate(inst, dest, flavor, vifs, bdi, timeout, retry, timeline):
+        timeline.add(PhaseName.SHUTDOWN, 1700000000.0, 1700000000.5)
         return MigrateOutcome([DISK], [CopyResult("stream", 10, 8, 6, 2, 0, 0.5, "xxh3:abc")], precopy=True,
                               was_running=True, powered_off_at=1700000000.5, bytes_before_power_off=7)
     driver.libvirt.LibvirtDriver.side_effect = _with(drv, migrate_disk_and_power_off=migrate)
@@ -138,7 +139,8 @@ def test_migrate_passes_arguments_and_reports_the_copies_and_precopy_figures(drv
         {"method": "stream", "size": 10, "sent": 8, "wire": 6, "skipped": 2, "resumed": 0, "seconds": 0.5,
          "digest": "xxh3:abc"}], "powered_off_at": 1700000000.5, "bytes_before_power_off": 7,
         "bytes_after_power_off": 1, "was_running": True, "bytes_sent": 8, "bytes_skipped": 2, "rate": 16.0,
-        "digests": ["xxh3:abc"], "phases": []}
+        "digests": ["xxh3:abc"], "phases": [{"phase": "shutdown", "host": "", "start": 1700000000.0,
+                                             "end": 1700000000.5, "seconds": 0.5, "detail": ""}]}
     args = the(drv).migrate_disk_and_power_off.call_args.args
     assert args == (INST, "h2", Flavor("big", 2, 2048, 20, 0), [Vif("52:54:00:00:00:01", "bridge", "br0")],
                     None, 60, 10)
@@ -199,14 +201,16 @@ def test_finish_migration_with_a_bad_disk_info_exits_2(drv, run):
 
 
 def test_live_migrate_prints_the_figures(drv, run):
-    def live(inst, dest):
+    def live(inst, dest, timeline):
+        timeline.add(PhaseName.LIVE_MIGRATE, 1700000000.0, 1700000003.75, detail="x")
         return LiveOutcome(downtime_s=0.04, job_s=3.5, memory_bytes=1 << 30, prepare_s=1.0, migration_s=3.75,
                            flags=["LIVE", "PEER2PEER"], copies=[CopyResult("stream", 10, 8, 8, 2, 0, 0.5, "x")])
     driver.libvirt.LibvirtDriver.side_effect = _with(drv, live_migration=live)
     rc, out = run("live-migrate", {"uuid": UUID, "dest": "h2"})
     assert (rc, out) == (0, {"result": {"downtime_s": 0.04, "shared": False, "job_s": 3.5, "memory_bytes": 1 << 30,
                                         "prepare_s": 1.0, "migration_s": 3.75, "flags": ["LIVE", "PEER2PEER"],
-                                        "phases": []}})
+                                        "phases": [{"phase": "live_migrate", "host": "", "start": 1700000000.0,
+                                                    "end": 1700000003.75, "seconds": 3.75, "detail": "x"}]}})
     assert the(drv).live_migration.call_args.args == (INST, "h2")
 
 
