@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
@@ -12,7 +13,7 @@ from driver.model import Flavor, HostResources, PowerState
 
 from .agents import AgentClient
 from .errors import AgentError, Conflict, NotFound
-from .records import HostRecord, MigrationStatus, MigrationType
+from .records import FINAL, HostRecord, MigrationRecord, MigrationStatus, MigrationType
 from .scheduler import HostState
 from .store import Store
 
@@ -130,15 +131,28 @@ class Inventory:
                 continue
             for inst in insts:
                 seen.setdefault(inst.uuid, []).append((h, inst))
+        # One query for every server's open migration: one query per server made a fleet's list
+        # cost a database round trip per server.
+        open_migrations = self._open_migrations()
         out = []
         for uuid, places in seen.items():
-            server = self._server(uuid, places)
+            server = self._server(uuid, places, open_migrations.get(uuid))
             if host is None or server.host == host:
                 out.append(server)
         return sorted(out, key=lambda s: (s.name, s.id))
 
-    def _server(self, uuid: str, places: list[tuple[str, InstanceOut]]) -> Server:
-        mig = self.store.open_migration_for(uuid)
+    def _open_migrations(self) -> dict[str, MigrationRecord]:
+        """Each server's newest migration not yet final, by server uuid (as ``Store.open_migration_for``)."""
+        found: dict[str, MigrationRecord] = {}
+        for status in sorted(set(MigrationStatus) - FINAL):
+            for m in self.store.migrations_in(status):
+                newest = found.get(m.server)
+                if newest is None or (m.created_at, m.id) > (newest.created_at, newest.id):
+                    found[m.server] = m
+        return found
+
+    def _server(self, uuid: str, places: list[tuple[str, InstanceOut]],
+                mig: MigrationRecord | None) -> Server:
         host, inst = places[0]
         if len(places) > 1:
             wanted = None
@@ -159,6 +173,9 @@ class Inventory:
 
     def find(self, ref: str) -> Server:
         """A server by uuid or by its unique name; NotFound or Conflict (ambiguous name)."""
+        by_uuid = self._by_uuid(ref)
+        if by_uuid is not None:
+            return by_uuid
         servers = self.servers()
         for s in servers:
             if s.id == ref:
@@ -170,3 +187,28 @@ class Inventory:
         if not named:
             raise NotFound("server", ref, hint=" on any reachable host; see 'coldferry server list'")
         return named[0]
+
+    def _by_uuid(self, ref: str) -> Server | None:
+        """The server whose uuid is ``ref``, as ``servers()`` would place it, or None when no reachable
+        host defines it. Asks every host for that one instance: the answers are the size of the
+        hosts, not of every server on them, so a migration's start does not grow with the fleet."""
+        try:
+            uuidlib.UUID(ref)
+        except ValueError:
+            return None
+        names = [h.name for h in self.store.list_hosts()]
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+            found = list(pool.map(lambda h: self._instance(h, ref), names))
+        places = [(h, inst) for h, inst in zip(names, found) if inst is not None]
+        if not places:
+            return None
+        return self._server(ref, places, self.store.open_migration_for(ref))
+
+    def _instance(self, host: str, uuid: str) -> InstanceOut | None:
+        """``uuid`` as ``host`` defines it; None when it does not, or does not answer (as ``servers()``
+        skips a host that does not answer)."""
+        try:
+            return self.agent(host).instance(uuid)
+        except AgentError as e:
+            log.warning("host %s shows no servers: %s", host, e)
+            return None
