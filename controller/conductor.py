@@ -129,13 +129,17 @@ class Conductor:
         :raises Conflict: the server is paused, suspended or already migrating.
         :raises NotFound: no such server.
         """
+        # The agents are asked before the lock, so that one controller starts migrations side by side
+        # (a drain's); the database refuses a second open migration of one server whatever the timing.
+        server = self.inventory.find(server_ref)
+        self.placement.check_movable(server)
+        if live and server.power_state != PowerState.RUNNING:
+            raise Conflict(reason=f"server {server.name} is not running; live migration needs a running "
+                                  "server (use a cold migration)")
+        candidates = self.placement.ask(server, target_host, force)
         with self._lock:
-            server = self.inventory.find(server_ref)
-            self.placement.check_movable(server)
-            if live and server.power_state != PowerState.RUNNING:
-                raise Conflict(reason=f"server {server.name} is not running; live migration needs a running "
-                                      "server (use a cold migration)")
-            target = self.placement.pick(server, target_host, force)
+            # Under the lock: the choice counts the migrations recorded so far, this one's included next.
+            target = candidates.pick()
             try:
                 m = self.store.create_migration(
                     lease=self.lease, server=server.id, server_name=server.name, source_compute=server.host, dest_compute=target.name,

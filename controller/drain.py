@@ -28,7 +28,8 @@ from driver.model import PowerState
 from . import records
 from .conductor import Conductor, Spawn, spawn_thread
 from .placement import unmovable_reason
-from .errors import BadRequest, Conflict, ControllerError, NotFound
+from .errors import AgentError, BadRequest, Conflict, ControllerError, NotFound
+from .inventory import belongs_on
 from .records import DrainRecord, DrainRowRecord, DrainStatus, MigrationStatus, MigrationType, RowStatus
 from .store import LeaseLost, Store
 
@@ -73,8 +74,11 @@ class Drainer:
             rec = self.store.get_host(host)
             if rec is not None and rec.enabled:
                 self.store.set_service(host, False, DRAIN_REASON)
-        # Held from its creation: no other controller runs it before its rows are in.
+        # Held from its creation: no other controller runs it before its rows are in, and marked
+        # running here at once, so this controller's own lease pass does not resume it meanwhile.
         drain = self.store.create_drain(host, live, max_servers, dry_run, target_host, force, lease=self.lease)
+        with self._lock:
+            self._running.add(drain.id)
         for s in servers:
             why = unmovable_reason(s.power_state)
             live_move = live and s.power_state == PowerState.RUNNING
@@ -88,9 +92,9 @@ class Drainer:
         if dry_run or not servers:
             self.store.update_drain(drain.id, status=DrainStatus.DONE)
             self.store.release("drain", drain.id, self.lease)
-        else:
             with self._lock:
-                self._running.add(drain.id)
+                self._running.discard(drain.id)
+        else:
             self.spawn(lambda: self.run(drain.id))
         return self.get(drain.id)
 
@@ -202,9 +206,9 @@ class Drainer:
     def _move(self, d: DrainRecord, row: DrainRowRecord) -> None:
         self._update_row(row.id, status=RowStatus.MIGRATING)
         try:
-            # Asked first, so a host that stopped answering mid-drain is named, not "server not found".
-            here = {s.id for s in self.conductor.inventory.servers(host=d.host)}
-            if row.server not in here:
+            # The drained host is asked first (for this one server, not a listing of the fleet), so a
+            # host that stopped answering mid-drain is named, not "server not found".
+            if not self._still_on(d.host, row.server):
                 open_m = self.store.open_migration_for(row.server)
                 if open_m is None:
                     self._update_row(row.id, status=RowStatus.DONE, error=f"no longer on {d.host}")
@@ -220,6 +224,18 @@ class Drainer:
             return
         self._update_row(row.id, accepted=True, migration_id=m.id)
         self._follow(dataclasses.replace(row, migration_id=m.id))
+
+    def _still_on(self, host: str, server: str) -> bool:
+        """Whether ``server`` is still on ``host``: defined there and not moved away by an open
+        migration. Raises Conflict when the host's agent does not answer."""
+        try:
+            inst = self.conductor.inventory.agent(host).instance(server)
+        except AgentError as e:
+            raise Conflict(reason=f"cannot tell whether {server} is still on {host}: {e}") from e
+        if inst is None:
+            return False
+        open_m = self.store.open_migration_for(server)
+        return open_m is None or belongs_on(open_m) == host
 
     def _follow(self, row: DrainRowRecord) -> None:
         """Wait for the row's migration to settle and give the row its outcome."""

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Where a server is while a migration is open: Nova moves instance.host to the
 # destination when the destination's finish step begins.
-_ON_DEST = frozenset({MigrationStatus.POST_MIGRATING, MigrationStatus.FINISHED, MigrationStatus.CONFIRMING,
+ON_DEST = frozenset({MigrationStatus.POST_MIGRATING, MigrationStatus.FINISHED, MigrationStatus.CONFIRMING,
                       MigrationStatus.COMPLETED})
 
 # Nova's server status of each power state.
@@ -50,6 +50,12 @@ class Server:
 
     def to_api(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def belongs_on(m: MigrationRecord) -> str:
+    """The host a server under open migration ``m`` belongs to now: the destination once the
+    destination has it (ON_DEST), else the source."""
+    return m.dest_compute if m.status in ON_DEST else m.source_compute
 
 
 class Inventory:
@@ -119,6 +125,8 @@ class Inventory:
         A host whose agent does not answer shows no servers (`host list` says it is down),
         except ``host`` itself: its servers are asked for, so Conflict when it does not answer.
         """
+        if host is not None:
+            return self._servers_on(host)
         names = [h.name for h in self.store.list_hosts()]
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
             per_host = dict(zip(names, pool.map(self._instances, names)))
@@ -141,6 +149,27 @@ class Inventory:
                 out.append(server)
         return sorted(out, key=lambda s: (s.name, s.id))
 
+    def _servers_on(self, host: str) -> list[Server]:
+        """``servers(host=host)`` without listing the fleet: ``host``'s instances, less those an open
+        migration has moved to another host that defines them (that host alone is asked)."""
+        insts = self._instances(host)
+        if isinstance(insts, AgentError):
+            raise Conflict(reason=f"cannot list the servers of host {host}: {insts}")
+        open_migrations = self._open_migrations()
+        out = []
+        for inst in insts:
+            mig = open_migrations.get(inst.uuid)
+            places = [(host, inst)]
+            other = None if mig is None else belongs_on(mig)
+            if other is not None and other != host:
+                elsewhere = self._instance(other, inst.uuid)
+                if elsewhere is not None:
+                    places.append((other, elsewhere))
+            server = self._server(inst.uuid, places, mig)
+            if server.host == host:
+                out.append(server)
+        return sorted(out, key=lambda s: (s.name, s.id))
+
     def _open_migrations(self) -> dict[str, MigrationRecord]:
         """Each server's newest migration not yet final, by server uuid (as ``Store.open_migration_for``)."""
         found: dict[str, MigrationRecord] = {}
@@ -155,9 +184,7 @@ class Inventory:
                 mig: MigrationRecord | None) -> Server:
         host, inst = places[0]
         if len(places) > 1:
-            wanted = None
-            if mig is not None:
-                wanted = mig.dest_compute if mig.status in _ON_DEST else mig.source_compute
+            wanted = None if mig is None else belongs_on(mig)
             running = [p for p in places if p[1].power_state == PowerState.RUNNING]
             host, inst = next((p for p in places if p[0] == wanted), (running or places)[0])
         # The agent client refused power states PowerState does not know.

@@ -8,9 +8,11 @@ target, the server is in a state that moves and has no open migration.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
-from driver.model import MOVABLE_STATES, PowerState
+from driver.model import MOVABLE_STATES, Flavor, PowerState
 
 from . import scheduler
 from .config import ControllerConfig
@@ -18,6 +20,9 @@ from .errors import BadRequest, Conflict, NoValidHost
 from .inventory import Inventory, Server
 from .records import HostRecord, MigrationStatus
 from .store import Store
+
+#: Open migrations whose server the destination's agent does not count yet (not defined there).
+_NOT_ON_DEST_YET = frozenset({MigrationStatus.PRE_MIGRATING, MigrationStatus.MIGRATING})
 
 _UNMOVABLE_WHY = {PowerState.PAUSED: "paused: unpause it or shut it off",
                   PowerState.SUSPENDED: "suspended: resume it or shut it off"}
@@ -84,8 +89,33 @@ class Placement:
             raise BadRequest(reason=f"unknown host {name!r}; configured hosts: {known}")
         return rec
 
-    def rules(self, server: Server, target: HostRecord) -> list[scheduler.RuleResult]:
-        return scheduler.check(self.inventory.host_state(target), self.spec(server), self.ratios)
+    def rules(self, server: Server, target: HostRecord,
+              state: scheduler.HostState | None = None) -> list[scheduler.RuleResult]:
+        """The scheduler's rules for ``server`` on ``target`` (its ``state``, asked when not given),
+        counting the migrations already on their way there (``claimed``)."""
+        state = state or self.inventory.host_state(target)
+        return scheduler.check(self.claimed([state])[0], self.spec(server), self.ratios)
+
+    def claimed(self, states: list[scheduler.HostState]) -> list[scheduler.HostState]:
+        """``states`` with the flavors of the open migrations headed to each host counted as used:
+        until the destination defines the server, its agent does not count it, and a burst of
+        migrations (a drain) would otherwise all pick the one host that looked emptiest."""
+        heading: dict[str, list[Flavor]] = {}
+        for m in self.store.in_flight_migrations():
+            if m.status in _NOT_ON_DEST_YET and m.flavor:
+                heading.setdefault(m.dest_compute, []).append(Flavor.from_dict(m.flavor))
+        out = []
+        for st in states:
+            flavors = heading.get(st.name)
+            if flavors and st.resources is not None:
+                r = st.resources
+                st = dataclasses.replace(st, resources=dataclasses.replace(
+                    r, vcpus_used=r.vcpus_used + sum(f.vcpus for f in flavors),
+                    memory_mb_used=r.memory_mb_used + sum(f.memory_mb for f in flavors),
+                    disk_gb_used=r.disk_gb_used + sum(f.root_gb + f.ephemeral_gb for f in flavors),
+                    instances=r.instances + len(flavors)))
+            out.append(st)
+        return out
 
     def check_movable(self, server: Server) -> None:
         why = unmovable_reason(server.power_state)
@@ -101,13 +131,43 @@ class Placement:
             raise Conflict(reason=f"server {server.name} ({server.id}) already has migration {open_m.id} in "
                                   f"status {open_m.status}; {what}")
 
-    def pick(self, server: Server, target_host: str | None, force: bool) -> HostRecord:
+    def ask(self, server: Server, target_host: str | None, force: bool) -> "Candidates":
+        """Check the target and ask the candidate hosts' agents for their resources (the slow part,
+        done before the conductor takes its lock); ``Candidates.pick`` then chooses.
+
+        :raises BadRequest: see ``check_target``.
+        """
         target = self.check_target(server.host, target_host, force)
         if target is None:
-            return self.known_host(scheduler.select(self.inventory.host_states(), self.spec(server), self.ratios))
-        if not force:
-            failed = scheduler.first_failure(self.rules(server, target))
+            return Candidates(self, server, None, force, self.inventory.host_states())
+        states = [] if force else [self.inventory.host_state(target)]
+        return Candidates(self, server, target, force, states)
+
+    def pick(self, server: Server, target_host: str | None, force: bool) -> HostRecord:
+        """Where ``server`` goes: ``target_host`` if it passes the rules (or with ``force``), else
+        the scheduler's choice. Raises BadRequest or NoValidHost."""
+        return self.ask(server, target_host, force).pick()
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The hosts a server may go to, with their agents' resources as asked (Placement.ask)."""
+
+    placement: Placement
+    server: Server
+    target: HostRecord | None
+    force: bool
+    states: list[scheduler.HostState]
+
+    def pick(self) -> HostRecord:
+        """Choose, counting the migrations already headed to each host (read now, so the conductor
+        calls this and records the migration under one lock). Raises NoValidHost."""
+        p, server = self.placement, self.server
+        if self.target is None:
+            return p.known_host(scheduler.select(p.claimed(self.states), p.spec(server), p.ratios))
+        if not self.force:
+            failed = scheduler.first_failure(p.rules(server, self.target, self.states[0]))
             if failed:
-                raise NoValidHost(server=server.id, reason=f"host {target.name} fails rule {failed.name}: "
+                raise NoValidHost(server=server.id, reason=f"host {self.target.name} fails rule {failed.name}: "
                                                            f"{failed.reason} (force skips the check)")
-        return target
+        return self.target
