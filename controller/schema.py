@@ -73,6 +73,10 @@ hosts = sa.Table(
     sa.Column("address", sa.Text, nullable=False),
     sa.Column("enabled", sa.Boolean, nullable=False),
     sa.Column("disabled_reason", sa.Text))
+# The migration list's host and server filters, over a fleet's whole history (schema step 8).
+HISTORY_INDEXES = (("ix_migrations_source_compute", "source_compute"), ("ix_migrations_dest_compute", "dest_compute"),
+                   ("ix_migrations_server_name", "server_name"))
+
 migrations = sa.Table(
     "migrations", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -120,6 +124,7 @@ migrations = sa.Table(
     sa.Index("ix_migrations_updated_at", "updated_at"),
     sa.Index("ix_migrations_server", "server"),
     sa.Index("ix_migrations_status", "status"),
+    *(sa.Index(name, column) for name, column in HISTORY_INDEXES),
     sqlite_autoincrement=True)  # an id the API has shown is never handed out again
 # One open migration per server, enforced by the database itself: two controllers (or two
 # requests) that both pass the conductor's check cannot both record one. Open is every status but
@@ -164,7 +169,7 @@ drain_rows = sa.Table(
 # its own transaction. A step spells out its own DDL (ALTER TABLE ... ADD ...): the tables above
 # describe only the newest version. To change the schema, change the tables, append a step and
 # raise SCHEMA_VERSION to its version.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 def _add_precopy_columns(conn: Connection) -> None:
@@ -221,6 +226,11 @@ def _add_timeline_columns(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE migrations ADD COLUMN requested_at FLOAT")
 
 
+def _add_history_indexes(conn: Connection) -> None:
+    for name, column in HISTORY_INDEXES:
+        conn.exec_driver_sql(f"CREATE INDEX {name} ON migrations ({column})")
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "pre-copy and bytes before/after power-off on migrations", _add_precopy_columns),
     (3, "whether a migration's instance directory is on shared storage", _add_shared_column),
@@ -228,6 +238,7 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "at most one open migration per server (a partial unique index)", _add_open_migration_index),
     (6, "leases: the controller driving each migration and drain; full-length job names", _add_lease_columns),
     (7, "the timeline of each migration: its phases and when it was requested", _add_timeline_columns),
+    (8, "indexes for the migration list's host and server filters", _add_history_indexes),
 ]
 
 

@@ -168,7 +168,9 @@ ADDED = {2: [("migrations", "precopy"), ("migrations", "bytes_before_power_off")
          5: [("index", "ux_migrations_open_server")],
          6: [("migrations", "lease_owner"), ("migrations", "lease_until"), ("drains", "lease_owner"),
              ("drains", "lease_until")],
-         7: [("migrations", "timeline"), ("migrations", "requested_at")]}
+         7: [("migrations", "timeline"), ("migrations", "requested_at")],
+         8: [("index", "ix_migrations_source_compute"), ("index", "ix_migrations_dest_compute"),
+             ("index", "ix_migrations_server_name")]}
 
 
 def downgrade(s: Store, version: int) -> None:
@@ -190,7 +192,7 @@ def test_upgrade_from_version_1_adds_the_precopy_figures(url, clock):
         downgrade(s, 1)
     assert "precopy" not in columns(url, "migrations")
     with Store(url, clock=clock) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 7
+        assert s.schema_version() == SCHEMA_VERSION == 8
         got = s.get_migration(cold.id)
         assert (got.precopy, got.bytes_before_power_off, got.bytes_after_power_off, got.bytes_sent) == (
             False, 0, 5000, 5000)
@@ -321,6 +323,28 @@ def test_upgrade_from_version_6_adds_the_timeline(url, clock):
         assert "requested_at" not in api
         assert api["timeline"][1] == {"phase": "copy", "host": "a", "start": 1_800_000_003.5, "end": 1_800_000_004.0,
                                       "seconds": 0.5, "detail": "disk"}
+
+
+def test_upgrade_from_version_7_adds_the_history_indexes(url, clock):
+    """The migration list's host and server filters get their indexes; the list answers as before."""
+    with Store(url, clock=clock) as s:
+        old = migration(s, status=MigrationStatus.CONFIRMED)
+        downgrade(s, 7)
+    assert "ix_migrations_dest_compute" not in indexes(url, "migrations")
+    with Store(url, clock=clock) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert [m.id for m in s.list_migrations(host=old.dest_compute)] == [old.id]
+        assert [m.id for m in s.list_migrations(server=old.server_name)] == [old.id]
+    assert {"ix_migrations_source_compute", "ix_migrations_dest_compute",
+            "ix_migrations_server_name"} <= indexes(url, "migrations")
+
+
+def indexes(url: str, table: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return {i["name"] for i in sa.inspect(engine).get_indexes(table)}
+    finally:
+        engine.dispose()
 
 
 def test_newer_schema_is_refused(url, monkeypatch):
