@@ -30,6 +30,13 @@ uncounted warm-ups); each result is compared byte for byte with the source
 (cmp, and coldferry checksum digests), and the target's allocation is shown.
 Results go to bench-results/transfer-<timestamp>.json and .md.
 
+Times are durable for durable: each tool's time runs from its start until its
+target is durable, i.e. its own run and then a sync of the target (see --sync),
+since a migration may not drop its source before then. coldferry runs with
+--fsync, as migrations do, so its receiver fdatasyncs the file itself. The
+time to the tool's exit alone ("delivered", the data possibly still in the
+page cache) is shown beside it. The page cache is dropped before every run.
+
 cases: """ + "; ".join(f"{c.key} = {c.title} ({c.size // MiB} MiB)" for c in images.CASES.values()) + """
 tools: """ + ", ".join(TOOLS) + "\n"
 
@@ -54,6 +61,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800, metavar="S", help="limit for one copy")
     p.add_argument("--seed", type=int, default=1, help="seed of the random image data")
     p.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between runs")
+    p.add_argument("--sync", choices=measure.SYNC_MODES, default="file",
+                   help="how a target is made durable after its tool ends: file = fsync the target "
+                        "and its directory (sync FILE DIR); fs = sync its whole file system (sync -f), "
+                        "which also writes back what others left dirty there (default file)")
     p.add_argument("--no-resume-check", action="store_true", help="skip the interrupted-copy check")
     p.add_argument("--keep", action="store_true", help="keep the work directory for inspection")
     args = p.parse_args(argv)
@@ -104,7 +115,7 @@ def metadata(args: argparse.Namespace, stamp: str, drop_note: str | None) -> dic
         "settings": {"runs": args.runs, "warmups": args.warmups, "scale": args.scale,
                      "cases": args.cases, "tools": args.tools, "streams": args.streams,
                      "cipher": CIPHER, "drop_caches": drop_note is None,
-                     "drop_caches_note": drop_note or "", "seed": args.seed},
+                     "drop_caches_note": drop_note or "", "seed": args.seed, "sync": args.sync},
         "versions": {
             "coldferry": version(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
             "openssh": version(["ssh", "-V"]), "rsync": version(["rsync", "--version"]),
@@ -128,7 +139,8 @@ def run_case(source: Source, tools: list[Tool], peer: Peer, args: argparse.Names
     """Warm every tool up, then run the tools round-robin ``--runs`` times."""
     digest = measure.digest(args.coldferry, source.path)
     results = {t.name: ToolResult(t.name, t.label) for t in tools}
-    once = lambda t: measure.measure(t, peer, source, digest, dst, drop, args.timeout)  # noqa: E731
+    once = lambda t: measure.measure(t, peer, source, digest, dst, drop, args.timeout,  # noqa: E731
+                                     args.sync)
     for tool in tools:
         missing = tool.missing(peer)
         if missing:
@@ -148,6 +160,8 @@ def run_case(source: Source, tools: list[Tool], peer: Peer, args: argparse.Names
                         r.unavailable = run.error
                 state = "ok" if run.verified else f"FAIL {run.error or 'verification'}"
                 secs = f"{run.seconds:.2f} s" if run.seconds is not None else "-"
+                if run.sync_seconds is not None:
+                    secs += f" + sync {run.sync_seconds:.2f} s"
                 log(f"  [{source.case.key}] {tool.name} {label} {i + 1}/{count}: {secs} {state}")
     measure.clean(dst)
     return CaseResult(source, digest, [results[t.name] for t in tools])

@@ -1,4 +1,12 @@
-"""One timed copy: a clean target, a cold page cache, the pipeline, the checks."""
+"""One timed copy: a clean target, a cold page cache, the pipeline, a sync, the checks.
+
+Each copy has two times. *Delivered*: from starting the copier to its exit,
+when the data may still sit in the page cache. *Durable*: delivered plus a
+``sync`` that makes the target durable, run as soon as the copier exits (and
+before a tool's server, qemu-nbd, is stopped, so that nothing its shutdown
+flushes escapes the timer). A migration must not drop its source before the
+target is durable, so the durable time is the one compared.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,10 @@ from .images import Source, allocated
 from .tools import Peer, Tool, stop
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+#: How the target is made durable: ``file`` fsyncs the target and its directory
+#: (``sync FILE DIR``), ``fs`` syncs the whole target file system (``sync -f``),
+#: which also writes back whatever else is dirty on it.
+SYNC_MODES = ("file", "fs")
 
 
 @dataclass
@@ -42,12 +54,20 @@ class Outcome:
 class Run:
     """One measured copy and its verification."""
 
-    seconds: float | None
+    seconds: float | None     # delivered: the copier's own run
     cmp_ok: bool
     digest_ok: bool | None     # None: coldferry checksum unavailable
     allocated: int
     summary: str               # the copier's last output line (coldferry's summary)
     error: str | None = None
+    sync_seconds: float | None = None  # the sync after it
+
+    @property
+    def durable_seconds(self) -> float | None:
+        """Delivered and made durable: the copier's run and the sync after it."""
+        if self.seconds is None or self.sync_seconds is None:
+            return None
+        return self.seconds + self.sync_seconds
 
     @property
     def verified(self) -> bool:
@@ -102,6 +122,19 @@ def run_pipeline(stages: list[list[str]], timeout: float) -> Outcome:
     return Outcome([p.returncode for p in procs], seconds, _read(out), stderr, timed_out)
 
 
+def sync_argv(target: Path, mode: str) -> list[str]:
+    """The command that makes ``target`` durable, by ``mode`` (see SYNC_MODES)."""
+    if mode == "fs":
+        return ["sync", "-f", str(target)]
+    return ["sync", str(target), str(target.parent)]
+
+
+def make_durable(target: Path, mode: str, timeout: float) -> tuple[float, str | None]:
+    """Seconds that ``sync`` took to make ``target`` durable, and an error if it failed."""
+    outcome = run_pipeline([sync_argv(target, mode)], timeout)
+    return outcome.seconds, None if outcome.ok else f"sync failed: {outcome.error()}"
+
+
 def _read(f: IO[bytes]) -> str:
     f.seek(0)
     text = f.read().decode(errors="replace")
@@ -137,18 +170,25 @@ def clean(directory: Path) -> None:
 
 
 def measure(tool: Tool, peer: Peer, source: Source, source_digest: str | None, dst_dir: Path,
-            drop_caches: bool, timeout: float) -> Run:
-    """Copy ``source`` once with ``tool`` into an empty ``dst_dir`` and check the result."""
+            drop_caches: bool, timeout: float, sync_mode: str = "file") -> Run:
+    """Copy ``source`` once with ``tool`` into an empty ``dst_dir``, make the target
+    durable, and check the result."""
     clean(dst_dir)
     target = dst_dir / source.path.name
     settle(drop_caches)
+    synced: tuple[float, str | None] = (0.0, None)
     try:
         with tool.prepare(peer, source.path, target, source.size) as stages:
             outcome = run_pipeline(stages, timeout)
+            if outcome.ok:
+                synced = make_durable(target, sync_mode, timeout)
     except (OSError, RuntimeError) as e:
         return Run(None, False, None, 0, "", f"set-up failed: {e}")
     last = (outcome.stdout.strip().splitlines() or [""])[-1]
     if not outcome.ok:
         return Run(outcome.seconds, False, None, 0, last, outcome.error())
+    sync_seconds, sync_error = synced
+    if sync_error:
+        return Run(outcome.seconds, False, None, 0, last, sync_error, sync_seconds)
     cmp_ok, digest_ok = verify(source, target, source_digest, peer.coldferry)
-    return Run(outcome.seconds, cmp_ok, digest_ok, allocated(target), last)
+    return Run(outcome.seconds, cmp_ok, digest_ok, allocated(target), last, None, sync_seconds)

@@ -10,8 +10,10 @@ from typing import Any
 from .results import RESUME_LIMIT, CaseResult, ResumeCheck, TargetCheck, ToolResult
 
 MiB = 1 << 20
-HEADER = ("tool", "median s", "MiB/s apparent", "MiB/s data", "vs stream",
-          "target alloc MiB", "verified")
+SYNC_TEXT = {"file": "`sync TARGET DIR` (fsync of the target file and its directory)",
+             "fs": "`sync -f TARGET` (syncfs of the target's whole file system)"}
+HEADER = ("tool", "durable s", "min-max", "delivered s", "MiB/s apparent", "MiB/s data",
+          "vs stream", "target alloc MiB", "verified")
 
 
 def relative(seconds: float | None, base: float | None) -> str:
@@ -25,12 +27,15 @@ def relative(seconds: float | None, base: float | None) -> str:
 
 
 def row(case: CaseResult, result: ToolResult, base: float | None) -> tuple[str, ...]:
+    """One tool's line: durable median and spread, delivered median, rates of the durable time."""
     if result.unavailable:
-        return (result.label, "-", "-", "-", "-", "-", "not run *")
-    m = result.median
+        return (result.label, *("-",) * (len(HEADER) - 2), "not run *")
+    m, spread, delivered = result.median, result.spread, result.delivered_median
     full = " FULL" if case.fully_allocated(result) else ""
     return (result.label,
             f"{m:.2f}" if m else "n/a",
+            f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "n/a",
+            f"{delivered:.2f}" if delivered else "n/a",
             f"{case.source.size / MiB / m:.1f}" if m else "n/a",
             f"{case.source.data / MiB / m:.1f}" if m else "n/a",
             relative(m, base),
@@ -76,8 +81,12 @@ def target_lines(checks: list[TargetCheck], resume: ResumeCheck | None) -> list[
             lines.append(f"n/a   {c.target.text} (not measured: {c.verdict.removeprefix('n/a: ')})")
         else:
             word, _, why = c.verdict.partition(" ")
-            lines.append(f"{word:<4}  {c.target.text} (measured {c.ratio:.2f}×, need "
-                         f"{c.target.need:g}×){' ' + why if why else ''}")
+            if c.target.need < 1:
+                measured = (f"coldferry takes {1 / c.ratio:.2f}× the time of {c.target.other}, "
+                            f"at most {1 / c.target.need:.2g}×")
+            else:
+                measured = f"measured {c.ratio:.2f}×, need {c.target.need:g}×"
+            lines.append(f"{word:<4}  {c.target.text} ({measured}){' ' + why if why else ''}")
     if resume is not None:
         frac = f"{resume.fraction:.0%} of the data sent" if resume.fraction is not None else "not measured"
         tail = f"; {resume.note}" if resume.note else ""
@@ -98,6 +107,20 @@ def resume_lines(resume: ResumeCheck) -> list[str]:
     return lines
 
 
+def summary_rows(cases: list[CaseResult]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """One line per case, one cell per tool: "durable s (delivered s)", medians."""
+    labels = [r.label for r in cases[0].tools] if cases else []
+    header = ("case", *labels)
+    rows = []
+    for case in cases:
+        cells = []
+        for r in case.tools:
+            m, d = r.median, r.delivered_median
+            cells.append(f"{m:.2f} s ({d:.2f} s)" if m and d else "-")
+        rows.append((f"{case.source.case.key}: {case.source.case.title}", *cells))
+    return header, rows
+
+
 def render_text(meta: dict[str, Any], cases: list[CaseResult], baseline: str,
                 checks: list[TargetCheck], resume: ResumeCheck | None) -> str:
     out = [f"coldferry transfer benchmark, {meta['timestamp']}", *notes(meta), ""]
@@ -105,6 +128,8 @@ def render_text(meta: dict[str, Any], cases: list[CaseResult], baseline: str,
         out += [case_heading(case), text_table(case_rows(case, baseline)), *unavailable_notes(case), ""]
     if resume is not None:
         out += ["resume check (case a, coldferry stream direct):", *("  " + ln for ln in resume_lines(resume)), ""]
+    header, rows = summary_rows(cases)
+    out += ["medians, durable s (delivered s):", text_table(rows, header), ""]
     out += ["targets:", *("  " + ln for ln in target_lines(checks, resume))]
     return "\n".join(out)
 
@@ -112,6 +137,8 @@ def render_text(meta: dict[str, Any], cases: list[CaseResult], baseline: str,
 def render_markdown(meta: dict[str, Any], cases: list[CaseResult], baseline: str,
                     checks: list[TargetCheck], resume: ResumeCheck | None) -> str:
     out = [f"# coldferry transfer benchmark, {meta['timestamp']}", "", *("- " + n for n in notes(meta)), ""]
+    header, rows = summary_rows(cases)
+    out += ["## medians, durable s (delivered s)", "", md_table(rows, header), ""]
     for case in cases:
         out += [f"## {case_heading(case)}", "", md_table(case_rows(case, baseline)), "",
                 *(n + "  " for n in unavailable_notes(case)), ""]
@@ -128,8 +155,14 @@ def notes(meta: dict[str, Any]) -> list[str]:
         f"scale {s['scale']:g}" + ("" if s["scale"] == 1 else " (targets are defined at scale 1)"),
         "page cache: " + ("written back and dropped before every run" if s["drop_caches"]
                           else f"written back before every run, NOT dropped ({s['drop_caches_note']})"),
-        "timed: from starting the copier to its exit (qemu-nbd start and target truncate not timed; "
-        "no sync after the copy)",
+        "durable s: from starting the copier until its target is durable: the copier's run, then "
+        + SYNC_TEXT[s.get("sync", "file")] + " as soon as it exits (for nbdcopy while qemu-nbd still "
+        "runs); every time compared (vs stream, MiB/s, targets) is this one. min-max: its spread. "
+        "delivered s: to the copier's exit only, the data possibly still in the page cache. "
+        "coldferry runs with --fsync, as migrations do (the agent's transfer_fsync): its receiver "
+        "writes block-aligned data with O_DIRECT and fdatasyncs the file before it renames it into "
+        "place and fsyncs the directory, so its delivered time already includes making the data "
+        "durable. qemu-nbd start and target truncate are not timed",
         f"OpenSSH cipher {s['cipher']} for ssh, scp and rsync -e ssh, all with strict host-key "
         "checking; coldferry picks its own: AES-128-GCM sealed frames over TCP for stream/direct, "
         "TLS 1.2 (AES-128-GCM) for stream/tls, paramiko's choice "
@@ -153,10 +186,13 @@ def to_json(meta: dict[str, Any], cases: list[CaseResult], checks: list[TargetCh
                        "runs": s.extents, "digest": c.source_digest},
             "results": [{
                 "tool": r.tool, "label": r.label, "status": r.status, "median_seconds": r.median,
+                "median_delivered_seconds": r.delivered_median, "median_sync_seconds": r.sync_median,
+                "spread_seconds": r.spread,
                 "verified": r.verified, "allocated": r.allocated,
                 "fully_allocated": c.fully_allocated(r),
                 "warmup": dataclasses.asdict(r.warmup) if r.warmup else None,
-                "runs": [dataclasses.asdict(run) for run in r.runs],
+                "runs": [{**dataclasses.asdict(run), "durable_seconds": run.durable_seconds}
+                         for run in r.runs],
             } for r in c.tools],
         }
     doc = {

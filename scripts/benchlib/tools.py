@@ -1,9 +1,11 @@
 """The copiers compared: coldferry's three ways and the peer tools.
 
 Each tool turns (source, target) into a pipeline of argument lists; the
-timer covers only that pipeline. nbdcopy's qemu-nbd server is started (and
-its sparse target created) before the timer and stopped after it, the way
-sshd is already running for the SSH-based tools.
+timer covers that pipeline and the sync after it (``measure``). nbdcopy's
+qemu-nbd server is started (and its sparse target created) before the timer
+and stopped after the sync, the way sshd is already running for the
+SSH-based tools. coldferry's stream copies run with ``--fsync``, as
+migrations do, so that their receiver makes the data durable itself.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ def stream_options(peer: Peer, channel: str) -> list[str]:
 
 def _stream(channel: str) -> Callable[[Peer, Path, Path, str], Pipeline]:
     # --no-resume: a timed run must never find a journal of an earlier one.
+    # --fsync: the receiver flushes the file before it reports success, as in a migration.
     return lambda peer, src, dst, _: [coldferry_copy(peer, src, dst, *stream_options(peer, channel),
-                                                     "--no-resume")]
+                                                     "--no-resume", "--fsync")]
 
 
 def _coldferry_rsync(peer: Peer, src: Path, dst: Path, _: str) -> Pipeline:
