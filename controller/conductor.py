@@ -121,17 +121,18 @@ class Conductor:
     # -- starting ----------------------------------------------------------------
 
     def migrate(self, server_ref: str, target_host: str | None = None, force: bool = False,
-                live: bool = False) -> MigrationRecord:
+                live: bool = False, on: str | None = None) -> MigrationRecord:
         """Check, record and start a cold (or live) migration to ``target_host`` (None: the
         scheduler chooses); returns the new record.
 
         :raises BadRequest: force without a target, unknown or current host, a failing rule.
         :raises Conflict: the server is paused, suspended or already migrating.
         :raises NotFound: no such server.
+        :param on: the host the caller knows the server is on (a drain's), asked first.
         """
         # The agents are asked before the lock, so that one controller starts migrations side by side
         # (a drain's); the database refuses a second open migration of one server whatever the timing.
-        server = self.inventory.find(server_ref)
+        server = self.inventory.find(server_ref, on=on)
         self.placement.check_movable(server)
         if live and server.power_state != PowerState.RUNNING:
             raise Conflict(reason=f"server {server.name} is not running; live migration needs a running "

@@ -216,7 +216,7 @@ class Drainer:
                 self._update_row(row.id, migration_id=open_m.id)
                 return self._follow(dataclasses.replace(row, migration_id=open_m.id))
             m = self.conductor.migrate(row.server, d.target_host, d.force,
-                                       live=row.migration_type == MigrationType.LIVE)
+                                       live=row.migration_type == MigrationType.LIVE, on=d.host)
         except LeaseLost:
             raise
         except ControllerError as e:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -64,6 +67,8 @@ class Inventory:
     def __init__(self, store: Store, agents: Mapping[str, AgentClient]) -> None:
         self.store = store
         self.agents = agents
+        self._states_lock = threading.Lock()
+        self._states: tuple[float, dict[str, HostState]] = (0.0, {})
 
     def agent(self, host: str) -> AgentClient:
         try:
@@ -86,10 +91,21 @@ class Inventory:
         resources = HostResources(**res.model_dump(include=_RESOURCES))
         return HostState(rec.name, rec.enabled, rec.disabled_reason, True, resources, None)
 
-    def host_states(self) -> list[HostState]:
-        hosts = self.store.list_hosts()
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as pool:
-            return list(pool.map(self.host_state, hosts))
+    def host_states(self, max_age: float = 0.0) -> list[HostState]:
+        """Every host's state, asked now; or, with ``max_age``, the states asked at most that many
+        seconds ago (the scheduler's: a burst of migration starts asks the fleet once, and counts
+        the migrations recorded since, Placement.claimed)."""
+        hosts = self.store.list_hosts()   # the service status is always the database's, now
+        with self._states_lock:
+            asked_at, asked = self._states
+        if max_age <= 0 or time.monotonic() - asked_at > max_age or {h.name for h in hosts} - asked.keys():
+            asked_at = time.monotonic()
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as pool:
+                asked = {st.name: st for st in pool.map(self.host_state, hosts)}
+            with self._states_lock:
+                self._states = (asked_at, asked)
+        return [dataclasses.replace(asked[h.name], enabled=h.enabled, disabled_reason=h.disabled_reason)
+                for h in hosts]
 
     def hypervisor(self, rec: HostRecord, state: HostState | None = None) -> dict[str, Any]:
         """The API's Hypervisor object of one host."""
@@ -158,17 +174,21 @@ class Inventory:
         open_migrations = self._open_migrations()
         out = []
         for inst in insts:
-            mig = open_migrations.get(inst.uuid)
-            places = [(host, inst)]
-            other = None if mig is None else belongs_on(mig)
-            if other is not None and other != host:
-                elsewhere = self._instance(other, inst.uuid)
-                if elsewhere is not None:
-                    places.append((other, elsewhere))
-            server = self._server(inst.uuid, places, mig)
+            server = self._placed(host, inst, open_migrations.get(inst.uuid))
             if server.host == host:
                 out.append(server)
         return sorted(out, key=lambda s: (s.name, s.id))
+
+    def _placed(self, host: str, inst: InstanceOut, mig: MigrationRecord | None) -> Server:
+        """The server ``inst`` that ``host`` defines, placed as ``servers()`` places it: when its open
+        migration ``mig`` says it belongs on another host, that host alone is asked whether it has it."""
+        places = [(host, inst)]
+        other = None if mig is None else belongs_on(mig)
+        if other is not None and other != host:
+            elsewhere = self._instance(other, inst.uuid)
+            if elsewhere is not None:
+                places.append((other, elsewhere))
+        return self._server(inst.uuid, places, mig)
 
     def _open_migrations(self) -> dict[str, MigrationRecord]:
         """Each server's newest migration not yet final, by server uuid (as ``Store.open_migration_for``)."""
@@ -198,8 +218,15 @@ class Inventory:
                 "MIGRATING" if mig.migration_type == MigrationType.LIVE else "RESIZE")
         return server
 
-    def find(self, ref: str) -> Server:
-        """A server by uuid or by its unique name; NotFound or Conflict (ambiguous name)."""
+    def find(self, ref: str, on: str | None = None) -> Server:
+        """A server by uuid or by its unique name; NotFound or Conflict (ambiguous name).
+
+        :param on: the host the caller knows defines the server (a drain's host): asked first, alone.
+        """
+        if on is not None:
+            inst = self._instance(on, ref)
+            if inst is not None:
+                return self._placed(on, inst, self.store.open_migration_for(ref))
         by_uuid = self._by_uuid(ref)
         if by_uuid is not None:
             return by_uuid

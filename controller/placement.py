@@ -21,6 +21,10 @@ from .inventory import Inventory, Server
 from .records import HostRecord, MigrationStatus
 from .store import Store
 
+#: Seconds the scheduler reuses the hosts' resources it asked for: a drain's burst of starts asks
+#: the fleet once, not once per server; what was started since is counted (``claimed``).
+STATES_MAX_AGE = 2.0
+
 #: Open migrations whose server the destination's agent does not count yet (not defined there).
 _NOT_ON_DEST_YET = frozenset({MigrationStatus.PRE_MIGRATING, MigrationStatus.MIGRATING})
 
@@ -139,7 +143,8 @@ class Placement:
         """
         target = self.check_target(server.host, target_host, force)
         if target is None:
-            return Candidates(self, server, None, force, self.inventory.host_states())
+            states = self.inventory.host_states(max_age=STATES_MAX_AGE)
+            return Candidates(self, server, None, force, states)
         states = [] if force else [self.inventory.host_state(target)]
         return Candidates(self, server, target, force, states)
 
