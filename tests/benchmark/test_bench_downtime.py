@@ -5,29 +5,19 @@ Selected with ``-m benchmark``; kept out of the default run by pyproject's addop
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench-downtime"
-
-
-def load_script():
-    loader = importlib.machinery.SourceFileLoader("bench_downtime", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("bench_downtime", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+from tests.benchmark import load_script
 
 
 @pytest.mark.benchmark
 @pytest.mark.timeout(1800)
 def test_downtime_benchmark_runs_both_rounds_and_every_guest_verifies(tmp_path: Path) -> None:
-    status = load_script().main(["--sizes", "0.125,0.25", "--runs", "2", "--interval", "0.3",
-                                  "--out", str(tmp_path)])
+    status = load_script("bench-downtime").main(["--sizes", "0.125,0.25", "--runs", "2", "--interval", "0.3",
+                                                 "--out", str(tmp_path)])
 
     [report] = tmp_path.glob("downtime-*.json")
     data = json.loads(report.read_text())

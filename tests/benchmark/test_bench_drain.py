@@ -6,30 +6,20 @@ Selected with ``-m benchmark``; kept out of the default run by pyproject's addop
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench-drain"
-
-
-def load_script():
-    loader = importlib.machinery.SourceFileLoader("bench_drain", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("bench_drain", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+from tests.benchmark import load_script
 
 
 @pytest.mark.benchmark
 @pytest.mark.timeout(1200)
 def test_drain_benchmark_moves_every_guest_and_reports_the_ratio(tmp_path: Path) -> None:
-    status = load_script().main(["--guests", "4", "--max-servers", "2", "--data-mib", "16", "--singles", "2",
-                                  "--out", str(tmp_path)])
+    status = load_script("bench-drain").main(["--guests", "4", "--max-servers", "2", "--data-mib", "16",
+                                              "--singles", "2", "--out", str(tmp_path)])
 
     [report] = tmp_path.glob("drain-*.json")
     data = json.loads(report.read_text())

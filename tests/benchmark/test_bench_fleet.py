@@ -5,34 +5,24 @@ Selected with ``-m benchmark``; kept out of the default run by pyproject's addop
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from tests.benchmark import load_script
+
 LISTS = {"host list", "server list", "server list --host", "migration list", "migration list --host --status",
          "migration list --status error", "migration list --server"}
-
-
-def load_script():
-    sys.path.insert(0, str(SCRIPTS))
-    loader = importlib.machinery.SourceFileLoader("bench_fleet", str(SCRIPTS / "bench-fleet"))
-    spec = importlib.util.spec_from_loader("bench_fleet", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
 
 @pytest.mark.benchmark
 @pytest.mark.timeout(1800)
 def test_fleet_benchmark_reports_every_list_drain_and_growth(tmp_path: Path) -> None:
-    status = load_script().main(["--hosts", "12", "--scales", "60,120", "--records", "40", "--samples", "3",
-                                  "--cli-samples", "2", "--one-migrations", "1", "--drain-hosts", "3",
-                                  "--max-servers", "1,4", "--migration-seconds", "0.4", "--out", str(tmp_path)])
+    status = load_script("bench-fleet").main([
+        "--hosts", "12", "--scales", "60,120", "--records", "40", "--samples", "3", "--cli-samples", "2",
+        "--one-migrations", "1", "--drain-hosts", "3", "--max-servers", "1,4", "--migration-seconds", "0.4",
+        "--out", str(tmp_path)])
 
     [report] = tmp_path.glob("fleet-*.json")
     data = json.loads(report.read_text())
