@@ -23,7 +23,7 @@ import logging
 from dataclasses import asdict
 from typing import Any, Awaitable, Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -35,7 +35,7 @@ from driver.model import Flavor, Instance, Migration, ProgressHook, Timeline
 from transfer.progress import Progress
 
 from . import schemas as s
-from .jobs import JobConflict, JobIdTaken, JobNotFound, JobRunner, Report
+from .jobs import MAX_JOB_WAIT, JobConflict, JobIdTaken, JobNotFound, JobRunner, Report
 from .metrics import AgentMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,13 @@ def _add_read_routes(api: APIRouter, driver: ComputeDriver, address: str, runner
         return {"jobs": [j.to_dict() for j in runner.list()]}
 
     @api.get("/jobs/{job_id}", response_model=s.JobOut, responses=errors(404),
-             summary="one job (404 if unknown)")
-    def job(job_id: str) -> dict[str, Any]:
+             summary="one job (404 if unknown); with wait, answered when it ends or wait seconds passed")
+    async def job(job_id: str, wait: float = Query(
+            0.0, ge=0.0, le=MAX_JOB_WAIT,
+            description="seconds to hold the answer while the job runs (a long poll); 0 answers at once",
+    )) -> dict[str, Any]:
+        if wait:
+            return (await runner.until_ended(job_id, wait)).to_dict()
         return runner.get(job_id).to_dict()
 
 

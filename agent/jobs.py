@@ -7,7 +7,9 @@ while its disks are being copied) could break the source. A caller may
 name a job (``job_id``): a start naming a job the runner has returns that
 job instead of starting another, so a caller that lost the reply can ask
 again safely. Finished jobs are kept, newest last, up to a bound, so a
-controller that polls late still finds the outcome. A job's work gets its own ``report`` callable, so
+controller that polls late still finds the outcome. A reader may hold its question while the job
+runs (``until_ended``, the API's long poll), so that it learns of the end at once without
+asking often. A job's work gets its own ``report`` callable, so
 progress lands on that job whichever thread reports it. A job may carry a Timeline its work
 records phases into: the job shows the phases recorded so far, while it runs and after it
 failed too.
@@ -15,9 +17,10 @@ failed too.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
-import functools
 import time
 import uuid as uuidlib
 from collections import OrderedDict
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 
 RUNNING, DONE, ERROR = "running", "done", "error"
 KEEP = 200
+#: The longest a reader may hold its question (seconds), and how often a held question looks.
+MAX_JOB_WAIT = 30.0
+WAIT_STEP = 0.02
 
 #: Sets the progress of the job it was made for; any thread may call it, and once the job ended it does nothing.
 Report = Callable[[dict[str, Any]], None]
@@ -212,6 +218,25 @@ class JobRunner:
         if event is None:
             raise JobNotFound(job_id)
         event.wait(timeout)
+        return self.get(job_id)
+
+    async def until_ended(self, job_id: str, timeout: float, step: float = WAIT_STEP) -> Job:
+        """Wait, without holding a thread, until the job ends or ``timeout`` seconds (at most
+        MAX_JOB_WAIT) pass; return its snapshot, running or not. Looks every ``step`` seconds.
+
+        :raises JobNotFound: no such job (also when it was forgotten meanwhile).
+        """
+        with self._lock:
+            event = self._ended.get(job_id)
+        if event is None:
+            raise JobNotFound(job_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(timeout, MAX_JOB_WAIT)
+        while not event.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(step, left))
         return self.get(job_id)
 
 

@@ -15,6 +15,7 @@ import httpx
 import pydantic
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
+from agent.jobs import MAX_JOB_WAIT
 from agent.schemas import HostOut, InstanceOut, InstancesOut, JobOut, parse_result
 from driver.model import PowerState
 
@@ -107,22 +108,29 @@ class AgentClient:
         path = f"/v1/instances/{_quote(uuid)}/{op}"
         return self._job(self._call("POST", path, body=body.model_dump(mode="json", exclude_unset=True)), path)
 
-    def job(self, job_id: str) -> JobOut | None:
+    def job(self, job_id: str, wait: float = 0.0) -> JobOut | None:
         """The job, or None when the agent does not know it (e.g. it restarted). A done job's
-        ``result`` is its op's result model (agent.schemas.RESULTS), None for the other ops."""
+        ``result`` is its op's result model (agent.schemas.RESULTS), None for the other ops.
+        With ``wait`` (seconds), the agent holds the answer while the job runs, up to that long:
+        it answers as soon as the job ends (an agent without the long poll answers at once)."""
         path = f"/v1/jobs/{_quote(job_id)}"
-        data = self._call("GET", path, missing_ok=True)
+        query = f"?wait={wait:.3f}" if wait > 0 else ""
+        data = self._call("GET", path + query, missing_ok=True)
         return None if data is None else self._job(data, path)
 
     def wait(self, job_id: str, on_update: Callable[[JobOut], None] | None = None,
              timeout: float | None = None) -> JobOut:
-        """Poll job ``job_id`` every poll_interval until it is no longer running and return it,
-        done or error alike. ``on_update`` sees every polled job, the last one too.
-        Raises AgentError when the job vanishes (status 404), is still running after
+        """Ask for job ``job_id`` until it is no longer running and return it, done or error
+        alike; each question is held by the agent for up to poll_interval (a long poll), so the
+        end is seen at once, and an answer that comes back sooner while the job runs is followed
+        by a pause for the rest of poll_interval. ``on_update`` sees every job answered, the last
+        one too. Raises AgentError when the job vanishes (status 404), is still running after
         ``timeout`` seconds, or the agent cannot be reached."""
         deadline = None if timeout is None else self._clock() + timeout
         while True:
-            job = self.job(job_id)
+            asked = self._clock()
+            left = None if deadline is None else max(0.0, deadline - asked)
+            job = self.job(job_id, wait=self._hold(left))
             if job is None:
                 raise AgentError(host=self.host_name, status=404, agent_status=404,
                                  reason=f"job {job_id} is unknown to {self.base_url}: the agent restarted "
@@ -131,14 +139,21 @@ class AgentClient:
                 on_update(job)
             if job.state != "running":
                 return job
+            now = self._clock()
+            pause = self.poll_interval - (now - asked)
             if deadline is not None:
-                left = deadline - self._clock()
-                if left <= 0:
+                if deadline - now <= 0:
                     raise AgentError(host=self.host_name, agent_status=None,
                                      reason=f"job {job_id} ({job.op}) still running after {timeout} s")
-                self._sleep(min(self.poll_interval, left))
-            else:
-                self._sleep(self.poll_interval)
+                pause = min(pause, deadline - now)
+            if pause > 0:
+                self._sleep(pause)
+
+    def _hold(self, left: float | None) -> float:
+        """How long the agent may hold one question: poll_interval, well inside the request
+        timeout and the agent's bound (MAX_JOB_WAIT), and not past the caller's deadline."""
+        hold = min(self.poll_interval, self.timeout / 2, MAX_JOB_WAIT)
+        return hold if left is None else min(hold, left)
 
     def _get(self, model: type[M], path: str) -> M:
         return self._parse(model, self._call("GET", path), path)

@@ -33,7 +33,7 @@ from . import bridges, domain_xml, images, live, precopy, sharing
 from .config import DriverConfig
 from .host import LibvirtHost, host_errors
 from .layout import CACHE_DIR, Layout, write_atomic
-from .mover import DiskMover
+from .mover import Beside, DiskMover
 
 log = logging.getLogger(__name__)
 
@@ -193,16 +193,20 @@ class LibvirtDriver(ComputeDriver):
 
     def _copy_instance(self, uuid: str, dest: str, disks: list[DiskInfo], cache_needed: list[str],
                        sent: list[str], progress: ProgressHook | None, tl: Timeline) -> list[CopyResult]:
-        """Keep the directory as ``_resize`` and copy from there: backing files, disks, definition."""
+        """Keep the directory as ``_resize`` and copy from there: backing files and disks, and
+        the definition beside them (a few KiB, but its copy costs a login and a receiver start
+        like a disk's)."""
         inst_dir, resize_dir = self.layout.instance_dir(uuid), self.layout.resize_dir(uuid)
         os.rename(inst_dir, resize_dir)
-        copies = self.mover.copy_cache(cache_needed, dest, sent, progress, tl)
-        for disk in disks:
-            copies.append(self.mover.copy_disk(os.path.join(resize_dir, os.path.basename(disk.path)), dest, disk,
-                                               progress, tl))
         definition = self.layout.definition(uuid)
-        copies.append(self.mover.copy(os.path.join(resize_dir, os.path.basename(definition)), dest, definition,
-                                      progress, tl))
+        kept_definition = os.path.join(resize_dir, os.path.basename(definition))
+        with Beside(lambda: self.mover.copy(kept_definition, dest, definition, progress, tl),
+                    f"copy of {uuid}'s definition") as aside:
+            copies = self.mover.copy_cache(cache_needed, dest, sent, progress, tl)
+            for disk in disks:
+                copies.append(self.mover.copy_disk(os.path.join(resize_dir, os.path.basename(disk.path)), dest,
+                                                   disk, progress, tl))
+        copies.append(aside.result())
         return copies
 
     def _clear_leftover(self, uuid: str) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid as uuidlib
 from contextlib import AbstractContextManager
-from typing import Callable
+from typing import Callable, Generic, TypeVar
 
 import transfer
 from transfer.remotefs import RemoteFS
@@ -27,6 +28,7 @@ from .config import DriverConfig
 from .layout import Layout
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class DiskMover:
@@ -157,3 +159,42 @@ class DiskMover:
             log.error("could not remove the partial copy on %s: %s", dest, e)
             return f"; remove {', '.join(os.path.join(self.config.instances_path, n) for n in names)} on {dest} by hand"
         return ""
+
+
+class Beside(Generic[_T]):
+    """Runs ``work`` in a thread beside the ``with`` block, e.g. a small file's copy beside the disks'.
+
+    Leaving the block waits for the thread, also when the block raised: nothing is left
+    copying when a failure is undone. ``result()`` then returns what ``work`` returned or
+    raises what it raised; when the block itself raised, its error wins and the thread's
+    outcome is only logged.
+    """
+
+    def __init__(self, work: Callable[[], _T], name: str = "beside") -> None:
+        self._work = work
+        self._result: _T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._result = self._work()
+        except BaseException as e:  # handed to result(), in the caller's thread
+            self._error = e
+
+    def __enter__(self) -> "Beside[_T]":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._thread.join()
+        if exc is not None and self._error is not None:
+            log.warning("%s failed too, beside the failure being handled: %s", self._thread.name, self._error)
+
+    def result(self) -> _T:
+        """What ``work`` returned (after the block); raises what it raised."""
+        if self._thread.is_alive():
+            raise RuntimeError("Beside.result() asked for inside its block")
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]

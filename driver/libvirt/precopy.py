@@ -45,7 +45,7 @@ from . import domain_xml, images
 from .config import DriverConfig
 from .host import LibvirtHost, libvirt_reason
 from .layout import CACHE_DIR, write_atomic
-from .mover import DiskMover
+from .mover import Beside, DiskMover
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,12 @@ class PreCopy:
             with tl.phase(PhaseName.SNAPSHOT):
                 self._snapshot(dom)
             log.info("pre-copy of %s: copying %d disk(s) while it runs", self.uuid, len(self.disks))
-            # The definition is the one from before the snapshot: it can go now, not during the downtime.
-            before = [self._copy_file(self.definition, PhaseName.PRECOPY), *self._copy_bases()]
+            # The definition is the one from before the snapshot: it can go now, not during the downtime,
+            # beside the bases.
+            with Beside(lambda: self._copy_file(self.definition, PhaseName.PRECOPY),
+                        f"copy of {self.uuid}'s definition") as aside:
+                bases = self._copy_bases()
+            before = [aside.result(), *bases]
             with tl.phase(PhaseName.SHUTDOWN):
                 self.host.power_off(self.instance, timeout, retry_interval)
             off = time.time()

@@ -560,3 +560,30 @@ def test_dest_that_is_not_a_host_name_or_address_is_refused_before_any_job(cloud
     r = src.client.post(f"/v1/instances/{UUID}/{op}", json={"dest": dest})
     assert r.status_code == 400 and "host name or an IP address" in r.json()["detail"]
     assert src.client.get("/v1/jobs").json() == {"jobs": []}
+
+
+# -- reading a job with a long poll -----------------------------------------------------
+
+
+def test_a_job_read_with_wait_is_answered_when_the_job_ends(cloud, gate):
+    src, _dst = cloud
+    r = src.client.post(f"/v1/instances/{UUID}/migrate-disk-and-power-off", json={"dest": "198.18.0.12"})
+    job_id = r.json()["id"]
+    held = src.client.get(f"/v1/jobs/{job_id}", params={"wait": 0.05}).json()
+    assert held["state"] == "running"            # still copying (the gate holds it): answered at the wait's end
+    threading.Timer(0.1, gate.open).start()
+    ended = src.client.get(f"/v1/jobs/{job_id}", params={"wait": 20}).json()
+    assert ended["state"] == "done" and ended["result"]["disk_info"]
+
+
+@pytest.mark.parametrize("wait", ["-1", "31", "soon"])
+def test_a_job_read_with_a_wait_out_of_bounds_is_refused(cloud, wait):
+    src, _dst = cloud
+    job = src.job("power-off", {"job_id": "j1"})
+    r = src.client.get(f"/v1/jobs/{job['id']}", params={"wait": wait})
+    assert r.status_code == 400 and "wait" in r.text
+
+
+def test_a_job_read_with_wait_of_an_unknown_job_is_404(cloud):
+    src, _dst = cloud
+    assert src.client.get("/v1/jobs/nope", params={"wait": 1}).status_code == 404

@@ -21,7 +21,8 @@ TOKEN = "agent-token"
 
 
 class PlayedAgent:
-    """Answers like an agent: a fixed table of (method, path) -> (status, body); logs requests."""
+    """Answers like an agent: a fixed table of (method, path) -> (status, body), whatever the query
+    string (an agent without the long poll ignores ``wait``); logs requests."""
 
     def __init__(self, answers: dict[tuple[str, str], tuple[int, object]]) -> None:
         self.answers = answers
@@ -31,7 +32,7 @@ class PlayedAgent:
         self.requests.append(request)
         if request.headers.get("authorization") != f"Bearer {TOKEN}":
             return httpx.Response(401, json={"detail": "missing or wrong token"})
-        key = (request.method, request.url.raw_path.decode())
+        key = (request.method, request.url.raw_path.decode().partition("?")[0])
         if key not in self.answers:
             return httpx.Response(404, json={"detail": f"{key[1]} not found"})
         status, body = self.answers[key]
@@ -207,7 +208,43 @@ def test_wait_polls_until_the_job_ends():
         "j1", on_update=lambda j: seen.append(j.progress.done))
     assert final.state == "done" and final.result == MigrateResult.model_validate(MIGRATED)
     assert seen == [2, 6, 10]
+    # Each question may be held poll_interval; this agent answered at once, so the client paused instead.
+    assert [r.url.params["wait"] for r in agent.requests] == ["0.500"] * 3
     assert t.sleeps == [0.5, 0.5]
+
+
+def test_wait_on_a_long_polling_agent_asks_again_at_once_and_sees_the_end_when_it_comes():
+    t = FakeTime()
+    states = iter([job("running", 2), job("running", 6), job("done", 10, result=MIGRATED)])
+
+    def held(request: httpx.Request) -> dict:
+        answer = next(states)
+        # The agent holds the question until the job ends or the wait is over.
+        t.now += 0.3 if answer["state"] == "done" else float(request.url.params["wait"])
+        return answer
+
+    agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, None)})
+    agent.answers[("GET", "/v1/jobs/j1")] = (200, lambda: held(agent.requests[-1]))
+    seen: list[int] = []
+    final = client(agent, sleep=t.sleep, clock=t.clock, poll_interval=1.0).wait(
+        "j1", on_update=lambda j: seen.append(j.progress.done))
+    assert final.state == "done" and seen == [2, 6, 10]
+    assert t.sleeps == [] and t.now == pytest.approx(2.3)   # the end seen 0.3 s after the last question
+
+
+def test_wait_holds_no_longer_than_half_the_request_timeout_nor_past_its_deadline():
+    agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, job("running"))})
+    t = FakeTime()
+    with pytest.raises(AgentError, match="still running after 5 s"):
+        client(agent, sleep=t.sleep, clock=t.clock, poll_interval=3.0, timeout=4.0).wait("j1", timeout=5)
+    assert [r.url.params.get("wait") for r in agent.requests] == ["2.000", "2.000", None]
+    assert t.sleeps == [3.0, 2.0]   # the agent answered at once: paused poll_interval, then up to the deadline
+
+
+def test_job_without_wait_asks_without_a_query():
+    agent = PlayedAgent({("GET", "/v1/jobs/j1"): (200, job("running"))})
+    client(agent).job("j1")
+    assert agent.requests[-1].url.raw_path == b"/v1/jobs/j1"
 
 
 def test_wait_returns_a_failed_job_without_raising():

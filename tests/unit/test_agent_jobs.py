@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import pytest
 
+from agent import jobs
 from agent.jobs import JobConflict, JobIdTaken, JobNotFound, JobRunner, iso_utc
 from driver.model import PhaseName, Timeline
 
@@ -231,3 +234,46 @@ def test_unknown_job(runner):
         runner.get("nope")
     with pytest.raises(JobNotFound):
         runner.wait("nope", 0.1)
+
+
+# -- the long poll ---------------------------------------------------------------------
+
+
+def test_until_ended_answers_at_once_for_a_job_that_ended(runner):
+    job = runner.start("power-on", "u1", lambda report: "ok")
+    runner.wait(job.id, WAIT)
+    assert asyncio.run(runner.until_ended(job.id, 30.0)).state == "done"
+
+
+def test_until_ended_answers_when_the_job_ends_not_at_its_timeout(runner):
+    go = threading.Event()
+    job = runner.start("power-on", "u1", lambda report: go.wait(WAIT) and "ok")
+    threading.Timer(0.1, go.set).start()
+    started = time.monotonic()
+    ended = asyncio.run(runner.until_ended(job.id, 25.0))
+    assert (ended.state, ended.result) == ("done", "ok")
+    assert time.monotonic() - started < 20.0   # not held to the end of its wait
+
+
+def test_until_ended_gives_back_the_running_job_after_its_timeout(runner):
+    go = threading.Event()
+    try:
+        job = runner.start("power-on", "u1", lambda report: go.wait(WAIT))
+        assert asyncio.run(runner.until_ended(job.id, 0.05)).state == "running"
+    finally:
+        go.set()
+
+
+def test_until_ended_holds_no_longer_than_the_bound(runner, monkeypatch):
+    monkeypatch.setattr(jobs, "MAX_JOB_WAIT", 0.05)
+    go = threading.Event()
+    try:
+        job = runner.start("power-on", "u1", lambda report: go.wait(WAIT))
+        assert asyncio.run(runner.until_ended(job.id, 3600.0)).state == "running"
+    finally:
+        go.set()
+
+
+def test_until_ended_of_an_unknown_job(runner):
+    with pytest.raises(JobNotFound):
+        asyncio.run(runner.until_ended("nope", 1.0))

@@ -201,10 +201,10 @@ def hang_after_start(ctl: Controller) -> tuple[threading.Event, threading.Event]
     agent = ctl.conductor.inventory.agent("host1")
     real_job = agent.job
 
-    def job(job_id: str) -> Any:
+    def job(job_id: str, wait: float = 0.0) -> Any:
         hung.set()
         hang.wait(20)
-        return real_job(job_id)
+        return real_job(job_id, wait)
     agent.job = job  # type: ignore[method-assign]
     return hang, hung
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,15 @@ class Env:
 
     def migrate(self, instance: Instance, flavor: Flavor | None = None, **kw: Any) -> MigrateOutcome:
         return self.driver.migrate_disk_and_power_off(instance, "hostB", flavor or instance.flavor, [], None, **kw)
+
+
+def data_calls(env: Env) -> list[tuple]:
+    """The copier's calls but the domain definition's, which runs beside the others (in no set order)."""
+    return [c for c in env.copier.calls if os.path.basename(c[1]) != "domain.xml"]
+
+
+def data_sources(env: Env) -> list[str]:
+    return [c[1] for c in data_calls(env)]
 
 
 @pytest.fixture
@@ -488,8 +499,9 @@ def test_migrate_stream(make_env):
     assert (env.dst / UUID / "domain.xml").read_text() == dom.xml
     assert libvirt.VIR_DOMAIN_XML_INACTIVE in dom.xml_flags
 
-    assert env.copier.sources() == [str(env.resize_dir / f) for f in ("disk", "disk.local", "domain.xml")]
-    method, _src, ep, kw = env.copier.calls[0]
+    assert data_sources(env) == [str(env.resize_dir / f) for f in ("disk", "disk.local")]
+    assert str(env.resize_dir / "domain.xml") in env.copier.sources()  # beside the disks
+    method, _src, ep, kw = data_calls(env)[0]
     assert method == "stream"
     assert (ep.host, ep.path, ep.user, ep.port, ep.identity, ep.known_hosts, ep.remote_command) == (
         "hostB", str(env.inst_dir / "disk"), "ferry", 2222, "/keys/id", "/keys/known_hosts",
@@ -517,7 +529,7 @@ def test_migrate_rsync(make_env):
     inst, _ = env.add_instance()
     env.migrate(inst)
     assert [m for m, *_ in env.copier.calls] == ["rsync", "rsync"]
-    assert env.copier.calls[0][3] == {"options": CopyOptions(method="rsync", fsync=True), "progress": None,
+    assert data_calls(env)[0][3] == {"options": CopyOptions(method="rsync", fsync=True), "progress": None,
                                       "overwrite": True, "sleep": env.clock.sleep}
     assert env.target_files() == {f"{UUID}/disk", f"{UUID}/domain.xml"}
 
@@ -526,7 +538,7 @@ def test_migrate_reports_progress_per_file(env):
     inst, _ = env.add_instance()
     seen = []
     env.migrate(inst, progress=lambda name, p: seen.append((name, p.total)))
-    assert seen == [("disk", len(ROOT_DATA)), ("domain.xml", len(env.conn.domains[UUID].xml))]
+    assert sorted(seen) == [("disk", len(ROOT_DATA)), ("domain.xml", len(env.conn.domains[UUID].xml))]
 
 
 def test_migrate_records_its_phases(env):
@@ -534,8 +546,10 @@ def test_migrate_records_its_phases(env):
     dom.shutdown_takes = 2
     timeline = Timeline()
     env.migrate(inst, timeout=60, retry_interval=10, timeline=timeline)
-    assert [(p.name, p.detail) for p in timeline.phases] == [
-        ("connect", ""), ("shutdown", ""), ("copy", "disk"), ("copy", "disk.local"), ("copy", "domain.xml")]
+    assert [(p.name, p.detail) for p in timeline.phases if p.detail != "domain.xml"] == [
+        ("connect", ""), ("shutdown", ""), ("copy", "disk"), ("copy", "disk.local")]
+    [definition] = [p for p in timeline.phases if p.detail == "domain.xml"]
+    assert definition.name == "copy" and definition.start >= timeline.phases[1].end  # after the shutdown
     ends = [p.end for p in timeline.phases]
     assert ends == sorted(ends) and all(p.start <= p.end for p in timeline.phases)
 
@@ -546,7 +560,7 @@ def test_a_failed_copy_leaves_the_phases_up_to_it(env):
     timeline = Timeline()
     with pytest.raises(MigrationFailed):
         env.migrate(inst, timeline=timeline)
-    assert [(p.name, p.detail) for p in timeline.phases] == [
+    assert [(p.name, p.detail) for p in timeline.phases if p.detail != "domain.xml"] == [
         ("connect", ""), ("shutdown", ""), ("copy", "disk"), ("copy", "disk.local")]
 
 
@@ -571,8 +585,8 @@ def test_backing_file_missing_on_the_target_is_sent_first(env):
     base = env.add_base()
     inst, _ = env.add_instance(backing=base)
     outcome = env.migrate(inst)
-    assert env.copier.sources()[0] == base
-    assert env.copier.calls[0][2].path == base  # same image cache path on the target
+    assert data_sources(env)[0] == base
+    assert data_calls(env)[0][2].path == base  # same image cache path on the target
     assert (env.dst / "_base" / "base.img").read_bytes() == Path(base).read_bytes()
     assert outcome.disk_info[0].backing_file == base
 
@@ -584,7 +598,7 @@ def test_backing_chain_is_sent_whole_and_once_for_two_disks(env):
     (env.inst_dir / "disk.swap").write_bytes(b"swap")
     env.qemu.add(str(env.inst_dir / "disk.swap"), "qcow2", GiB, 4, backing=base2)
     env.migrate(inst)
-    assert env.copier.sources()[:2] == [base2, base1]
+    assert data_sources(env)[:2] == [base2, base1]
     assert env.copier.sources().count(base2) == 1
     assert {"_base/base1.img", "_base/base2.img"} <= env.target_files()
 
@@ -626,8 +640,8 @@ def test_flatten_copies_the_merged_image_and_removes_it(make_env):
     env.migrate(inst)
     src = str(env.resize_dir / "disk")
     assert env.qemu.commands("convert") == [["qemu-img", "convert", "-O", "qcow2", src, src + ".flat"]]
-    assert env.copier.sources()[0] == src + ".flat"
-    assert env.copier.calls[0][2].path == str(env.inst_dir / "disk")
+    assert data_sources(env)[0] == src + ".flat"
+    assert data_calls(env)[0][2].path == str(env.inst_dir / "disk")
     assert (env.dst / UUID / "disk").read_bytes() == ROOT_DATA + b"+flattened"
     assert not os.path.exists(src + ".flat")
     assert base not in env.copier.sources()
@@ -639,7 +653,7 @@ def test_flatten_leaves_disks_without_backing_alone(make_env):
     inst, _ = env.add_instance()
     env.migrate(inst)
     assert env.qemu.commands("convert") == []
-    assert env.copier.sources()[0] == str(env.resize_dir / "disk")
+    assert data_sources(env)[0] == str(env.resize_dir / "disk")
 
 
 def test_flatten_space_check_counts_the_merged_image(make_env):
@@ -695,6 +709,59 @@ def test_copy_failure_restores_the_source_and_starts_it_again(env):
     assert not (env.dst / UUID).exists()
     assert UUID in env.target.ops("remove")
     assert dom.isActive() and dom.calls[-1] == "create"
+
+
+def test_the_definition_is_copied_while_the_disks_are(env, monkeypatch):
+    inst, _ = env.add_instance(local_size=GiB)
+    definition_started, overlapped = threading.Event(), []
+
+    def copy(src: str, ep: Any, options: CopyOptions, **kw: Any) -> Any:
+        if os.path.basename(src) == "domain.xml":
+            definition_started.set()
+        elif os.path.basename(src) == "disk":   # a long disk copy: the definition's starts meanwhile
+            overlapped.append(definition_started.wait(10))
+        return env.copier.copy(src, ep, options, **kw)
+
+    monkeypatch.setattr(transfer, "copy", copy)
+    outcome = env.migrate(inst)
+    assert overlapped == [True]
+    assert (env.dst / UUID / "domain.xml").read_text() == env.conn.domains[UUID].xml
+    assert sorted(c.digest for c in outcome.copies) == ["digest-of-disk", "digest-of-disk.local",
+                                                       "digest-of-domain.xml"]
+
+
+def test_a_failed_definition_copy_fails_the_migration_and_restores_the_source(env):
+    inst, dom = env.add_instance(local_size=GiB)
+    env.copier.fail_on = "domain.xml"
+    with pytest.raises(MigrationFailed) as e:
+        env.migrate(inst)
+    assert isinstance(e.value.__cause__, TransferError)
+    assert env.inst_dir.is_dir() and not env.resize_dir.exists()
+    assert (env.inst_dir / "disk").read_bytes() == ROOT_DATA
+    assert env.target_files() == set() and UUID in env.target.ops("remove")
+    assert dom.isActive() and dom.calls[-1] == "create"
+
+
+def test_a_failed_disk_copy_is_undone_only_after_the_definition_copy_ended(env, monkeypatch):
+    inst, dom = env.add_instance()
+    disk_failed, removes_when_definition_ended = threading.Event(), []
+
+    def copy(src: str, ep: Any, options: CopyOptions, **kw: Any) -> Any:
+        if os.path.basename(src) == "domain.xml":
+            disk_failed.wait(10)
+            time.sleep(0.05)   # the undoing, were it not waiting, would remove the target's files now
+            result = env.copier.copy(src, ep, options, **kw)
+            removes_when_definition_ended.append([n for n in env.target.ops("remove") if UUID in n])
+            return result
+        disk_failed.set()
+        raise TransferError(reason="connection reset by peer")
+
+    monkeypatch.setattr(transfer, "copy", copy)
+    with pytest.raises(MigrationFailed):
+        env.migrate(inst)
+    assert removes_when_definition_ended == [[]]
+    assert UUID in env.target.ops("remove") and env.target_files() == set()
+    assert env.inst_dir.is_dir() and not env.resize_dir.exists() and dom.isActive()
 
 
 def test_copy_failure_leaves_a_stopped_instance_stopped(env):

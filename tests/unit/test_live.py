@@ -352,8 +352,10 @@ def test_source_still_defined_after_moving_keeps_its_files(env, monkeypatch):
 
 
 def test_driver_command_live_migrate_passes_uuid_and_dest(env):
-    assert driver_cmd.CALLS["live-migrate"](env.driver, {"uuid": UUID, "dest": DEST}).downtime_s == 0.104
+    timeline = Timeline()
+    assert driver_cmd.CALLS["live-migrate"](env.driver, {"uuid": UUID, "dest": DEST}, timeline).downtime_s == 0.104
     assert UUID in env.dconn.domains
+    assert "live_migrate" in [p.name for p in timeline.phases]
 
 
 @pytest.mark.parametrize("dest", ["198.18.0.12/system?known_hosts_verify=ignore&known_hosts=/dev/null#",

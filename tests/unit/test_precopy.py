@@ -10,6 +10,7 @@ the copier are the driver tests' fakes (test_libvirt_driver.Env).
 from __future__ import annotations
 
 import os
+import threading
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -244,10 +245,14 @@ def test_precopy_records_its_phases_copies_while_running_marked_precopy(env):
     inst, _dom, _events = running(env, local_size=GiB)
     timeline = Timeline()
     env.migrate(inst, timeout=0, timeline=timeline)
-    assert [(p.name, p.detail) for p in timeline.phases] == [
-        ("connect", ""), ("snapshot", ""), ("precopy", "domain.xml"), ("precopy", "disk"),
+    # The definition goes beside the disks, so where it ends among them is not set.
+    assert [(p.name, p.detail) for p in timeline.phases if p.detail != "domain.xml"] == [
+        ("connect", ""), ("snapshot", ""), ("precopy", "disk"),
         ("precopy", "disk.local"), ("shutdown", ""), ("copy", "disk.precopy"), ("copy", "disk.local.precopy"),
         ("merge", "")]
+    phase = {p.detail or p.name: p for p in timeline.phases}
+    assert phase["snapshot"].end <= phase["domain.xml"].start <= phase["domain.xml"].end <= phase["shutdown"].start
+    assert phase["domain.xml"].name == "precopy"
     ends = [p.end for p in timeline.phases]
     assert ends == sorted(ends) and all(p.start <= p.end for p in timeline.phases)
 
@@ -256,9 +261,30 @@ def test_backing_files_the_target_lacks_go_before_the_power_off(env):
     base = env.add_base()
     inst, _dom, events = running(env, backing=base)
     env.migrate(inst)
-    assert events[:4] == ["snapshot", "copy domain.xml", "copy base.img", "copy disk"]
+    assert [e for e in events if e != "copy domain.xml"][:3] == ["snapshot", "copy base.img", "copy disk"]
+    assert events.index("snapshot") < events.index("copy domain.xml") < events.index("destroy")
     assert events.index("copy base.img") < events.index("destroy")
     assert "_base/base.img" in env.target_files()
+
+
+def test_the_definition_goes_beside_the_bases_while_the_guest_runs(env):
+    inst, _dom, events = running(env, local_size=GiB)
+    definition_started, overlapped = threading.Event(), []
+    logged = env.copier._copy
+
+    def copy(method: str, src: str, ep: Any, kw: dict[str, Any]) -> Any:
+        if os.path.basename(src) == "domain.xml":
+            definition_started.set()
+        elif os.path.basename(src) == "disk":   # a long base copy: the definition's starts meanwhile
+            overlapped.append(definition_started.wait(10))
+        return logged(method, src, ep, kw)
+    env.copier._copy = copy  # type: ignore[method-assign]
+
+    outcome = env.migrate(inst)
+    assert overlapped == [True]
+    assert events.index("copy domain.xml") < events.index("destroy")
+    assert (env.dst / UUID / "domain.xml").exists()
+    assert "digest-of-domain.xml" in [c.digest for c in outcome.copies]
 
 
 # -- failures, phase by phase -------------------------------------------------------------
