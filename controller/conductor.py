@@ -107,6 +107,9 @@ class Conductor:
         self.agent_lost_seconds = config.agent_lost_seconds if agent_lost_seconds is None else agent_lost_seconds
         self.placement = Placement(store, inventory, config)
         self._lock = threading.Lock()   # one migration start at a time: checks and record creation
+        # Notified whenever this controller changes a migration's status: ``wait`` wakes at once
+        # for a migration driven here (a drain's next row starts as soon as a slot frees).
+        self._status_changed = threading.Condition()
         self._driving: set[int] = set()
         self._lost: set[int] = set()     # driven here, but the lease went to another controller
 
@@ -267,6 +270,9 @@ class Conductor:
         record = self.store.update_migration(migration_id, lease=self.lease, **fields)
         if fields.get("status") in FINAL:
             self.ended(record)
+        if "status" in fields:
+            with self._status_changed:
+                self._status_changed.notify_all()
         return record
 
     def _check_held(self, migration_id: int) -> None:
@@ -651,14 +657,16 @@ class Conductor:
 
     def wait(self, migration_id: int, until: frozenset[str], timeout: float = 3600.0,
              interval: float = 0.5, give_up: Callable[[], bool] = lambda: False) -> MigrationRecord:
-        """Poll the record until its status is in ``until`` (bounded by ``timeout``, and by
-        ``give_up`` returning True)."""
+        """Read the record until its status is in ``until`` (bounded by ``timeout``, and by
+        ``give_up`` returning True): again whenever this controller changes a status, and every
+        ``interval`` seconds for one another controller drives."""
         deadline = self.clock() + timeout
         while True:
             m = self.get(migration_id)
             if m.status in until or self.clock() >= deadline or give_up():
                 return m
-            self.sleep(interval)
+            with self._status_changed:
+                self._status_changed.wait(interval)
 
 
 class LostJob(StepFailed):
