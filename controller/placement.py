@@ -148,11 +148,6 @@ class Placement:
         states = [] if force else [self.inventory.host_state(target)]
         return Candidates(self, server, target, force, states)
 
-    def pick(self, server: Server, target_host: str | None, force: bool) -> HostRecord:
-        """Where ``server`` goes: ``target_host`` if it passes the rules (or with ``force``), else
-        the scheduler's choice. Raises BadRequest or NoValidHost."""
-        return self.ask(server, target_host, force).pick()
-
 
 @dataclass(frozen=True)
 class Candidates:
