@@ -28,8 +28,7 @@ from driver.model import PowerState
 from . import records
 from .conductor import Conductor, Spawn, spawn_thread
 from .placement import unmovable_reason
-from .errors import AgentError, BadRequest, Conflict, ControllerError, NotFound
-from .inventory import belongs_on
+from .errors import BadRequest, Conflict, ControllerError, NotFound
 from .records import DrainRecord, DrainRowRecord, DrainStatus, MigrationStatus, MigrationType, RowStatus
 from .store import LeaseLost, Store
 
@@ -208,7 +207,7 @@ class Drainer:
         try:
             # The drained host is asked first (for this one server, not a listing of the fleet), so a
             # host that stopped answering mid-drain is named, not "server not found".
-            if not self._still_on(d.host, row.server):
+            if self.conductor.inventory.server_on(d.host, row.server) is None:
                 open_m = self.store.open_migration_for(row.server)
                 if open_m is None:
                     self._update_row(row.id, status=RowStatus.DONE, error=f"no longer on {d.host}")
@@ -224,18 +223,6 @@ class Drainer:
             return
         self._update_row(row.id, accepted=True, migration_id=m.id)
         self._follow(dataclasses.replace(row, migration_id=m.id))
-
-    def _still_on(self, host: str, server: str) -> bool:
-        """Whether ``server`` is still on ``host``: defined there and not moved away by an open
-        migration. Raises Conflict when the host's agent does not answer."""
-        try:
-            inst = self.conductor.inventory.agent(host).instance(server)
-        except AgentError as e:
-            raise Conflict(reason=f"cannot tell whether {server} is still on {host}: {e}") from e
-        if inst is None:
-            return False
-        open_m = self.store.open_migration_for(server)
-        return open_m is None or belongs_on(open_m) == host
 
     def _follow(self, row: DrainRowRecord) -> None:
         """Wait for the row's migration to settle and give the row its outcome."""

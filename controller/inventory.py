@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -224,9 +225,10 @@ class Inventory:
         :param on: the host the caller knows defines the server (a drain's host): asked first, alone.
         """
         if on is not None:
-            inst = self._instance(on, ref)
-            if inst is not None:
-                return self._placed(on, inst, self.store.open_migration_for(ref))
+            with contextlib.suppress(Conflict):   # not answering: the other hosts are asked below
+                found = self.server_on(on, ref)
+                if found is not None:
+                    return found
         by_uuid = self._by_uuid(ref)
         if by_uuid is not None:
             return by_uuid
@@ -241,6 +243,19 @@ class Inventory:
         if not named:
             raise NotFound("server", ref, hint=" on any reachable host; see 'coldferry server list'")
         return named[0]
+
+    def server_on(self, host: str, uuid: str) -> Server | None:
+        """The server ``uuid`` if it is on ``host`` now (defined there, and placed there as
+        ``servers()`` places it), else None; only ``host`` (and the other host of an open
+        migration) is asked. Raises Conflict when ``host`` does not answer."""
+        try:
+            inst = self.agent(host).instance(uuid)
+        except AgentError as e:
+            raise Conflict(reason=f"cannot tell whether {uuid} is still on {host}: {e}") from e
+        if inst is None:
+            return None
+        server = self._placed(host, inst, self.store.open_migration_for(uuid))
+        return server if server.host == host else None
 
     def _by_uuid(self, ref: str) -> Server | None:
         """The server whose uuid is ``ref``, as ``servers()`` would place it, or None when no reachable
